@@ -1,0 +1,117 @@
+"""Load the recipe TOML files in this folder and look recipes up by name, Hugging Face id or alias."""
+
+from __future__ import annotations
+
+import functools
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RECIPE_DIR = Path(__file__).resolve().parent
+TARGETS = ("onnx", "trtllm")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class UnknownRecipeError(LookupError):
+    """No recipe matches the given name, Hugging Face id or alias."""
+
+
+@dataclass(frozen=True)
+class TrtLlmOptions:
+    """TensorRT-LLM build options of one recipe."""
+
+    precisions: tuple[str, ...]
+    tensor_parallel_size: dict[str, int]
+    max_batch_size: int
+    max_num_tokens: int
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything the toolkit knows about one model family.
+
+    name: short recipe name used on the command line (``--recipe``).
+    hf_id: the Hugging Face model id; also the OpenAI/DeepInfra model name.
+    aliases: other names clients use (the Workers AI ``@hf/...`` name among them).
+    architecture: the transformers ``model_type`` the recipe expects.
+    context_window: maximum prompt + output tokens.
+    chat_format: key into ``toolkit.recipes.chat_format.FORMATS``.
+    stop_tokens: token strings that end a turn (added to the model's EOS ids).
+    price_per_million_tokens: ``{"input": $, "output": $}`` used for ``estimated_cost``.
+    defaults: per-API default sampling, ``{"openai": {...}, "workers_ai": {...}}``.
+    onnx_precisions / trtllm: what each export target supports.
+    """
+
+    name: str
+    hf_id: str
+    aliases: tuple[str, ...]
+    architecture: str
+    context_window: int
+    chat_format: str
+    stop_tokens: tuple[str, ...]
+    price_per_million_tokens: dict[str, float]
+    defaults: dict[str, dict[str, float | int]]
+    onnx_precisions: tuple[str, ...]
+    trtllm: TrtLlmOptions
+    description: str = ""
+    embedded: bool = False
+    default_precision: str = "int8"
+    model_names: tuple[str, ...] = field(default=())
+
+    def supports(self, target: str, precision: str) -> bool:
+        """Whether this recipe can be exported to ``target`` at ``precision``."""
+        if target == "onnx":
+            return precision in self.onnx_precisions
+        if target == "trtllm":
+            return precision in self.trtllm.precisions
+        return False
+
+    def estimated_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """Dollar cost of one request at this recipe's per-million-token prices."""
+        price = self.price_per_million_tokens
+        return (prompt_tokens * price["input"] + completion_tokens * price["output"]) / 1_000_000
+
+
+def _parse(path: Path) -> Recipe:
+    data = tomllib.loads(path.read_text())
+    trt = data["targets"]["trtllm"]
+    onnx = data["targets"]["onnx"]
+    aliases = tuple(data.get("aliases", ()))
+    return Recipe(
+        name=data["name"],
+        hf_id=data["hf_id"],
+        aliases=aliases,
+        architecture=data["architecture"],
+        context_window=int(data["context_window"]),
+        chat_format=data["chat_format"],
+        stop_tokens=tuple(data.get("stop_tokens", ())),
+        price_per_million_tokens=dict(data["price_per_million_tokens"]),
+        defaults={api: dict(values) for api, values in data.get("defaults", {}).items()},
+        onnx_precisions=tuple(onnx["precisions"]),
+        trtllm=TrtLlmOptions(
+            precisions=tuple(trt["precisions"]),
+            tensor_parallel_size={k: int(v) for k, v in trt["tensor_parallel_size"].items()},
+            max_batch_size=int(trt["max_batch_size"]),
+            max_num_tokens=int(trt["max_num_tokens"]),
+        ),
+        description=data.get("description", ""),
+        embedded=bool(data.get("embedded", False)),
+        default_precision=onnx.get("default_precision", "int8"),
+        model_names=(data["name"], data["hf_id"], *aliases),
+    )
+
+
+@functools.cache
+def all_recipes() -> tuple[Recipe, ...]:
+    """Every recipe shipped in ``recipes/*.toml``, sorted by name."""
+    return tuple(sorted((_parse(p) for p in RECIPE_DIR.glob("*.toml")), key=lambda r: r.name))
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe whose name, Hugging Face id or alias is ``name`` (case-insensitive)."""
+    wanted = name.strip().lower()
+    for recipe in all_recipes():
+        if wanted in (n.lower() for n in recipe.model_names):
+            return recipe
+    known = ", ".join(r.name for r in all_recipes())
+    raise UnknownRecipeError(f"unknown recipe {name!r}; known recipes: {known} (see `toolkit recipes`)")
