@@ -1,0 +1,109 @@
+"""The ``toolkit`` command line (Click). Subcommands import their heavy dependencies only when run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from toolkit import __version__
+
+TARGETS = ("onnx", "trtllm")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="toolkit")
+def main() -> None:
+    """Export Hugging Face causal LMs to ONNX / TensorRT-LLM engines, validate and serve them."""
+
+
+@main.command()
+@click.argument("checkpoint", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--recipe", "recipe_name", default="default", show_default=True, help="Recipe name, HF id or alias.")
+@click.option("--target", type=click.Choice(TARGETS), default="onnx", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="Default: the recipe's (int8).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="Engine directory to write.")
+@click.option("--force", is_flag=True, help="Rebuild even if a validated export of the same inputs exists.")
+def export(checkpoint: Path | None, recipe_name: str, target: str, precision: str | None, out_dir: Path | None, force: bool) -> None:
+    """Export CHECKPOINT (a Hugging Face causal-LM directory) to a validated engine directory.
+
+    Without CHECKPOINT, the embedded default model is exported (recipe `default`).
+    """
+    from rich.console import Console
+
+    from toolkit.export.manifest import EngineDirError
+    from toolkit.export.pipeline import ExportRequest, run_export
+    from toolkit.export.progress import StageReporter
+    from toolkit.export.report import print_export_summary
+    from toolkit.export.sources import SourceError, default_engine_dir
+    from toolkit.export.trtllm_export import TrtLlmUnavailableError
+    from toolkit.recipes import UnknownRecipeError, get_recipe
+
+    console = Console(stderr=True)
+    try:
+        recipe = get_recipe(recipe_name)
+        precision = precision or (recipe.default_precision if target == "onnx" else "int8")
+        out_dir = out_dir or default_engine_dir(recipe, target, precision)
+        request = ExportRequest(recipe, target, precision, out_dir, checkpoint, force)
+        outcome = run_export(request, StageReporter(console))
+    except (UnknownRecipeError, SourceError, EngineDirError, TrtLlmUnavailableError) as exc:
+        raise click.ClickException(str(exc)) from None
+    print_export_summary(console, outcome.engine_dir, outcome.manifest, outcome.reused)
+    if not (outcome.manifest.validation or {}).get("passed"):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+def validate(engine_dir: Path) -> None:
+    """Compare ENGINE_DIR with its stored fp32 onnxruntime reference outputs (exit 1 on failure)."""
+    from rich.console import Console
+
+    from toolkit.export.manifest import EngineDirError, load_manifest, update_validation
+    from toolkit.export.report import print_validation
+    from toolkit.export.trtllm_export import TrtLlmUnavailableError
+    from toolkit.export.validate_engine import validate_engine_dir
+
+    console = Console()
+    try:
+        manifest = load_manifest(engine_dir)
+        result = validate_engine_dir(engine_dir, manifest)
+    except (EngineDirError, TrtLlmUnavailableError) as exc:
+        console.print(f"[bold red]FAILED[/bold red]: {exc}")
+        sys.exit(1)
+    update_validation(engine_dir, result)
+    print_validation(console, result)
+    sys.exit(0 if result["passed"] else 1)
+
+
+@main.command()
+def recipes() -> None:
+    """List the recipes and what each supports."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from toolkit.recipes import all_recipes
+
+    table = Table(title="Recipes")
+    for column in ("recipe", "Hugging Face id", "aliases", "arch", "context", "onnx", "trtllm (tp)", "$/M in/out"):
+        table.add_column(column)
+    for r in all_recipes():
+        tp = ", ".join(f"{p}×{r.trtllm.tensor_parallel_size.get(p, 1)}" for p in r.trtllm.precisions)
+        price = r.price_per_million_tokens
+        table.add_row(
+            r.name + (" (embedded)" if r.embedded else ""),
+            r.hf_id,
+            "\n".join(r.aliases),
+            r.architecture,
+            f"{r.context_window:,}",
+            ", ".join(r.onnx_precisions),
+            tp,
+            f"{price['input']}/{price['output']}",
+        )
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

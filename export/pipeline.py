@@ -1,0 +1,166 @@
+"""``toolkit export``: checkpoint → fp32 ONNX + reference outputs → artifact → validation → engine directory.
+
+Everything is built in a staging directory beside the output and renamed into place at the end;
+an existing directory built from the same inputs (same build key) that validated is reused.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from toolkit.export import sources
+from toolkit.export.manifest import EngineDirError, Manifest, load_manifest, publish, staging_dir, write_manifest
+from toolkit.export.progress import StageReporter
+from toolkit.recipes import Recipe
+
+
+@dataclass
+class ExportRequest:
+    """One ``toolkit export`` invocation."""
+
+    recipe: Recipe
+    target: str
+    precision: str
+    out_dir: Path
+    checkpoint: Path | None = None
+    force: bool = False
+
+
+@dataclass
+class ExportOutcome:
+    """The engine directory, its manifest, and whether an earlier export was reused."""
+
+    engine_dir: Path
+    manifest: Manifest
+    reused: bool
+
+
+def resolve_checkpoint(request: ExportRequest, reporter: StageReporter) -> Path:
+    """The checkpoint to export: the given path, or the embedded default model built into the cache."""
+    if request.checkpoint is not None:
+        if not request.checkpoint.is_dir():
+            raise sources.SourceError(f"checkpoint {request.checkpoint} is not a directory")
+        return request.checkpoint
+    if not request.recipe.embedded:
+        raise sources.SourceError(
+            f"recipe {request.recipe.name!r} needs a checkpoint path: download {request.recipe.hf_id} "
+            "and run `toolkit export PATH --recipe ...`"
+        )
+    checkpoint = sources.cache_dir() / "checkpoints" / request.recipe.name
+    if not (checkpoint / "config.json").is_file():
+        from toolkit.export.default_model import build_default_checkpoint
+
+        with reporter.stage("Building the default model's checkpoint from its GGUF (once)"):
+            build_default_checkpoint(checkpoint, on_stage=reporter.note)
+    return checkpoint
+
+
+def _reusable(out_dir: Path, key: str) -> Manifest | None:
+    try:
+        manifest = load_manifest(out_dir)
+    except EngineDirError:
+        return None
+    validated = bool(manifest.validation and manifest.validation.get("passed"))
+    return manifest if manifest.build_key == key and validated else None
+
+
+def _copy_support_files(checkpoint: Path, stage: Path) -> list[str]:
+    copied = []
+    for name in (*sources.TOKENIZER_FILES, *sources.CONFIG_FILES):
+        if (checkpoint / name).is_file():
+            shutil.copy2(checkpoint / name, stage / name)
+            copied.append(name)
+    return copied
+
+
+def _build_artifact(request: ExportRequest, checkpoint: Path, fp32_model: Path, stage: Path) -> dict:
+    if request.target == "onnx":
+        from toolkit.export.onnx_export import CONVERTERS, INT8_ACCURACY_LEVEL, INT8_BLOCK_SIZE
+
+        CONVERTERS[request.precision](fp32_model, stage)
+        if request.precision == "int8":
+            return {"method": "MatMulNBits", "bits": 8, "block_size": INT8_BLOCK_SIZE, "accuracy_level": INT8_ACCURACY_LEVEL}
+        return {"method": request.precision}
+    from toolkit.export.trtllm_export import build_trtllm_engine
+
+    return build_trtllm_engine(checkpoint, request.recipe, request.precision, stage)
+
+
+def _build(request: ExportRequest, checkpoint: Path, source_sha: str, key: str, config: dict, reporter: StageReporter) -> Manifest:
+    from toolkit.export.golden import build_reference, golden_cases
+    from toolkit.export.onnx_export import export_fp32
+    from toolkit.export.ort_runner import OrtCausalLM
+    from toolkit.export.pytorch_check import compare_with_pytorch
+    from toolkit.export.validate_engine import validate_engine_dir
+
+    started = time.perf_counter()
+    stage = staging_dir(request.out_dir)
+    try:
+        work = stage / "_fp32"
+        with reporter.stage("Exporting fp32 ONNX with optimum (text-generation-with-past)"):
+            fp32_model = export_fp32(checkpoint, work)
+        with reporter.stage("Running the golden prompts through fp32 onnxruntime (reference outputs)"):
+            from transformers import AutoTokenizer
+
+            runner = OrtCausalLM(fp32_model)
+            tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+            reference = build_reference(runner, golden_cases(tokenizer, request.recipe.chat_format), request.recipe.chat_format)
+        with reporter.stage("Comparing fp32 ONNX with the PyTorch model"):
+            reference.pytorch_check = compare_with_pytorch(checkpoint, runner, reference)
+            spec = runner.spec
+            del runner
+        with reporter.stage(f"Building the {request.target} {request.precision} artifact"):
+            options = _build_artifact(request, checkpoint, fp32_model, stage)
+            shutil.rmtree(work)
+        copied = _copy_support_files(checkpoint, stage)
+        reference.save(stage)
+        manifest = Manifest(
+            recipe=request.recipe.name,
+            source={"path": str(checkpoint.resolve()), "sha256": source_sha},
+            architecture=config["model_type"],
+            target=request.target,
+            precision=request.precision,
+            context_length=min(request.recipe.context_window, int(config.get("max_position_embeddings") or 1 << 30)),
+            kv_layout=spec.as_manifest(),
+            build_key=key,
+            tokenizer_files=[n for n in copied if n in sources.TOKENIZER_FILES],
+            tools=sources.tool_versions(),
+            export_options=options,
+        )
+        write_manifest(stage, manifest)
+        with reporter.stage("Validating the artifact against the fp32 reference"):
+            result = validate_engine_dir(stage, manifest)
+        manifest.validation = result
+        manifest.export_seconds = round(time.perf_counter() - started, 1)
+        write_manifest(stage, manifest)
+        publish(stage, request.out_dir)
+        return manifest
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def run_export(request: ExportRequest, reporter: StageReporter) -> ExportOutcome:
+    """Export (or reuse) the engine directory described by ``request``."""
+    recipe = request.recipe
+    if not recipe.supports(request.target, request.precision):
+        raise sources.SourceError(
+            f"recipe {recipe.name!r} does not support {request.target} at {request.precision}; see `toolkit recipes`"
+        )
+    if request.target == "trtllm":
+        from toolkit.export.trtllm_export import import_tensorrt_llm
+
+        import_tensorrt_llm()  # fail before minutes of ONNX work when TensorRT-LLM is missing
+    checkpoint = resolve_checkpoint(request, reporter)
+    config = sources.read_model_type(checkpoint, recipe)
+    with reporter.stage("Hashing the checkpoint"):
+        source_sha = sources.hash_checkpoint(checkpoint)
+    key = sources.build_key(source_sha, recipe, request.target, request.precision)
+    if not request.force and (manifest := _reusable(request.out_dir, key)) is not None:
+        reporter.note(f"reusing {request.out_dir}: built from the same inputs and validated (--force to rebuild)")
+        return ExportOutcome(request.out_dir, manifest, reused=True)
+    manifest = _build(request, checkpoint, source_sha, key, config, reporter)
+    return ExportOutcome(request.out_dir, manifest, reused=False)

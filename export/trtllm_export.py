@@ -1,0 +1,144 @@
+"""Build a TensorRT-LLM 1.2.x engine (TensorRT backend) from a Hugging Face checkpoint directory.
+
+TensorRT-LLM is imported lazily: it only installs on Linux with an NVIDIA GPU and CUDA, and
+every other part of the toolkit (the ONNX target among them) must work without it.
+
+The build uses the LLM API's TensorRT-engine class: ``tensorrt_llm._tensorrt_engine.LLM`` (an
+alias of ``tensorrt_llm.llmapi.llm._TrtLLM``; the plain ``tensorrt_llm.LLM`` is the PyTorch
+backend, which builds no engine). Constructing it converts the checkpoint and builds the engine
+into a temporary workspace; ``save(engine_dir)`` copies ``config.json`` and ``rank<N>.engine``
+files out of it. ``BuildConfig``, ``QuantConfig`` and ``QuantAlgo`` are re-exported by
+``tensorrt_llm.llmapi``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+TRTLLM_MISSING_MESSAGE = (
+    "TensorRT-LLM 1.2.x is not importable (the tensorrt_llm package or its CUDA libraries are missing): "
+    'install it with `pip install "tensorrt_llm==1.2.*"` on a Linux machine with an NVIDIA GPU and the CUDA '
+    "toolkit (prerequisites: TensorRT-LLM's 'Installing on Linux via pip' guide), or export with "
+    "`--target onnx`, which works without it."
+)
+
+DTYPE = "float16"
+"""Activation/weight dtype of every TensorRT-LLM engine the toolkit builds."""
+
+QUANT_ALGOS: dict[str, str | None] = {"fp16": None, "int8": "W8A16"}
+"""Toolkit precision -> ``QuantAlgo`` member name (``W8A16``: int8 weight-only, fp16 activations)."""
+
+
+class TrtLlmUnavailableError(RuntimeError):
+    """TensorRT-LLM (or the CUDA libraries it loads) cannot be imported on this machine."""
+
+
+@dataclass(frozen=True)
+class TrtLlmApi:
+    """The TensorRT-LLM names the builder uses, resolved by ``import_tensorrt_llm``."""
+
+    LLM: Any
+    BuildConfig: Any
+    QuantConfig: Any
+    QuantAlgo: Any
+    version: str
+    module: ModuleType
+
+
+def import_tensorrt_llm() -> TrtLlmApi:
+    """Import TensorRT-LLM's engine-building API, or raise ``TrtLlmUnavailableError``.
+
+    ``ImportError`` covers a missing package (and a version without ``_tensorrt_engine``);
+    ``OSError`` covers missing CUDA/TensorRT/MPI shared libraries, which fail at ``dlopen``.
+    """
+    try:
+        import tensorrt_llm
+        from tensorrt_llm._tensorrt_engine import LLM
+        from tensorrt_llm.llmapi import BuildConfig, QuantAlgo, QuantConfig
+    except (ImportError, OSError) as exc:
+        raise TrtLlmUnavailableError(TRTLLM_MISSING_MESSAGE) from exc
+    version = str(getattr(tensorrt_llm, "__version__", "unknown"))
+    return TrtLlmApi(LLM, BuildConfig, QuantConfig, QuantAlgo, version, tensorrt_llm)
+
+
+def trtllm_versions() -> dict[str, str]:
+    """Versions of TensorRT-LLM (and TensorRT, when its distribution is installed) for the manifest."""
+    versions = {"tensorrt_llm": import_tensorrt_llm().version}
+    try:
+        versions["tensorrt"] = version("tensorrt")
+    except PackageNotFoundError:
+        pass
+    return versions
+
+
+def _allowed_precisions(recipe) -> tuple[str, ...]:
+    return tuple(p for p in recipe.trtllm.precisions if p in QUANT_ALGOS)
+
+
+def trtllm_build_plan(recipe, precision: str) -> dict[str, Any]:
+    """The TensorRT-LLM build arguments for ``recipe`` at ``precision`` (pure; JSON-serialisable).
+
+    Returns ``{"backend", "dtype", "tensor_parallel_size", "build_config", "quant_algo"}``:
+    ``build_config`` holds the ``BuildConfig`` keyword arguments; ``quant_algo`` is the
+    ``QuantAlgo`` member name or None. ``max_input_len`` is one less than the context window so
+    that every accepted prompt leaves room for at least one generated token
+    (TensorRT-LLM requires ``max_input_len <= max_seq_len``).
+    """
+    allowed = _allowed_precisions(recipe)
+    if precision not in allowed:
+        raise ValueError(
+            f"TensorRT-LLM export of recipe {recipe.name!r} supports precisions {', '.join(allowed)}; "
+            f"got {precision!r}"
+        )
+    tp_sizes = recipe.trtllm.tensor_parallel_size
+    if precision not in tp_sizes:
+        raise ValueError(f"recipe {recipe.name!r} sets no TensorRT-LLM tensor_parallel_size for {precision}")
+    context = int(recipe.context_window)
+    return {
+        "backend": "tensorrt",
+        "dtype": DTYPE,
+        "tensor_parallel_size": int(tp_sizes[precision]),
+        "build_config": {
+            "max_batch_size": int(recipe.trtllm.max_batch_size),
+            "max_num_tokens": int(recipe.trtllm.max_num_tokens),
+            "max_seq_len": context,
+            "max_input_len": context - 1,
+        },
+        "quant_algo": QUANT_ALGOS[precision],
+    }
+
+
+def _llm_kwargs(api: TrtLlmApi, checkpoint_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "model": str(checkpoint_dir),
+        "dtype": plan["dtype"],
+        "tensor_parallel_size": plan["tensor_parallel_size"],
+        "build_config": api.BuildConfig(**plan["build_config"]),
+    }
+    if plan["quant_algo"] is not None:
+        kwargs["quant_config"] = api.QuantConfig(quant_algo=getattr(api.QuantAlgo, plan["quant_algo"]))
+    return kwargs
+
+
+def build_trtllm_engine(checkpoint_dir: Path, recipe, precision: str, out_dir: Path) -> dict[str, Any]:
+    """Build a TensorRT engine for ``recipe`` at ``precision`` from ``checkpoint_dir`` into ``out_dir``.
+
+    ``out_dir`` receives TensorRT-LLM's engine files (``config.json``, ``rank<N>.engine``); the
+    caller copies tokenizer files and writes the manifest. A tensor-parallel size above 1 needs
+    that many GPUs (TensorRT-LLM starts one MPI worker per rank). Returns the build plan, which
+    the caller records as the manifest's export options.
+    """
+    plan = trtllm_build_plan(recipe, precision)
+    api = import_tensorrt_llm()
+    llm = api.LLM(**_llm_kwargs(api, Path(checkpoint_dir), plan))
+    try:
+        llm.save(str(out_dir))
+    finally:
+        shutdown = getattr(llm, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+    return plan

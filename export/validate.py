@@ -1,0 +1,137 @@
+"""Compare an artifact with the fp32 onnxruntime reference outputs stored at export.
+
+Metrics, per golden prompt and overall:
+- greedy agreement: share of the reference's greedy tokens the artifact reproduces before it first
+  diverges (free-running; 1.0 means an identical continuation);
+- top-1 agreement: teacher-forced on the reference continuation, share of positions where the
+  artifact's argmax equals the reference token;
+- first-step logits cosine and max-abs difference over the reference's top-k token ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import numpy as np
+
+from toolkit.export.golden import Reference
+
+
+class CausalRunner(Protocol):
+    """What validation needs from an artifact."""
+
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], np.ndarray]: ...
+
+    def teacher_forced(self, prompt_ids: list[int], continuation: list[int]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass bars for one precision (see README: set from measurements on the default model)."""
+
+    min_greedy_agreement: float
+    min_top1_agreement: float
+    min_cosine: float
+    max_abs_diff: float
+
+
+THRESHOLDS = {
+    "fp32": Thresholds(min_greedy_agreement=1.0, min_top1_agreement=1.0, min_cosine=0.99999, max_abs_diff=1e-3),
+    "fp16": Thresholds(min_greedy_agreement=0.5, min_top1_agreement=0.95, min_cosine=0.999, max_abs_diff=0.5),
+    "int8": Thresholds(min_greedy_agreement=0.3, min_top1_agreement=0.85, min_cosine=0.99, max_abs_diff=2.0),
+}
+
+
+@dataclass
+class CaseResult:
+    """Metrics for one golden prompt."""
+
+    greedy_agreement: float
+    top1_agreement: float
+    cosine: float
+    max_abs_diff: float
+
+
+@dataclass
+class ValidationResult:
+    """Overall verdict: mean agreements, worst cosine / max-abs diff, the bars used, and each case."""
+
+    precision: str
+    passed: bool
+    greedy_agreement: float
+    greedy_identical: int
+    top1_agreement: float
+    min_cosine: float
+    max_abs_diff: float
+    thresholds: dict
+    cases: list[CaseResult]
+    failures: list[str]
+
+    def as_manifest(self) -> dict:
+        return asdict(self)
+
+
+def _prefix_agreement(reference: list[int], candidate: list[int]) -> float:
+    matched = 0
+    for ref, got in zip(reference, candidate):
+        if ref != got:
+            break
+        matched += 1
+    return matched / len(reference)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b) / denom if denom else 1.0
+
+
+def compare_case(runner: CausalRunner, case, max_new_tokens: int) -> CaseResult:
+    """Run one golden case through ``runner`` and measure it against the reference."""
+    greedy, first = runner.greedy(case.prompt_ids, max_new_tokens)
+    forced = runner.teacher_forced(case.prompt_ids, case.greedy_ids)
+    top1 = float(np.mean(forced.argmax(axis=-1) == np.asarray(case.greedy_ids)))
+    ref_logits = np.asarray(case.first_topk_logits, dtype=np.float64)
+    got_logits = first[np.asarray(case.first_topk_ids)].astype(np.float64)
+    return CaseResult(
+        greedy_agreement=_prefix_agreement(case.greedy_ids, greedy),
+        top1_agreement=top1,
+        cosine=_cosine(ref_logits, got_logits),
+        max_abs_diff=float(np.max(np.abs(ref_logits - got_logits))),
+    )
+
+
+def judge(precision: str, cases: list[CaseResult]) -> ValidationResult:
+    """Aggregate case metrics and check them against ``THRESHOLDS[precision]``."""
+    bars = THRESHOLDS[precision]
+    greedy = float(np.mean([c.greedy_agreement for c in cases]))
+    top1 = float(np.mean([c.top1_agreement for c in cases]))
+    cosine = min(c.cosine for c in cases)
+    diff = max(c.max_abs_diff for c in cases)
+    failures = []
+    if greedy < bars.min_greedy_agreement:
+        failures.append(f"greedy agreement {greedy:.3f} < {bars.min_greedy_agreement}")
+    if top1 < bars.min_top1_agreement:
+        failures.append(f"top-1 agreement {top1:.3f} < {bars.min_top1_agreement}")
+    if cosine < bars.min_cosine:
+        failures.append(f"logits cosine {cosine:.6f} < {bars.min_cosine}")
+    if diff > bars.max_abs_diff:
+        failures.append(f"logits max-abs diff {diff:.4g} > {bars.max_abs_diff}")
+    return ValidationResult(
+        precision=precision,
+        passed=not failures,
+        greedy_agreement=greedy,
+        greedy_identical=sum(c.greedy_agreement == 1.0 for c in cases),
+        top1_agreement=top1,
+        min_cosine=cosine,
+        max_abs_diff=diff,
+        thresholds=asdict(bars),
+        cases=cases,
+        failures=failures,
+    )
+
+
+def validate_runner(runner: CausalRunner, reference: Reference, precision: str) -> ValidationResult:
+    """Validate ``runner`` on every golden case of ``reference``."""
+    cases = [compare_case(runner, case, reference.max_new_tokens) for case in reference.cases]
+    return judge(precision, cases)

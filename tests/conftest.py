@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny checkpoints and engine directories, built once per test session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny_models import build_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory: ``tiny_checkpoint(recipe) -> Path`` of a tiny random checkpoint of the recipe's architecture."""
+    built: dict[tuple[str, str], Path] = {}
+
+    def make(recipe) -> Path:
+        key = (recipe.architecture, recipe.chat_format)
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"ckpt-{recipe.architecture}-{recipe.chat_format}")
+            built[key] = build_tiny_checkpoint(recipe.architecture, recipe.chat_format, out)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory, tiny_checkpoint):
+    """Factory: ``tiny_engine(recipe, precision) -> Path`` of an exported, validated tiny ONNX engine dir."""
+    from toolkit.export.pipeline import ExportRequest, run_export
+    from toolkit.export.progress import StageReporter
+
+    built: dict[tuple[str, str], Path] = {}
+
+    def make(recipe, precision: str = "fp32") -> Path:
+        key = (recipe.name, precision)
+        if key not in built:
+            out = tmp_path_factory.mktemp("engines") / f"{recipe.name}-{precision}"
+            request = ExportRequest(recipe, "onnx", precision, out, tiny_checkpoint(recipe))
+            run_export(request, StageReporter(quiet=True))
+            built[key] = out
+        return built[key]
+
+    return make

@@ -1,0 +1,282 @@
+"""TensorRT-LLM engine builder: exact API calls against a fake ``tensorrt_llm``, plus a real GPU build."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from toolkit.export import trtllm_export
+from toolkit.export.trtllm_export import (
+    TRTLLM_MISSING_MESSAGE,
+    TrtLlmUnavailableError,
+    build_trtllm_engine,
+    trtllm_build_plan,
+    trtllm_versions,
+)
+from toolkit.recipes import all_recipes
+
+PRECISIONS = ("fp16", "int8")
+# Set by hand from recipes/codellama-70b-instruct.toml, not read from the recipe, so a changed
+# recipe or a plan that ignores it fails here.
+EXPECTED_TP = {("codellama-70b-instruct", "fp16"): 8, ("codellama-70b-instruct", "int8"): 4}
+
+
+class FakeQuantAlgo(str, enum.Enum):
+    W8A16 = "W8A16"
+    W4A16 = "W4A16"
+
+
+class FakeTrtLlm:
+    """Records every call the builder makes into a fake ``tensorrt_llm``."""
+
+    def __init__(self) -> None:
+        self.llms: list[FakeTrtLlm.LLM] = []
+        self.build_configs: list[FakeTrtLlm.BuildConfig] = []
+        self.quant_configs: list[FakeTrtLlm.QuantConfig] = []
+        fake = self
+
+        class BuildConfig:
+            def __init__(self, **kwargs):
+                self.kwargs = kwargs
+                fake.build_configs.append(self)
+
+        class QuantConfig:
+            def __init__(self, **kwargs):
+                self.kwargs = kwargs
+                fake.quant_configs.append(self)
+
+        class LLM:
+            def __init__(self, **kwargs):
+                self.kwargs = kwargs
+                self.saved: list[str] = []
+                self.shutdowns = 0
+                fake.llms.append(self)
+
+            def save(self, engine_dir):
+                self.saved.append(engine_dir)
+
+            def shutdown(self):
+                self.shutdowns += 1
+
+        self.BuildConfig, self.QuantConfig, self.LLM = BuildConfig, QuantConfig, LLM
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        root = types.ModuleType("tensorrt_llm")
+        root.__path__ = []  # a package, so submodule imports resolve through sys.modules
+        root.__version__ = "1.2.1"
+        engine = types.ModuleType("tensorrt_llm._tensorrt_engine")
+        engine.LLM = self.LLM
+        llmapi = types.ModuleType("tensorrt_llm.llmapi")
+        llmapi.BuildConfig, llmapi.QuantConfig, llmapi.QuantAlgo = self.BuildConfig, self.QuantConfig, FakeQuantAlgo
+        quantization = types.ModuleType("tensorrt_llm.quantization")
+        quantization.QuantAlgo = FakeQuantAlgo
+        root._tensorrt_engine, root.llmapi, root.quantization = engine, llmapi, quantization
+        for module in (root, engine, llmapi, quantization):
+            monkeypatch.setitem(sys.modules, module.__name__, module)
+
+
+@pytest.fixture
+def fake_trtllm(monkeypatch: pytest.MonkeyPatch) -> FakeTrtLlm:
+    fake = FakeTrtLlm()
+    fake.install(monkeypatch)
+    return fake
+
+
+@pytest.fixture
+def no_trtllm(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("tensorrt_llm", "tensorrt_llm._tensorrt_engine", "tensorrt_llm.llmapi"):
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules makes `import` raise ImportError
+
+
+def _cases():
+    return [pytest.param(r, p, id=f"{r.name}-{p}") for r in all_recipes() for p in PRECISIONS]
+
+
+@pytest.mark.parametrize(("recipe", "precision"), _cases())
+def test_build_makes_exact_trtllm_calls(fake_trtllm: FakeTrtLlm, tmp_path: Path, recipe, precision: str) -> None:
+    assert precision in recipe.trtllm.precisions
+    checkpoint, out_dir = tmp_path / "ckpt", tmp_path / "stage"
+    plan = build_trtllm_engine(checkpoint, recipe, precision, out_dir)
+
+    tp = EXPECTED_TP.get((recipe.name, precision), 1)
+    build_kwargs = {
+        "max_batch_size": recipe.trtllm.max_batch_size,
+        "max_num_tokens": recipe.trtllm.max_num_tokens,
+        "max_seq_len": recipe.context_window,
+        "max_input_len": recipe.context_window - 1,
+    }
+    assert [b.kwargs for b in fake_trtllm.build_configs] == [build_kwargs]
+    if precision == "int8":
+        assert [q.kwargs for q in fake_trtllm.quant_configs] == [{"quant_algo": FakeQuantAlgo.W8A16}]
+    else:
+        assert fake_trtllm.quant_configs == []
+
+    [llm] = fake_trtllm.llms
+    expected_llm = {
+        "model": str(checkpoint),
+        "dtype": "float16",
+        "tensor_parallel_size": tp,
+        "build_config": fake_trtllm.build_configs[0],
+    }
+    if precision == "int8":
+        expected_llm["quant_config"] = fake_trtllm.quant_configs[0]
+    assert llm.kwargs == expected_llm
+    assert llm.saved == [str(out_dir)]
+    assert llm.shutdowns == 1
+
+    assert plan == {
+        "backend": "tensorrt",
+        "dtype": "float16",
+        "tensor_parallel_size": tp,
+        "build_config": build_kwargs,
+        "quant_algo": "W8A16" if precision == "int8" else None,
+    }
+    json.dumps(plan)  # recorded in the manifest as export options
+
+
+def test_codellama_70b_is_tensor_parallel() -> None:
+    [recipe] = [r for r in all_recipes() if r.name == "codellama-70b-instruct"]
+    assert trtllm_build_plan(recipe, "fp16")["tensor_parallel_size"] == 8
+    assert trtllm_build_plan(recipe, "int8")["tensor_parallel_size"] == 4
+
+
+def test_shutdown_runs_when_save_fails(fake_trtllm: FakeTrtLlm, tmp_path: Path) -> None:
+    def broken_save(self, engine_dir):
+        raise OSError("disk full")
+
+    fake_trtllm.LLM.save = broken_save
+    with pytest.raises(OSError, match="disk full"):
+        build_trtllm_engine(tmp_path / "ckpt", all_recipes()[0], "fp16", tmp_path / "out")
+    assert fake_trtllm.llms[0].shutdowns == 1
+
+
+def test_llm_without_shutdown_is_tolerated(fake_trtllm: FakeTrtLlm, tmp_path: Path) -> None:
+    del fake_trtllm.LLM.shutdown
+    build_trtllm_engine(tmp_path / "ckpt", all_recipes()[0], "int8", tmp_path / "out")
+    assert fake_trtllm.llms[0].saved == [str(tmp_path / "out")]
+
+
+def test_missing_tensorrt_llm_raises_clear_error(no_trtllm: None, tmp_path: Path) -> None:
+    with pytest.raises(TrtLlmUnavailableError) as info:
+        build_trtllm_engine(tmp_path / "ckpt", all_recipes()[0], "fp16", tmp_path / "out")
+    assert str(info.value) == TRTLLM_MISSING_MESSAGE
+    assert isinstance(info.value.__cause__, ImportError)
+    assert "pip install" in TRTLLM_MISSING_MESSAGE and "1.2" in TRTLLM_MISSING_MESSAGE
+    assert "onnx" in TRTLLM_MISSING_MESSAGE.lower()
+    with pytest.raises(TrtLlmUnavailableError):
+        trtllm_versions()
+
+
+def test_missing_cuda_library_raises_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def failing_import(name, *args, **kwargs):
+        if name.startswith("tensorrt_llm"):
+            raise OSError("libcudart.so.13: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", failing_import)
+    with pytest.raises(TrtLlmUnavailableError, match="not importable"):
+        trtllm_export.import_tensorrt_llm()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int4", ""])
+def test_unsupported_precision_raises_value_error(fake_trtllm: FakeTrtLlm, tmp_path: Path, precision: str) -> None:
+    recipe = all_recipes()[0]
+    with pytest.raises(ValueError, match="fp16, int8"):
+        build_trtllm_engine(tmp_path / "ckpt", recipe, precision, tmp_path / "out")
+    with pytest.raises(ValueError, match=repr(precision)):
+        trtllm_build_plan(recipe, precision)
+    assert fake_trtllm.llms == []
+
+
+def test_fp32_raises_value_error_even_without_tensorrt_llm(no_trtllm: None, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="fp16, int8"):
+        build_trtllm_engine(tmp_path / "ckpt", all_recipes()[0], "fp32", tmp_path / "out")
+
+
+def test_versions_for_manifest(fake_trtllm: FakeTrtLlm) -> None:
+    assert trtllm_versions()["tensorrt_llm"] == "1.2.1"
+
+
+# --- real build on a GPU machine ---------------------------------------------------------------
+
+
+def _gpu_skip_reason() -> str | None:
+    if importlib.util.find_spec("tensorrt_llm") is None:
+        return "tensorrt_llm is not installed (TensorRT-LLM 1.2.x needs Linux, an NVIDIA GPU and CUDA)"
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "nvidia-smi not found: no NVIDIA driver on this machine"
+    try:
+        listing = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"nvidia-smi failed: {exc}"
+    if listing.returncode != 0 or "GPU" not in listing.stdout:
+        return "nvidia-smi lists no GPU"
+    try:
+        trtllm_export.import_tensorrt_llm()
+    except TrtLlmUnavailableError as exc:
+        return f"tensorrt_llm does not import: {exc.__cause__}"
+    return None
+
+
+def _write_tiny_llama(directory: Path) -> None:
+    """A random 2-layer, hidden-64 Llama checkpoint with a tiny word-level tokenizer.
+
+    One 64-wide attention head: TensorRT-LLM's attention kernels do not cover head size 16.
+    Vocabulary and intermediate sizes are multiples of 64 for the int8 weight-only GEMMs.
+    """
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(125)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(directory)
+    config = LlamaConfig(
+        vocab_size=len(words), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, torch_dtype="float16",
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.float16).save_pretrained(directory, safe_serialization=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_builds_real_engine_from_tiny_llama(tmp_path: Path, precision: str) -> None:
+    reason = _gpu_skip_reason()
+    if reason is not None:
+        pytest.skip(f"needs TensorRT-LLM 1.2.x and an NVIDIA GPU: {reason}")
+    base = next(r for r in all_recipes() if r.architecture == "llama")
+    trtllm = dataclasses.replace(
+        base.trtllm, tensor_parallel_size={"fp16": 1, "int8": 1}, max_batch_size=2, max_num_tokens=256
+    )
+    recipe = dataclasses.replace(base, name="tiny-llama", context_window=256, trtllm=trtllm)
+    checkpoint, out_dir = tmp_path / "ckpt", tmp_path / "engine"
+    checkpoint.mkdir()
+    out_dir.mkdir()
+    _write_tiny_llama(checkpoint)
+
+    plan = build_trtllm_engine(checkpoint, recipe, precision, out_dir)
+
+    assert (out_dir / "rank0.engine").stat().st_size > 0
+    engine_config = json.loads((out_dir / "config.json").read_text())
+    build = engine_config["build_config"]
+    assert (build["max_batch_size"], build["max_seq_len"], build["max_input_len"]) == (2, 256, 255)
+    quant_algo = engine_config["pretrained_config"]["quantization"]["quant_algo"]
+    assert quant_algo == plan["quant_algo"] == ("W8A16" if precision == "int8" else None)

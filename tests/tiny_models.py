@@ -1,0 +1,93 @@
+"""Tiny random-weight checkpoints (2 layers, hidden 64) of every recipe architecture, with a real tokenizer.
+
+Weights use a large init range so the logits are peaked: a random model with nearly flat logits would
+make any argmax comparison meaningless.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SPECIAL_TOKENS = {
+    "gemma": {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "unk": "<unk>", "extra": ["<start_of_turn>", "<end_of_turn>"]},
+    "chatml": {"bos": None, "eos": "<|endoftext|>", "pad": "<|endoftext|>", "unk": None, "extra": ["<|im_start|>", "<|im_end|>"]},
+    "codellama70b": {"bos": "<s>", "eos": "</s>", "pad": None, "unk": "<unk>", "extra": ["<step>"]},
+}
+CORPUS = [
+    "Write a Python function that reverses a string. def reverse(s): return s[::-1]",
+    "What is the capital of France? Paris is the capital of France.",
+    "You are a concise assistant. Explain what a hash table is in two sentences.",
+    "List three prime numbers greater than 100: 101, 103, 107.",
+    "Translate good morning into German and Japanese: Guten Morgen, おはようございます.",
+    "Hello! How can I help? Tell me a short joke about computers.",
+    "SELECT * FROM users WHERE age > 30; Summarize the plot of Romeo and Juliet in one sentence.",
+    "user model assistant system Source: Destination: The quick brown fox jumps over the lazy dog. 😀 🎉 日本語",
+]
+
+
+def build_tokenizer(chat_format: str, vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained on a small corpus, with the family's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    spec = SPECIAL_TOKENS[chat_format]
+    specials = [t for t in (spec["pad"], spec["eos"], spec["bos"], spec["unk"], *spec["extra"]) if t]
+    specials = list(dict.fromkeys(specials))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=spec["bos"],
+        eos_token=spec["eos"],
+        pad_token=spec["pad"],
+        unk_token=spec["unk"],
+        additional_special_tokens=spec["extra"],
+    )
+
+
+def tiny_config(architecture: str, tokenizer):
+    """A 2-layer, hidden-64 config of ``architecture`` matching ``tokenizer``'s ids."""
+    import transformers
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if architecture == "llama":
+        return transformers.LlamaConfig(num_key_value_heads=2, **common)
+    if architecture == "qwen2":
+        return transformers.Qwen2Config(num_key_value_heads=2, **common)
+    if architecture == "gemma":
+        return transformers.GemmaConfig(num_key_value_heads=1, head_dim=16, **common)
+    if architecture == "gemma3_text":
+        return transformers.Gemma3TextConfig(
+            num_key_value_heads=1, head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"], **common
+        )
+    raise KeyError(f"no tiny-model builder for architecture {architecture!r}: add one in tests/tiny_models.py")
+
+
+def build_tiny_checkpoint(architecture: str, chat_format: str, out_dir: Path, seed: int = 0) -> Path:
+    """Write a tiny random checkpoint + tokenizer of ``architecture`` to ``out_dir``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tokenizer(chat_format)
+    config = tiny_config(architecture, tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
