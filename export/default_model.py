@@ -87,6 +87,8 @@ def _write_checkpoint(staging: Path, gguf_dir: Path, on_stage: StageCallback | N
     if model.generation_config is not None:
         model.generation_config.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    for path in staging.iterdir():
+        path.chmod(0o644)  # safetensors writes the weights 0600; the checkpoint is shared data
 
 
 def build_default_checkpoint(

@@ -8,13 +8,39 @@ See README ("Why MatMulNBits") for the measurement against ``quantize_dynamic``.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"
 INT8_BLOCK_SIZE = 32
 INT8_ACCURACY_LEVEL = 4
+
+
+def _inputs_with_position_ids(self) -> dict:
+    inputs = super(type(self), self).inputs
+    inputs.setdefault("position_ids", {0: "batch_size", 1: "sequence_length"})
+    return inputs
+
+
+def position_ids_configs(checkpoint: Path) -> dict | None:
+    """A custom ONNX config adding a ``position_ids`` input where optimum's has none (Gemma, Gemma 3).
+
+    Without it the graph derives positions from the cache index, so a left-padded row in a
+    batch would get shifted rotary positions; batched decoding needs explicit positions.
+    """
+    from optimum.exporters.tasks import TasksManager
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    constructor = TasksManager.get_exporter_config_constructor(
+        "onnx", task="text-generation-with-past", model_type=config.model_type, library_name="transformers"
+    )
+    onnx_config = constructor(config)
+    if "position_ids" in onnx_config.inputs:
+        return None
+    base = type(onnx_config)
+    with_positions = type(f"{base.__name__}WithPositionIds", (base,), {"inputs": property(_inputs_with_position_ids)})
+    return {"model": with_positions(config, task="text-generation", use_past=True, use_past_in_inputs=True)}
 
 
 def export_fp32(checkpoint: Path, out_dir: Path) -> Path:
@@ -26,6 +52,7 @@ def export_fp32(checkpoint: Path, out_dir: Path) -> Path:
         str(checkpoint),
         output=str(out_dir),
         task="text-generation-with-past",
+        custom_onnx_configs=position_ids_configs(checkpoint),
         device="cpu",
         do_validation=False,  # toolkit.export.pytorch_check runs a stricter check on the golden set
         trust_remote_code=False,
@@ -74,13 +101,6 @@ def copy_fp32(fp32_model: Path, out_dir: Path) -> Path:
     import onnx
 
     out = out_dir / MODEL_FILE
-    if fp32_model.parent == out_dir:
-        return out
-    if (fp32_model.parent / DATA_FILE).exists() or not any(fp32_model.parent.glob("*.onnx_data")):
-        shutil.copy2(fp32_model, out)
-        if (fp32_model.parent / DATA_FILE).exists():
-            shutil.copy2(fp32_model.parent / DATA_FILE, out_dir / DATA_FILE)
-        return out
     _save(onnx.load(str(fp32_model)), out)
     return out
 

@@ -126,8 +126,7 @@ class SequenceSampler:
 
         ``output_ids`` are the tokens generated so far (append-only between calls).
         """
-        self._counts.sync(output_ids)
-        x = self._process(logits)
+        x = self.process(logits, output_ids)
         p = self.params
         if p.greedy:
             token = int(np.argmax(x))
@@ -145,8 +144,12 @@ class SequenceSampler:
         return (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
                 or p.frequency_penalty != 0.0)
 
-    def _process(self, logits: np.ndarray) -> np.ndarray:
-        """Penalties then grammar mask, on a copy only when something changes."""
+    def process(self, logits: np.ndarray, output_ids: Sequence[int]) -> np.ndarray:
+        """Penalties then grammar mask: the logits that temperature and truncation will see.
+
+        Works on a copy, made only when something changes (else ``logits`` is returned).
+        """
+        self._counts.sync(output_ids)
         if not self._has_penalties() and self.constraint is None:
             return logits
         x = np.array(logits, dtype=np.float32, copy=True)

@@ -1,0 +1,138 @@
+"""KV cache: token accounting against a memory budget, and the running batch's padded cache arrays.
+
+``KVCacheManager`` reserves, per sequence, room for its prompt plus ``max_tokens`` in blocks of
+``BLOCK`` tokens, so an admitted sequence can always finish; admission waits while the budget is
+used up and a request that could never fit is refused.
+
+``BatchKV`` holds the decode batch's cache as one array per past input, ``[batch, kv_heads, length,
+head_dim]``, right-aligned: row i's tokens sit in the last ``lengths[i]`` columns and the attention
+mask hides the left padding. The exported graph returns ``present = concat(past, new)``, which
+becomes the next step's past as is; rows are only copied when a sequence joins or leaves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK = 16
+
+
+@dataclass(frozen=True)
+class KvGeometry:
+    """Bytes per cached token, from the manifest's kv_layout."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
+
+
+class KVCacheManager:
+    """Token-block reservations per sequence against a fixed capacity."""
+
+    def __init__(self, geometry: KvGeometry, budget_bytes: int):
+        self.geometry = geometry
+        self.total_blocks = max(1, budget_bytes // (geometry.bytes_per_token * BLOCK))
+        self._reserved: dict[str, int] = {}
+
+    @property
+    def total_tokens(self) -> int:
+        return self.total_blocks * BLOCK
+
+    @property
+    def used_blocks(self) -> int:
+        return sum(self._reserved.values())
+
+    @property
+    def used_tokens(self) -> int:
+        return self.used_blocks * BLOCK
+
+    @staticmethod
+    def blocks_for(tokens: int) -> int:
+        return math.ceil(tokens / BLOCK)
+
+    def can_ever_fit(self, tokens: int) -> bool:
+        """Whether ``tokens`` fit in an empty cache."""
+        return self.blocks_for(tokens) <= self.total_blocks
+
+    def can_allocate(self, tokens: int) -> bool:
+        """Whether ``tokens`` fit now."""
+        return self.used_blocks + self.blocks_for(tokens) <= self.total_blocks
+
+    def allocate(self, seq_id: str, tokens: int) -> None:
+        """Reserve room for ``tokens`` tokens of sequence ``seq_id`` (check ``can_allocate`` first)."""
+        if seq_id in self._reserved:
+            raise ValueError(f"sequence {seq_id} already holds cache")
+        if not self.can_allocate(tokens):
+            raise MemoryError("KV cache budget exhausted")
+        self._reserved[seq_id] = self.blocks_for(tokens)
+
+    def free(self, seq_id: str) -> None:
+        """Release a sequence's reservation (no-op when it holds none)."""
+        self._reserved.pop(seq_id, None)
+
+
+class BatchKV:
+    """The decode batch's right-aligned KV arrays and attention mask."""
+
+    def __init__(self, names: list[str], num_kv_heads: int, head_dim: int, dtype):
+        self.names = names
+        self.shape_tail = (num_kv_heads, head_dim)
+        self.dtype = dtype
+        self.past = {n: np.zeros((0, num_kv_heads, 0, head_dim), dtype) for n in names}
+        self.mask = np.zeros((0, 0), np.int64)
+
+    @property
+    def size(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    def add_rows(self, rows: dict[str, np.ndarray], lengths: list[int]) -> None:
+        """Append rows whose cache is ``rows[name]`` ``[k, heads, l, dim]`` (right-aligned, ``lengths`` real)."""
+        new_len = max(self.length, next(iter(rows.values())).shape[2])
+        for name in self.names:
+            self.past[name] = np.concatenate(
+                [_left_pad(self.past[name], new_len), _left_pad(rows[name].astype(self.dtype, copy=False), new_len)]
+            )
+        row_mask = np.zeros((len(lengths), new_len), np.int64)
+        for i, n in enumerate(lengths):
+            row_mask[i, new_len - n :] = 1
+        self.mask = np.concatenate([_left_pad(self.mask, new_len, axis=1), row_mask])
+
+    def keep_rows(self, keep: list[int]) -> None:
+        """Drop every row not in ``keep`` (in order), then trim columns no remaining row uses."""
+        index = np.asarray(keep, dtype=np.int64)
+        used = self.mask[index].any(axis=0) if len(keep) else np.zeros(0, bool)
+        start = int(np.argmax(used)) if used.any() else self.length
+        for name in self.names:
+            self.past[name] = np.ascontiguousarray(self.past[name][index, :, start:])
+        self.mask = np.ascontiguousarray(self.mask[index, start:])
+
+    def step_inputs(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Past arrays and the attention mask for one more token per row."""
+        mask = np.concatenate([self.mask, np.ones((self.size, 1), np.int64)], axis=1)
+        return self.past, mask
+
+    def accept_step(self, present: dict[str, np.ndarray], mask: np.ndarray) -> None:
+        """Adopt the graph's present arrays (past + the new token) as the cache."""
+        self.past = present
+        self.mask = mask
+
+
+def _left_pad(array: np.ndarray, length: int, axis: int = 2) -> np.ndarray:
+    missing = length - array.shape[axis]
+    if missing <= 0:
+        return array
+    widths = [(0, 0)] * array.ndim
+    widths[axis] = (missing, 0)
+    return np.pad(array, widths)

@@ -1,0 +1,65 @@
+"""One onnxruntime session over an exported causal LM: chunked batch-1 prefill and batched decode steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.export.ort_runner import create_session, kv_spec
+from toolkit.runtime.kv_cache import BatchKV
+
+
+class OnnxModelRunner:
+    """Feeds optimum's ``text-generation-with-past`` graph; knows nothing of requests or sampling."""
+
+    def __init__(self, model_path: Path, threads: int | None = None):
+        self.session = create_session(model_path, threads)
+        self.spec = kv_spec(self.session)
+        inputs = {i.name for i in self.session.get_inputs()}
+        self.has_position_ids = "position_ids" in inputs
+        self.past_names = [
+            f"past_key_values.{layer}.{kind}" for layer in range(self.spec.num_layers) for kind in ("key", "value")
+        ]
+        self.present_names = [n.replace("past_key_values.", "present.", 1) for n in self.past_names]
+        self.output_names = ["logits", *self.present_names]
+
+    def new_batch(self) -> BatchKV:
+        """An empty decode batch matching this model's cache layout."""
+        return BatchKV(self.past_names, self.spec.num_kv_heads, self.spec.head_dim, self.spec.dtype)
+
+    def empty_past(self) -> dict[str, np.ndarray]:
+        shape = (1, self.spec.num_kv_heads, 0, self.spec.head_dim)
+        return {name: np.zeros(shape, self.spec.dtype) for name in self.past_names}
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: dict[str, np.ndarray]):
+        feeds = {"input_ids": ids, "attention_mask": mask, **past}
+        if self.has_position_ids:
+            feeds["position_ids"] = positions
+        outputs = self.session.run(self.output_names, feeds)
+        present = dict(zip(self.past_names, outputs[1:]))
+        return outputs[0], present
+
+    def prefill(self, ids: list[int], past: dict[str, np.ndarray] | None, start: int) -> tuple[np.ndarray, dict]:
+        """Run one prompt chunk of one sequence after ``past`` (``start`` tokens); last-position logits + new past."""
+        past = past if past is not None else self.empty_past()
+        total = start + len(ids)
+        logits, present = self._run(
+            np.asarray([ids], np.int64),
+            np.ones((1, total), np.int64),
+            np.arange(start, total, dtype=np.int64)[None, :],
+            past,
+        )
+        return logits[0, -1].astype(np.float32, copy=False), present
+
+    def decode(self, batch: BatchKV, last_tokens: list[int], positions: list[int]) -> np.ndarray:
+        """One token for every row of ``batch``; returns logits ``[rows, vocab]`` and advances the cache."""
+        past, mask = batch.step_inputs()
+        logits, present = self._run(
+            np.asarray(last_tokens, np.int64)[:, None],
+            mask,
+            np.asarray(positions, np.int64)[:, None],
+            past,
+        )
+        batch.accept_step(present, mask)
+        return logits[:, -1].astype(np.float32, copy=False)
