@@ -106,7 +106,7 @@ def _build(request: ExportRequest, checkpoint: Path, source_sha: str, key: str, 
             from transformers import AutoTokenizer
 
             runner = OrtCausalLM(fp32_model)
-            tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+            tokenizer = AutoTokenizer.from_pretrained(checkpoint, fix_mistral_regex=False)
             reference = build_reference(runner, golden_cases(tokenizer, request.recipe.chat_format), request.recipe.chat_format)
         with reporter.stage("Comparing fp32 ONNX with the PyTorch model"):
             reference.pytorch_check = compare_with_pytorch(checkpoint, runner, reference)
@@ -145,6 +145,9 @@ def _build(request: ExportRequest, checkpoint: Path, source_sha: str, key: str, 
 
 def run_export(request: ExportRequest, reporter: StageReporter) -> ExportOutcome:
     """Export (or reuse) the engine directory described by ``request``."""
+    from toolkit.export.progress import quiet_libraries
+
+    quiet_libraries()
     recipe = request.recipe
     if not recipe.supports(request.target, request.precision):
         raise sources.SourceError(

@@ -9,6 +9,28 @@ from collections.abc import Iterator
 from rich.console import Console
 
 
+def quiet_libraries() -> None:
+    """Silence library chatter (tracer warnings, tokenizer notices, tqdm bars) that would bury the stages."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*TracerWarning.*")
+    try:
+        from torch.jit import TracerWarning
+
+        warnings.filterwarnings("ignore", category=TracerWarning)
+    except ImportError:
+        pass
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    for name in ("optimum", "onnxruntime", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 class StageReporter:
     """Prints one line per finished stage and keeps each stage's duration."""
 

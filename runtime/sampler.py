@@ -28,7 +28,10 @@ from toolkit.runtime.sampling_params import SamplingParams
 
 _BLOCK = 1024  # block size of the two-level inverse-CDF draw
 _PREFILTER_MIN_VOCAB = 8192  # below this, exact full-array operations are cheap enough
-_TOP_P_LOG_RATIOS = (-12.0, -24.0)  # candidate windows (log p / p_max) tried before a full sort
+_TOP_P_WINDOWS_NATS = (4.0, 8.0)  # windows below the best logit tried before the histogram
+_TOP_P_WINDOW_MAX = 8192  # largest window worth sorting directly
+_BUCKETS_PER_NAT = 64.0  # log-probability resolution of the top_p histogram
+_BAND_NATS = 40.0  # tokens this far below the best token share the histogram's last bucket
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,28 +219,46 @@ def _top_k_candidates(x: np.ndarray, k: int) -> np.ndarray | None:
 
 
 def _top_p_filter(ids: np.ndarray | None, z: np.ndarray, top_p: float):
-    """Keep the smallest highest-probability set of tokens whose mass reaches ``top_p``."""
+    """Keep the smallest highest-probability set of tokens whose mass reaches ``top_p``
+    (ties broken by lower id, as a stable sort of the whole row would)."""
     zmax = z.max()
     p = z - zmax
     np.exp(p, out=p)
-    total = float(p.sum())
-    cand = _nucleus_window(z, zmax, p, total * top_p)
-    order = cand[np.argsort(-p[cand], kind="stable")]
-    cum = np.cumsum(p[order], dtype=np.float64)
-    keep = min(int(np.searchsorted(cum, total * top_p, side="left")) + 1, order.size)
-    local = order[:keep]
+    target = float(p.sum(dtype=np.float64)) * top_p
+    if z.size >= _PREFILTER_MIN_VOCAB:
+        sure, band = _nucleus_candidates(z, zmax, p, target)
+    else:
+        sure, band = np.empty(0, dtype=np.intp), np.arange(z.size)
+    order = band[np.argsort(-p[band], kind="stable")]
+    cum = float(p[sure].sum(dtype=np.float64)) + np.cumsum(p[order], dtype=np.float64)
+    keep = min(int(np.searchsorted(cum, target, side="left")) + 1, order.size)
+    local = np.concatenate([sure, order[:keep]])
     return (local if ids is None else ids[local]), z[local]
 
 
-def _nucleus_window(z: np.ndarray, zmax: float, p: np.ndarray, mass: float) -> np.ndarray:
-    """Indices of all tokens above a probability threshold whose total reaches ``mass``;
-    being a prefix of the sorted order, it contains the nucleus, so only it is sorted."""
-    if z.size >= _PREFILTER_MIN_VOCAB:
-        for log_ratio in _TOP_P_LOG_RATIOS:
-            cand = np.flatnonzero(z >= zmax + log_ratio)
-            if p[cand].sum(dtype=np.float64) >= mass:
-                return cand
-    return np.arange(z.size)
+def _nucleus_candidates(z: np.ndarray, zmax: float, p: np.ndarray, target: float):
+    """(tokens surely in the nucleus, tokens to sort): first try a few windows of the
+    best tokens, which hold the nucleus of a peaked distribution; else the histogram."""
+    for gap in _TOP_P_WINDOWS_NATS:
+        cand = np.flatnonzero(z >= zmax - gap)
+        if cand.size > _TOP_P_WINDOW_MAX:
+            break
+        if p[cand].sum(dtype=np.float64) >= target:
+            return np.empty(0, dtype=np.intp), cand
+    return _nucleus_band(z, zmax, p, target)
+
+
+def _nucleus_band(z: np.ndarray, zmax: float, p: np.ndarray, target: float):
+    """Bucket tokens by log-probability; return the tokens of the buckets wholly inside
+    the nucleus and those of the bucket where its mass crosses ``target`` (to be sorted).
+    Only that one bucket needs sorting, instead of the whole row."""
+    d = zmax - z
+    np.minimum(d, _BAND_NATS, out=d)
+    d *= _BUCKETS_PER_NAT
+    bucket = d.astype(np.intp)
+    mass = np.cumsum(np.bincount(bucket, weights=p))
+    b = min(int(np.searchsorted(mass, target, side="left")), mass.size - 1)
+    return np.flatnonzero(bucket < b), np.flatnonzero(bucket == b)
 
 
 def _draw(z: np.ndarray, u: float) -> int:

@@ -1,0 +1,24 @@
+"""``load_engine``: open an engine directory and pick its backend from the manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from toolkit.export.manifest import EngineDirError, load_manifest
+from toolkit.recipes import get_recipe
+
+
+def load_engine(engine_dir: str | Path, **options):
+    """An unstarted engine for ``engine_dir`` (``OnnxEngine`` or ``TrtLlmEngine``); ``await engine.start()``."""
+    engine_dir = Path(engine_dir)
+    manifest = load_manifest(engine_dir)
+    recipe = get_recipe(manifest.recipe)
+    if manifest.target == "onnx":
+        from toolkit.runtime.engines.onnx_engine import OnnxEngine
+
+        return OnnxEngine(engine_dir, manifest, recipe, **options)
+    if manifest.target == "trtllm":
+        from toolkit.runtime.engines.trtllm_engine import TrtLlmEngine
+
+        return TrtLlmEngine(engine_dir, manifest, recipe, **options)
+    raise EngineDirError(f"{engine_dir}: unknown target {manifest.target!r}; re-export")

@@ -1,0 +1,70 @@
+"""After a model step: sample each row, detokenize, decide who finished, and package the deltas."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from toolkit.runtime.prompting import PromptBuilder
+from toolkit.runtime.sequence import Sequence, SequenceGroup
+from toolkit.runtime.types import RequestOutput, TokenLogprob
+
+
+class TokenProcessor:
+    """Applies one sampled token to a sequence and its pending delta."""
+
+    def __init__(self, prompts: PromptBuilder, context_length: int):
+        self.prompts = prompts
+        self.context_length = context_length
+
+    def advance(self, group: SequenceGroup, seq: Sequence, logits_row: np.ndarray) -> None:
+        """Sample the next token of ``seq`` from ``logits_row`` and apply the stop rules."""
+        params = group.request.params
+        result = seq.sampler.sample(logits_row, seq.output_ids)
+        token = result.token_id
+        seq.output_ids.append(token)
+        group.completion_tokens += 1
+        delta = seq.delta()
+        delta.token_ids.append(token)
+        if params.logprobs:
+            delta.logprobs = delta.logprobs or []
+            delta.logprobs.append(self._logprob(token, result))
+        if (token in self.prompts.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            return self.finish(seq, "stop")
+        out = seq.detok.push(token)
+        delta.text += out.text_delta
+        if out.stopped:
+            return self.finish(seq, "stop")
+        if len(seq.output_ids) >= params.max_tokens or len(group.prompt_ids) + len(seq.output_ids) >= self.context_length:
+            return self.finish(seq, "length")
+        constraint = seq.sampler.constraint
+        if constraint is not None and constraint.is_finished():
+            return self.finish(seq, "stop")
+
+    def _logprob(self, token: int, result) -> TokenLogprob:
+        text = self.prompts.token_text
+        top = [(tid, text(tid), lp) for tid, lp in result.top_logprobs]
+        return TokenLogprob(token_id=token, token=text(token), logprob=result.logprob, top=top)
+
+    @staticmethod
+    def finish(seq: Sequence, reason: str) -> None:
+        """End ``seq`` with ``reason``, releasing text held back for stop strings."""
+        delta = seq.delta()
+        delta.text += seq.detok.flush().text_delta
+        delta.finish_reason = reason
+        seq.finish_reason = reason
+
+
+def collect_output(group: SequenceGroup) -> RequestOutput | None:
+    """The request's pending deltas as one ``RequestOutput`` (None when nothing advanced)."""
+    choices = [s.pending for s in group.sequences if s.pending is not None]
+    if not choices:
+        return None
+    for seq in group.sequences:
+        seq.pending = None
+    return RequestOutput(
+        request_id=group.request_id,
+        choices=choices,
+        prompt_tokens=len(group.prompt_ids),
+        completion_tokens=group.completion_tokens,
+        finished=group.finished,
+    )
