@@ -78,6 +78,57 @@ def validate(engine_dir: Path) -> None:
     sys.exit(0 if result["passed"] else 1)
 
 
+def _engine_dir_or_default(engine_dir: Path | None) -> Path:
+    if engine_dir is not None:
+        return engine_dir
+    from rich.console import Console
+
+    from toolkit.export.pipeline import ensure_default_engine
+    from toolkit.export.progress import StageReporter
+
+    return ensure_default_engine(StageReporter(Console(stderr=True)))
+
+
+@main.command()
+@click.argument("engine_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--prompt", help="Plain prompt (the recipe's BOS is added unless --raw).")
+@click.option("--message", "messages", multiple=True, metavar="ROLE:TEXT", help="Chat message, repeatable.")
+@click.option("--raw", is_flag=True, help="Send --prompt exactly as given, no BOS.")
+@click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--top-k", type=int, default=None)
+@click.option("--min-p", type=float, default=None)
+@click.option("--repetition-penalty", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Stop string, repeatable.")
+def generate(engine_dir: Path | None, prompt, messages, raw, max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop) -> None:
+    """Stream one completion from ENGINE_DIR (default: the embedded default model)."""
+    from toolkit.runtime.errors import EngineError
+    from toolkit.runtime.oneshot import build_request, generate_once
+    from toolkit.runtime.sampling_params import InvalidParameterError
+
+    if bool(prompt) == bool(messages):
+        raise click.UsageError("give exactly one of --prompt or --message")
+    chat = None
+    if messages:
+        chat = []
+        for item in messages:
+            role, sep, text = item.partition(":")
+            if not sep:
+                raise click.UsageError(f"--message must look like ROLE:TEXT, got {item!r}")
+            chat.append({"role": role.strip(), "content": text})
+    try:
+        request = build_request(
+            prompt, chat, raw, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop) or None,
+        )
+        reason, prompt_tokens, completion_tokens = generate_once(_engine_dir_or_default(engine_dir), request, sys.stdout)
+    except (InvalidParameterError, EngineError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"\n[finish_reason={reason} prompt_tokens={prompt_tokens} completion_tokens={completion_tokens}]", err=True)
+
+
 @main.command()
 def recipes() -> None:
     """List the recipes and what each supports."""

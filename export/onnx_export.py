@@ -57,6 +57,9 @@ def export_fp32(checkpoint: Path, out_dir: Path) -> Path:
         do_validation=False,  # toolkit.export.pytorch_check runs a stricter check on the golden set
         trust_remote_code=False,
     )
+    from toolkit.export.graph_surgery import keep_last_logits
+
+    keep_last_logits(out_dir / MODEL_FILE)
     return out_dir / MODEL_FILE
 
 

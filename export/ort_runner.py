@@ -106,6 +106,14 @@ class OrtCausalLM:
         return tokens, first
 
     def teacher_forced(self, prompt_ids: list[int], continuation: list[int]) -> np.ndarray:
-        """Logits predicting each token of ``continuation`` given everything before it: [len(continuation), vocab]."""
-        logits, _ = self.forward(list(prompt_ids) + list(continuation[:-1]), None)
-        return logits[len(prompt_ids) - 1 :]
+        """Logits predicting each token of ``continuation`` given everything before it: [len(continuation), vocab].
+
+        The graph returns logits for the last position only, so the continuation is fed one token
+        at a time through the KV cache (the same path serving takes).
+        """
+        logits, past = self.forward(list(prompt_ids), None)
+        rows = [logits[-1]]
+        for token in continuation[:-1]:
+            logits, past = self.forward([token], past)
+            rows.append(logits[-1])
+        return np.stack(rows)

@@ -68,9 +68,10 @@ def _reusable(out_dir: Path, key: str) -> Manifest | None:
 
 
 def _copy_support_files(checkpoint: Path, stage: Path) -> list[str]:
+    """Tokenizer and config files; never over a file the artifact wrote itself (TensorRT-LLM's config.json)."""
     copied = []
     for name in (*sources.TOKENIZER_FILES, *sources.CONFIG_FILES):
-        if (checkpoint / name).is_file():
+        if (checkpoint / name).is_file() and not (stage / name).exists():
             shutil.copy2(checkpoint / name, stage / name)
             copied.append(name)
     return copied
@@ -167,3 +168,16 @@ def run_export(request: ExportRequest, reporter: StageReporter) -> ExportOutcome
         return ExportOutcome(request.out_dir, manifest, reused=True)
     manifest = _build(request, checkpoint, source_sha, key, config, reporter)
     return ExportOutcome(request.out_dir, manifest, reused=False)
+
+
+def ensure_default_engine(reporter: StageReporter, precision: str | None = None) -> Path:
+    """The embedded default model's engine directory, exported (and validated) on first use."""
+    from toolkit.recipes import get_recipe
+
+    recipe = get_recipe("default")
+    precision = precision or recipe.default_precision
+    out_dir = sources.default_engine_dir(recipe, "onnx", precision)
+    outcome = run_export(ExportRequest(recipe, "onnx", precision, out_dir), reporter)
+    if not (outcome.manifest.validation or {}).get("passed"):
+        raise EngineDirError(f"the default engine at {out_dir} failed validation; run `toolkit validate {out_dir}`")
+    return out_dir

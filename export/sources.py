@@ -21,6 +21,8 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 CONFIG_FILES = ("config.json", "generation_config.json")
+# Bump when the export steps change what an artifact contains, so older cached exports are rebuilt.
+ARTIFACT_REVISION = "position-ids+last-logits-1"
 TOOL_PACKAGES = ("toolkit", "optimum", "optimum-onnx", "onnxruntime", "onnxruntime-gpu", "onnx", "transformers", "torch")
 
 
@@ -83,6 +85,7 @@ def build_key(source_sha: str, recipe: Recipe, target: str, precision: str) -> s
         "recipe": recipe.name,
         "target": target,
         "precision": precision,
+        "revision": ARTIFACT_REVISION,
         "toolkit": versions.get("toolkit"),
         "onnxruntime": versions.get("onnxruntime") or versions.get("onnxruntime-gpu"),
         "optimum-onnx": versions.get("optimum-onnx"),

@@ -73,12 +73,16 @@ class StopStringMatcher:
         return text
 
     def _earliest_stop(self, text: str) -> tuple[int, str] | None:
-        best: tuple[int, str] | None = None
+        """The stop string that completes first (ties: the longer one), and its start.
+
+        Deciding by completion makes the result independent of how text is chunked."""
+        best: tuple[int, int, str] | None = None
         for stop in self._stops:
             index = text.find(stop)
-            if index >= 0 and (best is None or index < best[0]):
-                best = (index, stop)
-        return best
+            if index >= 0:
+                key = (index + len(stop), index, stop)
+                best = key if best is None or key[:2] < best[:2] else best
+        return None if best is None else (best[1], best[2])
 
     def _partial_stop_start(self, text: str) -> int:
         """Start of the longest suffix of ``text`` that is a proper prefix of a stop string

@@ -20,5 +20,6 @@ def load_engine(engine_dir: str | Path, **options):
     if manifest.target == "trtllm":
         from toolkit.runtime.engines.trtllm_engine import TrtLlmEngine
 
-        return TrtLlmEngine(engine_dir, manifest, recipe, **options)
+        config = options.get("config")
+        return TrtLlmEngine(engine_dir, manifest, recipe, **({"max_waiting": config.max_waiting} if config else {}))
     raise EngineDirError(f"{engine_dir}: unknown target {manifest.target!r}; re-export")

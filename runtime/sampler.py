@@ -30,8 +30,10 @@ _BLOCK = 1024  # block size of the two-level inverse-CDF draw
 _PREFILTER_MIN_VOCAB = 8192  # below this, exact full-array operations are cheap enough
 _TOP_P_WINDOWS_NATS = (4.0, 8.0)  # windows below the best logit tried before the histogram
 _TOP_P_WINDOW_MAX = 8192  # largest window worth sorting directly
-_BUCKETS_PER_NAT = 64.0  # log-probability resolution of the top_p histogram
-_BAND_NATS = 40.0  # tokens this far below the best token share the histogram's last bucket
+_BUCKETS_PER_NAT = 64  # log-probability resolution of the top_p histogram
+_BAND_NATS = 40  # tokens this far below the best token share the histogram's last bucket
+_N_BUCKETS = _BUCKETS_PER_NAT * _BAND_NATS + 1
+_CHUNK = 65536  # full-row passes work on chunks this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +51,8 @@ class LogitsConstraint(Protocol):
     def mask_logits(self, logits: np.ndarray) -> None:
         """Set disallowed tokens to -inf in place."""
 
-    def accept(self, token_id: int) -> None:
-        """Advance the grammar by the sampled token."""
+    def accept(self, token_id: int) -> bool:
+        """Advance the grammar by the sampled token; False if the grammar rejected it."""
 
     def is_finished(self) -> bool:
         """True once the grammar is complete and only EOS is allowed."""
@@ -63,6 +65,10 @@ class _OutputCounts:
     """Occurrence counts of generated tokens, updated incrementally from the output list."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every counted token."""
         self._slot: dict[int, int] = {}
         self._ids = np.empty(64, dtype=np.int64)
         self._counts = np.zeros(64, dtype=np.float32)
@@ -71,7 +77,7 @@ class _OutputCounts:
     def sync(self, output_ids: Sequence[int]) -> None:
         """Count the ids appended since the last call; rebuild if the list shrank."""
         if len(output_ids) < self._seen:
-            self.__init__()
+            self.reset()
         for tok in output_ids[self._seen:]:
             self._add(int(tok))
         self._seen = len(output_ids)
@@ -252,13 +258,25 @@ def _nucleus_band(z: np.ndarray, zmax: float, p: np.ndarray, target: float):
     """Bucket tokens by log-probability; return the tokens of the buckets wholly inside
     the nucleus and those of the bucket where its mass crosses ``target`` (to be sorted).
     Only that one bucket needs sorting, instead of the whole row."""
-    d = zmax - z
-    np.minimum(d, _BAND_NATS, out=d)
-    d *= _BUCKETS_PER_NAT
-    bucket = d.astype(np.intp)
-    mass = np.cumsum(np.bincount(bucket, weights=p))
-    b = min(int(np.searchsorted(mass, target, side="left")), mass.size - 1)
-    return np.flatnonzero(bucket < b), np.flatnonzero(bucket == b)
+    mass = np.zeros(_N_BUCKETS)
+    for start, gaps in _scaled_gaps(z, zmax):
+        mass += np.bincount(gaps.astype(np.intp), weights=p[start:start + gaps.size],
+                            minlength=_N_BUCKETS)
+    b = min(int(np.searchsorted(np.cumsum(mass), target, side="left")), _N_BUCKETS - 1)
+    sure, band = [], []
+    for start, gaps in _scaled_gaps(z, zmax):
+        sure.append(np.flatnonzero(gaps < b) + start)
+        band.append(np.flatnonzero((gaps >= b) & (gaps < b + 1)) + start)
+    return np.concatenate(sure), np.concatenate(band)
+
+
+def _scaled_gaps(z: np.ndarray, zmax: float):
+    """(offset, bucket coordinate) per chunk; chunks keep temporaries small and cached."""
+    for start in range(0, z.size, _CHUNK):
+        gaps = zmax - z[start:start + _CHUNK]
+        np.minimum(gaps, _BAND_NATS, out=gaps)
+        gaps *= _BUCKETS_PER_NAT
+        yield start, gaps
 
 
 def _draw(z: np.ndarray, u: float) -> int:

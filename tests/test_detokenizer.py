@@ -101,7 +101,7 @@ def _check_stop_stream(tokenizer, text, stops, expected, reason):
 def test_stop_string_spanning_tokens_is_never_emitted(tokenizer):
     # "hello" + " world": the stop "lo wo" spans the two tokens.
     detok = _check_stop_stream(tokenizer, "the hello world STOP", ["lo wo"], "the hel", "lo wo")
-    assert detok.push(tokenizer.token_to_id("STOP")) .text_delta == ""
+    assert detok.push(tokenizer.token_to_id("STOP")).text_delta == ""
 
 
 def test_stop_string_across_byte_tokens(tokenizer):
@@ -113,6 +113,8 @@ def test_stop_inside_one_token_and_earliest_of_several(tokenizer):
     _check_stop_stream(tokenizer, "hello world", ["ll"], "he", "ll")
     detok = _check_stop_stream(tokenizer, "hello world", ["world", "o w"], "hell", "o w")
     assert detok.flush().stop_reason == "o w"
+    # "ll" completes before "hello" does, although "hello" starts earlier
+    _check_stop_stream(tokenizer, "the hello", ["hello", "ll"], "the he", "ll")
 
 
 def test_text_after_stop_is_not_emitted(tokenizer):
@@ -142,8 +144,12 @@ def test_special_tokens_skipped_and_prefix_not_emitted(tokenizer):
 
 
 def _reference_stop(text, stops):
-    hits = [(text.find(s), s) for s in stops if s in text]
-    return min(hits, key=lambda h: h[0]) if hits else None
+    """The stop that completes first (the longer one on a tie), as (start, stop)."""
+    for end in range(1, len(text) + 1):
+        ending = sorted((s for s in stops if text[:end].endswith(s)), key=len, reverse=True)
+        if ending:
+            return end - len(ending[0]), ending[0]
+    return None
 
 
 def test_stop_matcher_against_reference_on_random_streams():
@@ -168,6 +174,7 @@ def test_stop_matcher_against_reference_on_random_streams():
         hit = _reference_stop(text, stops)
         assert emitted == (text if hit is None else text[: hit[0]])
         assert matcher.stopped == (hit is not None)
+        assert matcher.stop_reason == (None if hit is None else hit[1])
 
 
 def test_stop_matcher_rejects_empty_stop():

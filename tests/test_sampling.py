@@ -8,6 +8,7 @@ import pytest
 
 from toolkit.runtime.sampler import (
     SequenceSampler,
+    _top_p_filter,
     greedy_tokens,
     raw_logprobs,
     sample_token,
@@ -183,6 +184,30 @@ def test_top_p_large_vocab_nucleus_reaching_into_a_random_tail():
     sampled = set(np.flatnonzero(_empirical(SamplingParams(top_p=0.9, seed=6), logits, 1500)))
     assert sampled <= nucleus
     assert sampled - {3, 77_777}
+
+
+def _reference_nucleus(z, top_p):
+    p = np.exp(z - z.max())
+    order = np.argsort(-p, kind="stable")
+    cum = np.cumsum(p[order], dtype=np.float64)
+    return order[: int(np.searchsorted(cum, p.sum(dtype=np.float64) * top_p)) + 1]
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.99])
+@pytest.mark.parametrize("shape", ["flat_tail", "peaked", "small", "ties"])
+def test_top_p_filter_equals_full_stable_sort(shape, top_p):
+    rng = np.random.default_rng(len(shape))
+    if shape == "small":
+        z = rng.standard_normal(500).astype(np.float32)
+    elif shape == "ties":
+        z = np.repeat(rng.standard_normal(64), 4096).astype(np.float32)
+    else:
+        z = (rng.standard_normal(262_144) * (1.0 if shape == "flat_tail" else 2.5)).astype(np.float32)
+        z[12_345] += 9.0 if shape == "peaked" else 0.0
+    ids, kept = _top_p_filter(None, z, top_p)
+    expected = _reference_nucleus(z, top_p)
+    assert sorted(ids.tolist()) == sorted(expected.tolist())
+    np.testing.assert_array_equal(kept, z[ids])
 
 
 def test_min_p_drops_tokens_below_fraction_of_max():

@@ -1,0 +1,1 @@
+"""Engines behind the runtime's ``Engine`` protocol: onnxruntime and TensorRT-LLM."""

@@ -1,0 +1,299 @@
+"""``OnnxEngine``: in-flight batching over an exported ONNX model in onnxruntime.
+
+The asyncio side (``generate``/``abort``) hands requests to one background thread that loops
+*schedule → run → postprocess*; onnxruntime releases the GIL while it computes, so the event loop
+keeps serving. Outputs travel back through a per-request asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.export.manifest import Manifest
+from toolkit.recipes import Recipe
+from toolkit.runtime.errors import EngineFailureError, EngineStoppedError, OverloadedError, PromptTooLongError
+from toolkit.runtime.kv_cache import KVCacheManager, KvGeometry
+from toolkit.runtime.postprocess import TokenProcessor, collect_output
+from toolkit.runtime.scheduler import Scheduler, SchedulerConfig, StepPlan
+from toolkit.runtime.sequence import SequenceGroup
+from toolkit.runtime.sequence_factory import SequenceFactory
+from toolkit.runtime.types import EngineStats, GenerateRequest, RequestOutput
+
+DEFAULT_KV_BUDGET_BYTES = 2 << 30
+
+
+class OnnxEngine:
+    """The Engine protocol over onnxruntime (CPU here; CUDA where onnxruntime-gpu finds a GPU)."""
+
+    def __init__(
+        self,
+        engine_dir: Path,
+        manifest: Manifest,
+        recipe: Recipe,
+        config: SchedulerConfig | None = None,
+        kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES,
+        threads: int | None = None,
+    ):
+        self.engine_dir = Path(engine_dir)
+        self.manifest = manifest
+        self.recipe = recipe
+        self.model_names = recipe.model_names
+        self.context_length = manifest.context_length
+        self.config = config or SchedulerConfig()
+        self.kv = KVCacheManager(KvGeometry(**_geometry(manifest)), kv_budget_bytes)
+        self.threads = threads
+        self.fault_hook: Callable[[StepPlan], None] | None = None  # test hook: raise to fail a step
+        self._submissions: queue.SimpleQueue[SequenceGroup] = queue.SimpleQueue()
+        self._aborts: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._accepting = False
+        self._stopping = False
+        self._generated = 0
+        self._recent: deque[tuple[float, int]] = deque()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the model and tokenizer (in a worker thread) and start the engine loop."""
+        if self._thread is not None:
+            return
+        await asyncio.to_thread(self._load)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=f"engine-{self.recipe.name}", daemon=True)
+        self._thread.start()
+        self._accepting = True
+
+    def _load(self) -> None:
+        from toolkit.runtime.model_runner import OnnxModelRunner
+        from toolkit.runtime.prompting import PromptBuilder, load_tokenizer
+
+        self.runner = OnnxModelRunner(self.engine_dir / "model.onnx", self.threads)
+        self.prompts = PromptBuilder(load_tokenizer(self.engine_dir), self.recipe)
+        self.sequences = SequenceFactory(self.prompts, vocab_size=int(self.runner.session.get_outputs()[0].shape[-1] or 0))
+        self.processor = TokenProcessor(self.prompts, self.context_length)
+        self.scheduler = Scheduler(self.config, self.kv)
+        self.batch = self.runner.new_batch()
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Stop accepting, let running requests finish for up to ``grace_s``, abort the rest, stop the loop."""
+        self._accepting = False
+        deadline = time.monotonic() + grace_s
+        while self._thread is not None and self._busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        self._fail_all(EngineStoppedError("the engine is shutting down"))
+
+    def _busy(self) -> bool:
+        s = self.scheduler
+        return bool(s.running or s.prefilling or s.waiting or not self._submissions.empty())
+
+    # ---- requests ----------------------------------------------------------------------------
+    def count_tokens(self, request: GenerateRequest) -> int:
+        """Prompt tokens of ``request`` after templating."""
+        return len(self.prompts.prompt_ids(request))
+
+    def _check_fits(self, prompt_len: int, request: GenerateRequest) -> None:
+        params = request.params
+        if prompt_len + params.max_tokens > self.context_length:
+            raise PromptTooLongError(prompt_len, params.max_tokens, self.context_length)
+        if not self.kv.can_ever_fit(params.n * (prompt_len + params.max_tokens)):
+            raise PromptTooLongError(prompt_len, params.max_tokens, self.kv.total_tokens // params.n, "KV cache budget")
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        """Stream the outputs of ``request``; closing the iterator early aborts it and frees its cache."""
+        if not self._accepting:
+            raise EngineStoppedError("the engine is not running")
+        prompt_ids = self.prompts.prompt_ids(request)
+        self._check_fits(len(prompt_ids), request)
+        waiting = len(self.scheduler.waiting) + self._submissions.qsize()
+        if waiting >= self.config.max_waiting:
+            raise OverloadedError(waiting, self.config.max_waiting)
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        deliver = lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item)  # noqa: E731
+        self._submissions.put(self.sequences.create(request, prompt_ids, deliver))
+        self._wake.set()
+        return self._stream(request.request_id, outputs)
+
+    async def _stream(self, request_id: str, outputs: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request wherever it is; its rows leave the batch and its cache is freed."""
+        with self._lock:
+            self._aborts.add(request_id)
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        """Live counters for /metrics."""
+        now = time.monotonic()
+        window = [(t, n) for t, n in list(self._recent) if now - t <= 5.0]
+        rate = sum(n for _, n in window) / 5.0 if window else 0.0
+        scheduler = getattr(self, "scheduler", None)
+        return EngineStats(
+            running=len(scheduler.running) + len(scheduler.prefilling) if scheduler else 0,
+            waiting=(len(scheduler.waiting) if scheduler else 0) + self._submissions.qsize(),
+            kv_cache_used_tokens=self.kv.used_tokens,
+            kv_cache_total_tokens=self.kv.total_tokens,
+            generated_tokens_total=self._generated,
+            tokens_per_second=rate,
+        )
+
+    # ---- the engine loop (background thread) -----------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._drain_submissions()
+            self._apply_aborts()
+            plan = self.scheduler.schedule()
+            if plan.empty:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            self.step(plan)
+
+    def step(self, plan: StepPlan) -> None:
+        """One engine iteration: run the planned prefill chunks and decode, then postprocess."""
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook(plan)
+            prefilled = self._run_prefill(plan)
+            logits = self._run_decode() if plan.decode else None
+        except Exception as exc:  # a failed step fails only the requests in it
+            self._fail_step(plan, EngineFailureError(f"model step failed: {type(exc).__name__}: {exc}"))
+            return
+        self._postprocess(prefilled, logits)
+
+    def _run_prefill(self, plan: StepPlan) -> list[SequenceGroup]:
+        done = []
+        for group, start, stop in plan.prefill:
+            logits, group.prefill_past = self.runner.prefill(group.prompt_ids[start:stop], group.prefill_past, start)
+            group.prefilled = stop
+            if group.prefill_remaining == 0:
+                group.prefill_logits = logits
+                done.append(group)
+        return done
+
+    def _run_decode(self) -> np.ndarray:
+        running = self.scheduler.running
+        last = [seq.output_ids[-1] for seq in running]
+        positions = [len(seq.group.prompt_ids) + len(seq.output_ids) - 1 for seq in running]
+        return self.runner.decode(self.batch, last, positions)
+
+    def _postprocess(self, prefilled: list[SequenceGroup], logits: np.ndarray | None) -> None:
+        touched: dict[str, SequenceGroup] = {}
+        running = self.scheduler.running
+        if logits is not None:
+            for row, seq in enumerate(running):
+                self.processor.advance(seq.group, seq, logits[row])
+                touched[seq.group.request_id] = seq.group
+        self._retire_finished_rows()
+        for group in prefilled:
+            for seq in group.sequences:
+                self.processor.advance(group, seq, group.prefill_logits)
+            self._join_batch(group)
+            touched[group.request_id] = group
+        self._count_tokens(touched.values())
+        for group in touched.values():
+            if (output := collect_output(group)) is not None:
+                group.deliver(output)
+
+    def _retire_finished_rows(self) -> None:
+        running = self.scheduler.running
+        keep = [i for i, seq in enumerate(running) if not seq.finished]
+        if len(keep) == len(running):
+            return
+        for seq in running:
+            if seq.finished:
+                self.scheduler.release(seq)
+        self.batch.keep_rows(keep)
+        self.scheduler.running = [running[i] for i in keep]
+
+    def _join_batch(self, group: SequenceGroup) -> None:
+        """Move a prefilled request's unfinished sequences into the decode batch (sharing its prefill)."""
+        self.scheduler.prefilling.remove(group)
+        joining = [seq for seq in group.sequences if not seq.finished]
+        for seq in group.sequences:
+            if seq.finished:
+                self.scheduler.release(seq)
+        if joining:
+            rows = {name: np.repeat(past, len(joining), axis=0) for name, past in group.prefill_past.items()}
+            self.batch.add_rows(rows, [len(group.prompt_ids)] * len(joining))
+            self.scheduler.running.extend(joining)
+        group.prefill_past = group.prefill_logits = None
+
+    def _count_tokens(self, groups) -> None:
+        produced = sum(len(s.pending.token_ids) for g in groups for s in g.sequences if s.pending is not None)
+        self._generated += produced
+        now = time.monotonic()
+        self._recent.append((now, produced))
+        while self._recent and now - self._recent[0][0] > 5.0:
+            self._recent.popleft()
+
+    def _drain_submissions(self) -> None:
+        while True:
+            try:
+                self.scheduler.waiting.append(self._submissions.get_nowait())
+            except queue.Empty:
+                return
+
+    def _apply_aborts(self) -> None:
+        with self._lock:
+            aborted, self._aborts = self._aborts, set()
+        if not aborted:
+            return
+        for group in [g for g in (*self.scheduler.waiting, *self.scheduler.prefilling) if g.request_id in aborted]:
+            self.scheduler.drop_group(group)
+        for seq in self.scheduler.running:
+            if seq.group.request_id in aborted and not seq.finished:
+                TokenProcessor.finish(seq, "abort")
+        self._retire_finished_rows()
+
+    def _fail_step(self, plan: StepPlan, error: Exception) -> None:
+        groups = {g.request_id: g for g, _, _ in plan.prefill}
+        groups.update({seq.group.request_id: seq.group for seq in self.scheduler.running})
+        for group in groups.values():
+            self.scheduler.drop_group(group)
+            group.deliver(error)
+        self.scheduler.running = []
+        self.batch = self.runner.new_batch()
+
+    def _fail_all(self, error: Exception) -> None:
+        if not hasattr(self, "scheduler"):
+            return
+        self._drain_submissions()
+        groups = {g.request_id: g for g in (*self.scheduler.waiting, *self.scheduler.prefilling)}
+        groups.update({seq.group.request_id: seq.group for seq in self.scheduler.running})
+        for group in groups.values():
+            self.scheduler.drop_group(group)
+            group.deliver(error)
+        self.scheduler.running = []
+        self.batch = self.runner.new_batch()
+
+
+def _geometry(manifest: Manifest) -> dict:
+    layout = manifest.kv_layout
+    return {k: layout[k] for k in ("num_layers", "num_kv_heads", "head_dim", "dtype")}

@@ -1,0 +1,140 @@
+"""End to end on the real embedded default model (Gemma 3 270M): export, reference vectors, validation, engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from toolkit.cli import main
+from toolkit.export.golden import Reference
+from toolkit.export.manifest import load_manifest
+from toolkit.export.pipeline import ExportRequest, ensure_default_engine, run_export
+from toolkit.export.progress import StageReporter
+from toolkit.export.sources import default_engine_dir
+from toolkit.recipes import get_recipe
+from toolkit.recipes.chat_format import render_chat
+from toolkit.runtime import load_engine
+from toolkit.runtime.sampling_params import SamplingParams
+from toolkit.runtime.types import GenerateRequest
+
+pytestmark = pytest.mark.slow
+# Copied from ../shared/reference/default-model-vectors.json (PyTorch fp32, transformers 5.23).
+VECTORS = json.loads((Path(__file__).resolve().parent / "data" / "default-model-vectors.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def int8_dir() -> Path:
+    return ensure_default_engine(StageReporter(quiet=True), "int8")
+
+
+@pytest.fixture(scope="module")
+def fp32_dir() -> Path:
+    recipe = get_recipe("default")
+    out = default_engine_dir(recipe, "onnx", "fp32")
+    run_export(ExportRequest(recipe, "onnx", "fp32", out), StageReporter(quiet=True))
+    return out
+
+
+def _vectors():
+    return VECTORS
+
+
+def test_chat_template_gives_reference_prompt_ids(int8_dir):
+    from toolkit.runtime.prompting import load_tokenizer
+
+    vectors = _vectors()
+    text = render_chat("gemma", vectors["messages"])
+    assert text == vectors["prompt_text"]
+    assert load_tokenizer(int8_dir)(text, add_special_tokens=False)["input_ids"] == vectors["prompt_ids"]
+
+
+def test_fp32_onnx_reproduces_reference_continuation(fp32_dir):
+    from toolkit.export.ort_runner import OrtCausalLM
+
+    vectors = _vectors()
+    tokens, _ = OrtCausalLM(fp32_dir / "model.onnx").greedy(vectors["prompt_ids"], len(vectors["greedy_new_ids_fp32"]))
+    assert tokens == vectors["greedy_new_ids_fp32"]
+
+
+def test_fp32_and_int8_validate(fp32_dir, int8_dir):
+    for engine_dir in (fp32_dir, int8_dir):
+        result = CliRunner().invoke(main, ["validate", str(engine_dir)])
+        assert result.exit_code == 0, result.output
+        assert "PASSED" in result.output
+    validation = load_manifest(int8_dir).validation
+    assert validation["passed"] and validation["pytorch_check"]["passed"]
+    assert load_manifest(fp32_dir).validation["greedy_identical"] == 8
+
+
+async def _run(engine, request):
+    deltas, reasons = [], []
+    async for out in await engine.generate(request):
+        for choice in out.choices:
+            deltas.append(choice.text)
+            reasons.append(choice.finish_reason)
+    return deltas, reasons
+
+
+def test_int8_engine_batched_equals_reference_and_utf8_safe(int8_dir):
+    reference = Reference.load(int8_dir)
+    manifest = load_manifest(int8_dir)
+
+    async def main_():
+        engine = load_engine(int8_dir)
+        await engine.start()
+
+        async def one(case, delay):
+            await asyncio.sleep(delay)
+            ids = []
+            async for out in await engine.generate(
+                GenerateRequest(prompt_ids=case.prompt_ids, params=SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+            ):
+                ids += [t for c in out.choices for t in c.token_ids]
+            return ids
+
+        batched = await asyncio.gather(*[one(c, 0.05 * i) for i, c in enumerate(reference.cases)])
+        japanese = await _run(
+            engine,
+            GenerateRequest(
+                messages=[{"role": "user", "content": "Write 'good morning' in Japanese, Chinese and as an emoji."}],
+                params=SamplingParams(max_tokens=48, temperature=0),
+            ),
+        )
+        await engine.stop()
+        return batched, japanese
+
+    batched, (deltas, _) = asyncio.run(main_())
+    from toolkit.export.ort_runner import OrtCausalLM
+
+    runner = OrtCausalLM(int8_dir / "model.onnx")
+    alone = [runner.greedy(c.prompt_ids, 32)[0] for c in reference.cases]
+    assert batched == alone
+    assert manifest.precision == "int8"
+    assert all("\ufffd" not in d for d in deltas)
+    assert any(ord(ch) > 0x2E80 for ch in "".join(deltas)), "expected CJK or emoji in the output"
+
+
+def test_int8_engine_json_mode_parses(int8_dir):
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}, "required": ["name", "age"]}
+
+    async def main_():
+        engine = load_engine(int8_dir)
+        await engine.start()
+        out = await _run(
+            engine,
+            GenerateRequest(
+                messages=[{"role": "user", "content": "Give me a JSON object describing a person."}],
+                params=SamplingParams(max_tokens=64, temperature=0.7, seed=3, json_schema=schema),
+            ),
+        )
+        await engine.stop()
+        return out
+
+    deltas, reasons = asyncio.run(main_())
+    value = json.loads("".join(deltas))
+    assert isinstance(value["name"], str) and isinstance(value["age"], int)
+    assert reasons[-1] == "stop"
