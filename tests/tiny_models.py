@@ -61,7 +61,7 @@ def tiny_config(architecture: str, tokenizer):
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=512,
-        initializer_range=0.3,
+        initializer_range=0.1,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -79,8 +79,27 @@ def tiny_config(architecture: str, tokenizer):
     raise KeyError(f"no tiny-model builder for architecture {architecture!r}: add one in tests/tiny_models.py")
 
 
-def build_tiny_checkpoint(architecture: str, chat_format: str, out_dir: Path, seed: int = 0) -> Path:
-    """Write a tiny random checkpoint + tokenizer of ``architecture`` to ``out_dir``."""
+def _fit(model, tokenizer, chat_format: str, steps: int) -> None:
+    """A few optimizer steps on the chat-formatted corpus: peaked, structured predictions instead of noise."""
+    import torch
+
+    from toolkit.recipes.chat_format import render_chat
+
+    texts = [render_chat(chat_format, [{"role": "user", "content": line}]) + line for line in CORPUS]
+    batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def build_tiny_checkpoint(architecture: str, chat_format: str, out_dir: Path, seed: int = 0, train_steps: int = 40) -> Path:
+    """Write a tiny checkpoint + tokenizer of ``architecture`` to ``out_dir`` (random init, briefly fitted)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -88,6 +107,9 @@ def build_tiny_checkpoint(architecture: str, chat_format: str, out_dir: Path, se
     config = tiny_config(architecture, tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    _fit(model, tokenizer, chat_format, train_steps)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
