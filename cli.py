@@ -130,6 +130,37 @@ def generate(engine_dir: Path | None, prompt, messages, raw, max_tokens, tempera
 
 
 @main.command()
+@click.argument("url", required=False)
+@click.option("--offline", is_flag=True, help="Benchmark the engine alone, without HTTP.")
+@click.option("--engine", "engine_dir", type=click.Path(file_okay=False, path_type=Path), help="Engine dir for --offline (default: the default model).")
+@click.option("--concurrency", default="1,4,16", show_default=True, help="Comma-separated concurrency levels.")
+@click.option("--prompt-tokens", type=int, default=108, show_default=True)
+@click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"), show_default=True)
+def bench(url, offline, engine_dir, concurrency, prompt_tokens, max_tokens, threads, out_dir) -> None:
+    """Measure TTFT, inter-token latency and throughput (table, JSON and PNG)."""
+    import asyncio
+
+    from rich.console import Console
+
+    from toolkit.runtime.bench_report import results_table, save_results
+
+    levels = [int(x) for x in concurrency.split(",") if x.strip()]
+    if not offline:
+        raise click.UsageError("only --offline is available so far: `toolkit bench --offline`")
+    from toolkit.runtime.bench import bench_offline
+
+    engine_dir = _engine_dir_or_default(engine_dir)
+    results = asyncio.run(bench_offline(engine_dir, levels, prompt_tokens, max_tokens, threads))
+    console = Console()
+    console.print(results_table(f"Offline engine benchmark: {engine_dir.name}", results))
+    meta = {"engine_dir": str(engine_dir), "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "threads": threads}
+    json_path, png_path = save_results(out_dir, f"offline-{engine_dir.name}", meta, results)
+    console.print(f"saved {json_path} and {png_path}")
+
+
+@main.command()
 def recipes() -> None:
     """List the recipes and what each supports."""
     from rich.console import Console

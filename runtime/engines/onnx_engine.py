@@ -60,6 +60,7 @@ class OnnxEngine:
         self._stopping = False
         self._generated = 0
         self._recent: deque[tuple[float, int]] = deque()
+        self.timings = {"steps": 0, "schedule_s": 0.0, "step_s": 0.0, "model_s": 0.0}  # for profiling overhead
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -166,9 +167,11 @@ class OnnxEngine:
     # ---- the engine loop (background thread) -----------------------------------------------
     def _loop(self) -> None:
         while not self._stopping:
+            started = time.perf_counter()
             self._drain_submissions()
             self._apply_aborts()
             plan = self.scheduler.schedule()
+            self.timings["schedule_s"] += time.perf_counter() - started
             if plan.empty:
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -177,6 +180,7 @@ class OnnxEngine:
 
     def step(self, plan: StepPlan) -> None:
         """One engine iteration: run the planned prefill chunks and decode, then postprocess."""
+        started = time.perf_counter()
         try:
             if self.fault_hook is not None:
                 self.fault_hook(plan)
@@ -185,7 +189,11 @@ class OnnxEngine:
         except Exception as exc:  # a failed step fails only the requests in it
             self._fail_step(plan, EngineFailureError(f"model step failed: {type(exc).__name__}: {exc}"))
             return
+        model_done = time.perf_counter()
         self._postprocess(prefilled, logits)
+        self.timings["steps"] += 1
+        self.timings["model_s"] += model_done - started
+        self.timings["step_s"] += time.perf_counter() - started
 
     def _run_prefill(self, plan: StepPlan) -> list[SequenceGroup]:
         done = []
