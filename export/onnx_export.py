@@ -57,9 +57,10 @@ def export_fp32(checkpoint: Path, out_dir: Path) -> Path:
         do_validation=False,  # toolkit.export.pytorch_check runs a stricter check on the golden set
         trust_remote_code=False,
     )
-    from toolkit.export.graph_surgery import keep_last_logits
+    from toolkit.export.graph_surgery import keep_last_logits, share_single_kv_head
 
     keep_last_logits(out_dir / MODEL_FILE)
+    share_single_kv_head(out_dir / MODEL_FILE)
     return out_dir / MODEL_FILE
 
 

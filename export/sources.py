@@ -22,7 +22,7 @@ TOKENIZER_FILES = (
 )
 CONFIG_FILES = ("config.json", "generation_config.json")
 # Bump when the export steps change what an artifact contains, so older cached exports are rebuilt.
-ARTIFACT_REVISION = "position-ids+last-logits-1"
+ARTIFACT_REVISION = "position-ids+last-logits+mqa-2"
 TOOL_PACKAGES = ("toolkit", "optimum", "optimum-onnx", "onnxruntime", "onnxruntime-gpu", "onnx", "transformers", "torch")
 
 

@@ -145,3 +145,17 @@ def test_validator_fails_on_perturbed_weights(tiny_engine, tmp_path):
 def test_unsupported_precision_message():
     result = CliRunner().invoke(main, ["export", "--recipe", "nope"])
     assert result.exit_code != 0 and "unknown recipe 'nope'" in result.output
+
+
+def test_graph_surgery_applied_and_exact(tiny_engine):
+    """The default recipe (one KV head) loses repeat_kv's Expand; logits are last-position only; fp32 still exact."""
+    engine_dir = tiny_engine(get_recipe("default"), "fp32")
+    model, ops = _graph_ops(engine_dir)
+    assert "Expand" not in {n.op_type for n in model.graph.node if "self_attn" in n.name}
+    assert any(n.name == "toolkit/keep_last_position" for n in model.graph.node)
+    logits = next(o for o in model.graph.output if o.name == "logits")
+    assert logits.type.tensor_type.shape.dim[1].dim_value == 1
+    manifest = load_manifest(engine_dir)
+    assert manifest.validation["pytorch_check"]["max_abs_diff"] < 1e-3
+    qwen_model, _ = _graph_ops(tiny_engine(get_recipe("qwen2-7b-instruct"), "fp32"))
+    assert any(n.op_type == "Expand" for n in qwen_model.graph.node), "GQA with 2 KV heads must keep repeat_kv"
