@@ -161,6 +161,32 @@ def bench(url, offline, engine_dir, concurrency, prompt_tokens, max_tokens, thre
 
 
 @main.command()
+@click.argument("engine_dirs", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", "api_keys", multiple=True, help="Accepted Bearer key (repeatable; also $TOOLKIT_API_KEY, comma-separated). None: open server.")
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Also serve every engine directory directly under DIR.")
+@click.option("--grace", "grace_s", type=float, default=10.0, show_default=True, help="Seconds to finish in-flight requests on shutdown.")
+@click.option("--max-body-mib", type=float, default=2.0, show_default=True, help="Request body limit (larger: 413).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
+def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, log_level) -> None:
+    """Serve ENGINE_DIRs over the OpenAI and Workers AI APIs.
+
+    With no ENGINE_DIR and no --models-dir, serves the embedded default model (exported first if needed).
+    """
+    from toolkit.server.serve import ServeError
+    from toolkit.server.serve import serve as run_server
+
+    try:
+        run_server(
+            engine_dirs, host, port, api_keys, models_dir, grace_s=grace_s,
+            max_body_bytes=int(max_body_mib * 1024 * 1024), log_level=log_level,
+        )
+    except ServeError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
 def recipes() -> None:
     """List the recipes and what each supports."""
     from rich.console import Console

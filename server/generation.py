@@ -1,0 +1,168 @@
+"""Drive one engine request for a handler: prime, stream or collect, and always clean up.
+
+Whatever way a request ends early (client disconnect, an error, the response task cancelled),
+:meth:`Generation.close` calls ``engine.abort(request_id)`` once, shielded from cancellation,
+so the engine frees the sequence's batch slot and KV cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from toolkit.runtime.errors import PromptTooLongError
+from toolkit.runtime.types import ChoiceDelta, GenerateRequest, RequestOutput
+from toolkit.server.errors import ClientDisconnected
+from toolkit.server.metrics import Metrics
+from toolkit.server.registry import ModelEntry
+
+log = logging.getLogger(__name__)
+
+
+class Generation:
+    """One request to one engine, with metrics and guaranteed abort."""
+
+    def __init__(self, entry: ModelEntry, request: GenerateRequest, metrics: Metrics | None,
+                 zero_tokens: bool = False) -> None:
+        """``zero_tokens``: the client asked for max_tokens 0; count the prompt, generate nothing."""
+        self.entry = entry
+        self.request = request
+        self.metrics = metrics
+        self.zero_tokens = zero_tokens
+        self.finished = False
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self._agen: AsyncIterator[RequestOutput] | None = None
+        self._first: RequestOutput | None = None
+        self._closed = False
+        self._last_time: float | None = None
+        self._model = entry.names[0]
+
+    async def start(self) -> None:
+        """Open the engine stream and get the first output, so up-front errors reach the handler.
+
+        Engines implement ``generate`` either as an async generator or (like ``OnnxEngine``) as a
+        coroutine that validates the request and returns the stream; both are accepted.
+        """
+        try:
+            if self.zero_tokens:
+                self._agen = self._zero_output()
+            else:
+                stream = self.entry.engine.generate(self.request)
+                self._agen = await stream if inspect.isawaitable(stream) else stream
+            self._first = await self._agen.__anext__()
+        except StopAsyncIteration:
+            self._first = None
+            self.finished = True
+        except Exception:
+            self.finished = True  # rejected or failed: the engine's stream has ended on its own
+            await self.close()
+            raise
+        except BaseException:  # cancelled while queued: abort
+            await self.close()
+            raise
+        if self._first is not None:
+            self._observe(self._first)
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        """Every output from the first on; on early exit the request is aborted."""
+        if self._agen is None:
+            await self.start()
+        try:
+            if self._first is not None:
+                first, self._first = self._first, None
+                yield first
+            while not self.finished:
+                try:
+                    output = await self._agen.__anext__()  # type: ignore[union-attr]
+                except StopAsyncIteration:
+                    self.finished = True
+                    break
+                except Exception:
+                    self.finished = True  # the engine ended the stream with an error
+                    raise
+                self._observe(output)
+                yield output
+        finally:
+            await self.close()
+
+    async def collect(self, receive: Any) -> list[RequestOutput]:
+        """All outputs of a non-streaming request; a client disconnect aborts it."""
+        outputs: list[RequestOutput] = []
+        disconnected = False
+        async with anyio.create_task_group() as group:
+
+            async def watch() -> None:
+                nonlocal disconnected
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        disconnected = True
+                        group.cancel_scope.cancel()
+                        return
+
+            group.start_soon(watch)
+            try:
+                async for output in self.outputs():
+                    outputs.append(output)
+            finally:
+                group.cancel_scope.cancel()
+        if disconnected and not self.finished:
+            log.info("request %s: client disconnected, aborted", self.request.request_id)
+            raise ClientDisconnected()
+        return outputs
+
+    async def close(self) -> None:
+        """Abort the engine request unless it finished; idempotent and safe under cancellation."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            if not self.finished and not self.zero_tokens:
+                try:
+                    await self.entry.engine.abort(self.request.request_id)
+                except Exception:  # noqa: BLE001 - cleanup must not raise
+                    log.warning("abort(%s) failed", self.request.request_id, exc_info=True)
+            aclose = getattr(self._agen, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except (RuntimeError, Exception):  # noqa: BLE001 - generator already running/closed
+                    log.debug("closing the engine stream of %s failed", self.request.request_id, exc_info=True)
+            self._record_tokens()
+
+    def _observe(self, output: RequestOutput) -> None:
+        self.prompt_tokens = output.prompt_tokens
+        self.completion_tokens = output.completion_tokens
+        if output.finished:
+            self.finished = True
+        if self.metrics is None:
+            return
+        now = time.monotonic()
+        new_tokens = sum(len(c.token_ids) for c in output.choices)
+        if self._last_time is None:
+            if new_tokens or any(c.text for c in output.choices):
+                self.metrics.ttft.labels(self._model).observe(max(0.0, now - self.request.arrival_time))
+                self._last_time = now
+        elif new_tokens:
+            self.metrics.itl.labels(self._model).observe((now - self._last_time) / new_tokens)
+            self._last_time = now
+
+    def _record_tokens(self) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.prompt_tokens.labels(self._model).inc(self.prompt_tokens)
+        self.metrics.completion_tokens.labels(self._model).inc(self.completion_tokens)
+
+    async def _zero_output(self) -> AsyncIterator[RequestOutput]:
+        prompt_tokens = self.entry.engine.count_tokens(self.request)
+        limit = self.entry.context_length
+        if limit and prompt_tokens > limit:
+            raise PromptTooLongError(prompt_tokens, 0, limit)
+        choices = [ChoiceDelta(index=i, text="", token_ids=[], finish_reason="length")
+                   for i in range(self.request.params.n)]
+        yield RequestOutput(self.request.request_id, choices, prompt_tokens, 0, True)

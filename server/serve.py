@@ -1,0 +1,100 @@
+"""``toolkit serve``: load engine directories and run the app on uvicorn with a graceful shutdown.
+
+On SIGTERM / Ctrl-C uvicorn stops accepting connections and waits up to ``grace_s`` for the
+in-flight responses; then the app's lifespan marks itself not ready (``/health`` → 503) and
+calls ``engine.stop(grace_s)``, which finishes or aborts what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from toolkit.export.manifest import MANIFEST_NAME
+from toolkit.server.app import DEFAULT_MAX_BODY_BYTES, create_app
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "TOOLKIT_API_KEY"
+
+
+class ServeError(Exception):
+    """The engines cannot be served as asked (bad engine dir, duplicate model, ...); the message says why."""
+
+
+
+def api_keys_from_env(given: Sequence[str] = ()) -> list[str]:
+    """The given keys plus the comma-separated keys in ``$TOOLKIT_API_KEY``."""
+    keys = [k for k in given if k]
+    keys += [k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
+    return keys
+
+
+def engine_dirs_to_serve(engine_dirs: Sequence[str | Path], models_dir: str | Path | None) -> list[Path]:
+    """The ENGINE_DIR arguments plus every engine directory directly under ``models_dir``."""
+    dirs = [Path(d) for d in engine_dirs]
+    if models_dir is not None:
+        root = Path(models_dir)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--models-dir {root} is not a directory")
+        dirs += sorted(p for p in root.iterdir() if (p / MANIFEST_NAME).is_file())
+    return dirs
+
+
+def ensure_default_engine() -> Path:
+    """The embedded default model's engine directory, exported first if needed (with progress)."""
+    from toolkit.export.pipeline import ensure_default_engine as export_default
+    from toolkit.export.progress import StageReporter
+
+    return export_default(StageReporter())
+
+
+def load_engines(dirs: Sequence[Path]) -> dict[str, Any]:
+    """``{recipe name: unstarted engine}`` for each directory (one engine per recipe)."""
+    from toolkit.runtime import load_engine
+
+    engines: dict[str, Any] = {}
+    for engine_dir in dirs:
+        engine = load_engine(engine_dir)
+        recipe = getattr(engine, "recipe", None)
+        key = recipe.name if recipe is not None else engine_dir.name
+        if key in engines:
+            raise ValueError(f"{engine_dir}: recipe {key!r} is already served by another engine directory; "
+                             "serve one engine per model")
+        engines[key] = engine
+        log.info("loaded %s from %s", key, engine_dir)
+    return engines
+
+
+def build_app(engine_dirs: Sequence[str | Path] = (), api_keys: Sequence[str] = (),
+              models_dir: str | Path | None = None, *, grace_s: float = 10.0,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Any:
+    """Load the engines (the default model when none is given) and build the app; raises ServeError."""
+    from toolkit.export.manifest import EngineDirError
+    from toolkit.export.sources import SourceError
+    from toolkit.recipes import UnknownRecipeError
+
+    try:
+        dirs = engine_dirs_to_serve(engine_dirs, models_dir) or [ensure_default_engine()]
+        engines = load_engines(dirs)
+        return create_app(engines, api_keys_from_env(api_keys), max_body_bytes=max_body_bytes,
+                          shutdown_grace_s=grace_s)
+    except (EngineDirError, SourceError, UnknownRecipeError, FileNotFoundError, ValueError) as exc:
+        raise ServeError(str(exc)) from exc
+
+
+def serve(engine_dirs: Sequence[str | Path] = (), host: str = "127.0.0.1", port: int = 8000,
+          api_keys: Sequence[str] = (), models_dir: str | Path | None = None, *, grace_s: float = 10.0,
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info") -> None:
+    """Serve the engine directories (or the default model when none is given) until interrupted."""
+    import uvicorn
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = build_app(engine_dirs, api_keys, models_dir, grace_s=grace_s, max_body_bytes=max_body_bytes)
+    config = uvicorn.Config(app, host=host, port=port, lifespan="on", log_level=log_level,
+                            access_log=False, timeout_graceful_shutdown=max(1, int(grace_s)))
+    log.info("serving on http://%s:%d (OpenAI: /v1, Workers AI: /client/v4, docs: /schema)", host, port)
+    uvicorn.Server(config).run()

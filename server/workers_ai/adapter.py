@@ -1,0 +1,143 @@
+"""Pure functions: a Workers AI run request → the engine's ``GenerateRequest``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from toolkit.runtime.types import GenerateRequest
+from toolkit.server.errors import ApiError, invalid
+from toolkit.server.registry import ModelEntry
+from toolkit.server.sampling import build_params, resolve_max_tokens
+from toolkit.server.tools import ToolPlan, ToolSpec, make_plan, tool_call_text, tool_result_text
+from toolkit.server.wire import validation_error
+from toolkit.server.workers_ai.schemas import FlatTool, FunctionTool, Message, ResponseFormat, RunRequest
+
+#: Workers AI's own defaults, used when a recipe has none.
+WORKERS_AI_DEFAULTS: dict[str, Any] = {"temperature": 0.6, "max_tokens": 256}
+
+
+@dataclass
+class Prepared:
+    """The engine request plus what the response needs."""
+
+    request: GenerateRequest
+    tools: ToolPlan
+    zero_tokens: bool
+    json_mode: bool
+
+
+def prepare_run(req: RunRequest, entry: ModelEntry, request_id: str) -> Prepared:
+    """Validate and map a run request; raises ApiError / InvalidParameterError."""
+    if req.lora:
+        raise ApiError("lora_unsupported", f"LoRA adapter {req.lora!r} is not available: this server serves "
+                       "base models only; remove 'lora'", "lora")
+    if (req.prompt is None) == (req.messages is None):
+        raise invalid("send exactly one of 'prompt' or 'messages'", "prompt" if req.prompt else "messages")
+    json_fields = response_format_fields(req.response_format)
+    if json_fields and req.stream:
+        raise invalid("JSON mode (response_format) cannot be combined with stream; set stream to false",
+                      "response_format")
+    plan = make_plan(tool_specs(req), None)
+    base = _base_request(req, plan, request_id)
+    defaults = {**WORKERS_AI_DEFAULTS, **entry.defaults("workers_ai")}
+    max_tokens, zero = resolve_max_tokens(req.max_tokens, int(defaults["max_tokens"]), entry.context_length,
+                                          lambda: entry.engine.count_tokens(base))
+    params = build_params(
+        defaults, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+        seed=req.seed, repetition_penalty=repetition_penalty(req.repetition_penalty),
+        frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty, **json_fields)
+    request = GenerateRequest(params=params, messages=base.messages, prompt=base.prompt, raw=base.raw,
+                              request_id=request_id)
+    return Prepared(request, plan, zero, bool(json_fields))
+
+
+def _base_request(req: RunRequest, plan: ToolPlan, request_id: str) -> GenerateRequest:
+    if req.prompt is not None:
+        if plan.active:
+            raise invalid("tools and functions need the messages form", "tools")
+        if req.raw:
+            return GenerateRequest(prompt=req.prompt, raw=True, request_id=request_id)
+        return GenerateRequest(messages=[{"role": "user", "content": req.prompt}], request_id=request_id)
+    return GenerateRequest(messages=plan.apply(messages_to_turns(req.messages or [])), request_id=request_id)
+
+
+def repetition_penalty(value: float | None) -> float | None:
+    """Workers AI allows 0..2; 0 means no penalty here (the engine's range starts at 0.01)."""
+    if value is None:
+        return None
+    return 1.0 if value == 0 else max(value, 0.01)
+
+
+def tool_specs(req: RunRequest) -> list[ToolSpec]:
+    """Both tool forms (flat and OpenAI) plus ``functions`` (as tools without parameters)."""
+    specs = []
+    for i, item in enumerate(req.tools or ()):
+        kind, path = (FunctionTool, f"tools[{i}]") if "function" in item else (FlatTool, f"tools[{i}]")
+        try:
+            tool = msgspec.convert(item, kind)
+        except msgspec.ValidationError as exc:
+            raise _prefixed(exc, path) from None
+        flat = tool.function if isinstance(tool, FunctionTool) else tool
+        specs.append(ToolSpec(flat.name, flat.description, msgspec.to_builtins(flat.parameters)))
+    specs.extend(ToolSpec(f.name, "") for f in req.functions or ())
+    return specs
+
+
+def messages_to_turns(messages: list[Message]) -> list[dict[str, str]]:
+    """Workers AI messages → ``{"role", "content"}`` turns; tool turns in the generic tool format."""
+    if not messages:
+        raise invalid("messages must contain at least one message", "messages")
+    turns = []
+    for i, message in enumerate(messages):
+        if message.role == "system" or message.role == "user":
+            turns.append({"role": message.role, "content": message.content})
+        elif message.role == "assistant":
+            turns.append({"role": "assistant", "content": _assistant_content(message, i)})
+        elif message.role == "tool":
+            turns.append({"role": "user", "content": tool_result_text(message.name, message.content)})
+        else:
+            raise invalid(f"messages[{i}].role must be system, user, assistant or tool, got {message.role!r}",
+                          f"messages[{i}].role")
+    return turns
+
+
+def response_format_fields(fmt: ResponseFormat | None) -> dict[str, Any]:
+    """JSON mode → ``json_object`` / ``json_schema`` sampling fields."""
+    if fmt is None or fmt.type is None:
+        return {}
+    if fmt.type == "json_object":
+        return {"json_object": True}
+    schema = fmt.json_schema
+    if isinstance(schema, dict) and isinstance(schema.get("schema"), dict):
+        schema = schema["schema"]  # OpenAI-style {"name", "schema"} wrapper
+    if not isinstance(schema, dict):
+        raise invalid("response_format.json_schema must be a JSON schema object", "response_format.json_schema")
+    return {"json_schema": schema}
+
+
+def _assistant_content(message: Message, i: int) -> str:
+    if not message.tool_calls:
+        return message.content
+    calls = []
+    for call in message.tool_calls:
+        fn = call.get("function") if isinstance(call.get("function"), dict) else call
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args or "{}")
+            except ValueError:
+                raise invalid(f"messages[{i}].tool_calls: arguments is not valid JSON",
+                              f"messages[{i}].tool_calls") from None
+        calls.append((str(fn.get("name", "")), args))
+    rendered = tool_call_text(calls)
+    return f"{message.content}\n{rendered}" if message.content else rendered
+
+
+def _prefixed(exc: msgspec.ValidationError, prefix: str) -> Exception:
+    text = str(exc).replace("`$.", f"`$.{prefix}.").replace("`$`", f"`$.{prefix}`")
+    if " - at `" not in text:
+        text += f" - at `$.{prefix}`"
+    return validation_error(msgspec.ValidationError(text))
