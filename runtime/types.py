@@ -83,15 +83,16 @@ class EngineStats:
 class Engine(Protocol):
     """The runtime's engine protocol (ONNX Runtime or TensorRT-LLM behind it).
 
-    ``generate`` raises ``toolkit.runtime.errors`` subclasses before yielding anything when the
-    request is invalid, too long or the queue is full; a model failure mid-way ends the stream
-    with ``EngineFailureError``.
+    ``await engine.generate(request)`` validates and queues the request — raising a
+    ``toolkit.runtime.errors`` subclass when it is invalid, too long or the queue is full — and
+    returns the async iterator of its outputs; a model failure mid-way ends that iterator with
+    ``EngineFailureError``. Closing the iterator early aborts the request.
     """
 
     model_names: tuple[str, ...]
     context_length: int
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]: ...
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]: ...
 
     async def abort(self, request_id: str) -> None: ...
 
