@@ -133,13 +133,23 @@ def generate(engine_dir: Path | None, prompt, messages, raw, max_tokens, tempera
 @click.argument("url", required=False)
 @click.option("--offline", is_flag=True, help="Benchmark the engine alone, without HTTP.")
 @click.option("--engine", "engine_dir", type=click.Path(file_okay=False, path_type=Path), help="Engine dir for --offline (default: the default model).")
-@click.option("--concurrency", default="1,4,16", show_default=True, help="Comma-separated concurrency levels.")
+@click.option("--model", default="default", show_default=True, help="Model name sent to URL.")
+@click.option("--schema", type=click.Choice(["openai", "workers-ai"]), default="openai", show_default=True)
+@click.option("--concurrency", default="1,4,16", show_default=True, help="Comma-separated concurrency levels (max in flight in --rate mode).")
+@click.option("--rate", type=float, default=None, help="Poisson arrivals at this many requests/s instead of closed-loop concurrency.")
+@click.option("--requests", "requests_per_level", type=int, default=None, help="Requests per level over HTTP (default: 2 x concurrency, at least 8).")
 @click.option("--prompt-tokens", type=int, default=108, show_default=True)
 @click.option("--max-tokens", type=int, default=128, show_default=True)
-@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--ignore-eos", is_flag=True, help="Send ignore_eos (servers that accept it generate exactly --max-tokens).")
+@click.option("--api-key", default=None, envvar="TOOLKIT_API_KEY")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads for --offline (default: all cores).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"), show_default=True)
-def bench(url, offline, engine_dir, concurrency, prompt_tokens, max_tokens, threads, out_dir) -> None:
-    """Measure TTFT, inter-token latency and throughput (table, JSON and PNG)."""
+def bench(url, offline, engine_dir, model, schema, concurrency, rate, requests_per_level, prompt_tokens, max_tokens,
+          ignore_eos, api_key, threads, out_dir) -> None:
+    """Measure TTFT, inter-token latency and throughput of URL (any OpenAI-compatible server) or, with --offline, of an engine.
+
+    Prints a table and saves JSON and a PNG plot under --out.
+    """
     import asyncio
 
     from rich.console import Console
@@ -147,16 +157,27 @@ def bench(url, offline, engine_dir, concurrency, prompt_tokens, max_tokens, thre
     from toolkit.runtime.bench_report import results_table, save_results
 
     levels = [int(x) for x in concurrency.split(",") if x.strip()]
-    if not offline:
-        raise click.UsageError("only --offline is available so far: `toolkit bench --offline`")
-    from toolkit.runtime.bench import bench_offline
+    if offline == bool(url):
+        raise click.UsageError("give a server URL, or --offline to benchmark an engine without HTTP")
+    meta = {"prompt_tokens": prompt_tokens, "max_tokens": max_tokens}
+    if offline:
+        from toolkit.runtime.bench import bench_offline
 
-    engine_dir = _engine_dir_or_default(engine_dir)
-    results = asyncio.run(bench_offline(engine_dir, levels, prompt_tokens, max_tokens, threads))
+        engine_dir = _engine_dir_or_default(engine_dir)
+        results = asyncio.run(bench_offline(engine_dir, levels, prompt_tokens, max_tokens, threads))
+        title, name, meta = f"Offline engine benchmark: {engine_dir.name}", f"offline-{engine_dir.name}", {**meta, "engine_dir": str(engine_dir), "threads": threads}
+    else:
+        from toolkit.server.loadgen import run_http_bench
+
+        per_level = requests_per_level or max(8, 2 * max(levels))
+        results = asyncio.run(run_http_bench(
+            url, model, levels, mode="rate" if rate else "concurrency", rate=rate, requests_per_level=per_level,
+            prompt_tokens=prompt_tokens, max_tokens=max_tokens, api_key=api_key, schema=schema, ignore_eos=ignore_eos,
+        ))
+        title, name, meta = f"HTTP benchmark: {url} ({model})", "http-" + model.replace("/", "_").replace("@", ""), {**meta, "url": url, "model": model, "schema": schema, "rate": rate}
     console = Console()
-    console.print(results_table(f"Offline engine benchmark: {engine_dir.name}", results))
-    meta = {"engine_dir": str(engine_dir), "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "threads": threads}
-    json_path, png_path = save_results(out_dir, f"offline-{engine_dir.name}", meta, results)
+    console.print(results_table(title, results))
+    json_path, png_path = save_results(out_dir, name, meta, results)
     console.print(f"saved {json_path} and {png_path}")
 
 

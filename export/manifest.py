@@ -136,9 +136,33 @@ def update_validation(engine_dir: Path, validation: dict[str, Any]) -> None:
     os.replace(tmp, engine_dir / MANIFEST_NAME)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_leftovers(out_dir: Path) -> None:
+    """Remove staging directories of dead export processes; restore an export lost mid-``publish``."""
+    for path in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        pid = path.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+    for path in sorted(out_dir.parent.glob(f".{out_dir.name}.old-*")):
+        if not out_dir.exists():
+            os.replace(path, out_dir)  # killed between publish()'s two renames: put the old export back
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def staging_dir(out_dir: Path) -> Path:
     """A fresh temporary directory beside ``out_dir`` (same filesystem, so the final rename is atomic)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(out_dir)
     stage = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{time.time_ns()}"
     stage.mkdir()
     return stage

@@ -25,6 +25,8 @@ class ServerContext:
     metrics: Metrics
     api_keys: tuple[str, ...] = ()
     shutdown_grace_s: float = 5.0
+    request_timeout_s: float | None = None
+    public_metrics: bool = False
     ready: bool = False
     start_error: str | None = None
     _start_task: asyncio.Task | None = field(default=None, repr=False)
@@ -34,7 +36,8 @@ class ServerContext:
         entry = self.models.resolve(name)
         if entry is None:
             known = ", ".join(self.models.known_names()) or "none"
-            raise ApiError("unknown_model", f"the model {name!r} is not served here; served models: {known}",
+            shown = name if not isinstance(name, str) or len(name) <= 128 else name[:128] + "..."
+            raise ApiError("unknown_model", f"the model {shown!r} is not served here; served models: {known}",
                            param)
         return entry
 

@@ -38,6 +38,7 @@ KINDS = (
     "body_too_large",
     "overloaded",
     "unavailable",  # engines not started / shutting down
+    "timeout",  # the server-side request timeout expired; the request was aborted
     "internal",
 )
 

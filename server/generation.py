@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 from toolkit.runtime.errors import PromptTooLongError
 from toolkit.runtime.types import ChoiceDelta, GenerateRequest, RequestOutput
-from toolkit.server.errors import ClientDisconnected
+from toolkit.server.errors import ApiError, ClientDisconnected
 from toolkit.server.metrics import Metrics
 from toolkit.server.registry import ModelEntry
 
@@ -27,9 +27,15 @@ class Generation:
     """One request to one engine, with metrics and guaranteed abort."""
 
     def __init__(self, entry: ModelEntry, request: GenerateRequest, metrics: Metrics | None,
-                 zero_tokens: bool = False) -> None:
-        """``zero_tokens``: the client asked for max_tokens 0; count the prompt, generate nothing."""
+                 zero_tokens: bool = False, timeout_s: float | None = None) -> None:
+        """``zero_tokens``: the client asked for max_tokens 0; count the prompt, generate nothing.
+
+        ``timeout_s``: the request (counted from its arrival) is aborted after this many seconds
+        and fails with a ``timeout`` error; None means no limit.
+        """
         self.entry = entry
+        self.timeout_s = timeout_s
+        self.deadline = request.arrival_time + timeout_s if timeout_s else None
         self.request = request
         self.metrics = metrics
         self.zero_tokens = zero_tokens
@@ -54,7 +60,7 @@ class Generation:
             else:
                 stream = self.entry.engine.generate(self.request)
                 self._agen = await stream if inspect.isawaitable(stream) else stream
-            self._first = await self._agen.__anext__()
+            self._first = await self._next()
         except StopAsyncIteration:
             self._first = None
             self.finished = True
@@ -78,7 +84,7 @@ class Generation:
                 yield first
             while not self.finished:
                 try:
-                    output = await self._agen.__anext__()  # type: ignore[union-attr]
+                    output = await self._next()
                 except StopAsyncIteration:
                     self.finished = True
                     break
@@ -89,6 +95,18 @@ class Generation:
                 yield output
         finally:
             await self.close()
+
+    async def _next(self) -> RequestOutput:
+        """The engine's next output; past the deadline the request is aborted and ``timeout`` raised."""
+        if self.deadline is None:
+            return await self._agen.__anext__()  # type: ignore[union-attr]
+        with anyio.move_on_after(self.deadline - time.monotonic()):
+            return await self._agen.__anext__()  # type: ignore[union-attr]
+        log.warning("request %s: no result within the %g s request timeout, aborted",
+                    self.request.request_id, self.timeout_s)
+        await self.close()  # not finished: aborts the engine request and frees its KV cache
+        raise ApiError("timeout", f"the request did not finish within the server's {self.timeout_s:g} s "
+                       "request timeout and was aborted; lower max_tokens or retry later")
 
     async def collect(self, receive: Any) -> list[RequestOutput]:
         """All outputs of a non-streaming request; a client disconnect aborts it."""

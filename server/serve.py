@@ -40,7 +40,7 @@ def engine_dirs_to_serve(engine_dirs: Sequence[str | Path], models_dir: str | Pa
         root = Path(models_dir)
         if not root.is_dir():
             raise FileNotFoundError(f"--models-dir {root} is not a directory")
-        dirs += sorted(p for p in root.iterdir() if (p / MANIFEST_NAME).is_file())
+        dirs += sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file())
     return dirs
 
 

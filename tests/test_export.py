@@ -159,3 +159,18 @@ def test_graph_surgery_applied_and_exact(tiny_engine):
     assert manifest.validation["pytorch_check"]["max_abs_diff"] < 1e-3
     qwen_model, _ = _graph_ops(tiny_engine(get_recipe("qwen2-7b-instruct"), "fp32"))
     assert any(n.op_type == "Expand" for n in qwen_model.graph.node), "GQA with 2 KV heads must keep repeat_kv"
+
+
+def test_leftovers_of_killed_exports_are_cleaned(tmp_path):
+    from toolkit.export.manifest import clean_leftovers
+
+    out = tmp_path / "eng"
+    dead = tmp_path / ".eng.partial-999999999-1"
+    live = tmp_path / f".eng.partial-{__import__('os').getpid()}-2"
+    old = tmp_path / ".eng.old-3"
+    for d in (dead, live, old):
+        d.mkdir()
+    (old / "toolkit.json").write_text("{}")
+    clean_leftovers(out)
+    assert not dead.exists() and live.exists()
+    assert (out / "toolkit.json").exists() and not old.exists()

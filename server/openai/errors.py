@@ -20,6 +20,7 @@ TABLE: dict[str, tuple[int, str, str | None]] = {
     "body_too_large": (413, "invalid_request_error", "request_too_large"),
     "overloaded": (429, "rate_limit_error", "rate_limit_exceeded"),
     "unavailable": (503, "service_unavailable_error", "engine_unavailable"),
+    "timeout": (408, "timeout", "request_timeout"),
     "internal": (500, "server_error", None),
 }
 

@@ -20,6 +20,7 @@ TABLE: dict[str, tuple[int, int]] = {
     "body_too_large": (413, 3006),
     "overloaded": (429, 3040),
     "unavailable": (503, 3040),
+    "timeout": (408, 3007),
     "internal": (500, 3043),
 }
 
