@@ -1,4 +1,4 @@
-"""Compare 8-bit schemes on the default model, side by side in one run (README: "Why MatMulNBits").
+"""Compare 8-bit schemes (and fp16) on the default model, side by side in one run (README: "Why MatMulNBits").
 
 For the fp32 engine, MatMulNBits int8 (our export) and onnxruntime's ``quantize_dynamic`` (built
 here from the fp32 model): teacher-forced top-1 agreement with the fp32 reference on the golden
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     engines = cache_dir() / "engines"
-    fp32_dir, int8_dir = engines / "default-onnx-fp32", engines / "default-onnx-int8"
+    fp32_dir, int8_dir, fp16_dir = (engines / f"default-onnx-{p}" for p in ("fp32", "int8", "fp16"))
     reference = Reference.load(fp32_dir)
     with tempfile.TemporaryDirectory() as tmp:
         models = {
@@ -64,6 +64,8 @@ def main() -> None:
             "int8 MatMulNBits (ours)": int8_dir / "model.onnx",
             "int8 quantize_dynamic": quantize_dynamic_copy(fp32_dir / "model.onnx", Path(tmp)),
         }
+        if (fp16_dir / "model.onnx").is_file():
+            models["fp16 (CPU provider)"] = fp16_dir / "model.onnx"
         runners = {name: OrtCausalLM(path, threads=args.threads) for name, path in models.items()}
         prompt = reference.cases[0].prompt_ids * 6
         prompt = prompt[:108]

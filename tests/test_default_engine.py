@@ -79,41 +79,56 @@ async def _run(engine, request):
     return deltas, reasons
 
 
-def test_int8_engine_batched_equals_reference_and_utf8_safe(int8_dir):
-    reference = Reference.load(int8_dir)
-    manifest = load_manifest(int8_dir)
+async def _batched_greedy(engine_dir, cases, extra=None):
+    """Greedy 32-token continuations of ``cases`` submitted at staggered times to one engine."""
+    engine = load_engine(engine_dir)
+    await engine.start()
 
-    async def main_():
-        engine = load_engine(int8_dir)
-        await engine.start()
+    async def one(case, delay):
+        await asyncio.sleep(delay)
+        ids = []
+        request = GenerateRequest(prompt_ids=case.prompt_ids, params=SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+        async for out in await engine.generate(request):
+            ids += [t for c in out.choices for t in c.token_ids]
+        return ids
 
-        async def one(case, delay):
-            await asyncio.sleep(delay)
-            ids = []
-            async for out in await engine.generate(
-                GenerateRequest(prompt_ids=case.prompt_ids, params=SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
-            ):
-                ids += [t for c in out.choices for t in c.token_ids]
-            return ids
+    batched = await asyncio.gather(*[one(c, 0.05 * i) for i, c in enumerate(cases)])
+    extra_out = await _run(engine, extra) if extra is not None else None
+    await engine.stop()
+    return batched, extra_out
 
-        batched = await asyncio.gather(*[one(c, 0.05 * i) for i, c in enumerate(reference.cases)])
-        japanese = await _run(
-            engine,
-            GenerateRequest(
-                messages=[{"role": "user", "content": "Write 'good morning' in Japanese, Chinese and as an emoji."}],
-                params=SamplingParams(max_tokens=48, temperature=0),
-            ),
-        )
-        await engine.stop()
-        return batched, japanese
 
-    batched, (deltas, _) = asyncio.run(main_())
+def _prefix(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n / len(a)
+
+
+def test_fp32_engine_batched_equals_reference(fp32_dir):
+    """fp32: staggered batched greedy == the stored one-at-a-time onnxruntime reference, token for token."""
+    reference = Reference.load(fp32_dir)
+    batched, _ = asyncio.run(_batched_greedy(fp32_dir, reference.cases))
+    assert batched == [c.greedy_ids for c in reference.cases]
+
+
+def test_int8_engine_batched_close_to_alone_and_utf8_safe(int8_dir):
+    """int8: MatMulNBits (accuracy_level 4) quantizes activations to int8 and takes other kernels at M > 1,
+    so batched decoding is not bit-exact with batch 1 (measured: 2-7 of 8 prompts identical, the others
+    diverging after 14-23 tokens at a near-tie). Require the same closeness as int8 validation's bar."""
     from toolkit.export.ort_runner import OrtCausalLM
 
+    reference = Reference.load(int8_dir)
+    japanese = GenerateRequest(
+        messages=[{"role": "user", "content": "Write 'good morning' in Japanese, Chinese and as an emoji."}],
+        params=SamplingParams(max_tokens=48, temperature=0),
+    )
+    batched, (deltas, _) = asyncio.run(_batched_greedy(int8_dir, reference.cases, japanese))
     runner = OrtCausalLM(int8_dir / "model.onnx")
     alone = [runner.greedy(c.prompt_ids, 32)[0] for c in reference.cases]
-    assert batched == alone
-    assert manifest.precision == "int8"
+    agreement = [_prefix(a, b) for a, b in zip(alone, batched)]
+    assert sum(agreement) / len(agreement) >= 0.4 and min(agreement) >= 0.25, agreement
+    assert load_manifest(int8_dir).precision == "int8"
     assert all("\ufffd" not in d for d in deltas)
     assert any(ord(ch) > 0x2E80 for ch in "".join(deltas)), "expected CJK or emoji in the output"
 
