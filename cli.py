@@ -189,8 +189,11 @@ def bench(url, offline, engine_dir, model, schema, concurrency, rate, requests_p
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Also serve every engine directory directly under DIR.")
 @click.option("--grace", "grace_s", type=float, default=10.0, show_default=True, help="Seconds to finish in-flight requests on shutdown.")
 @click.option("--max-body-mib", type=float, default=2.0, show_default=True, help="Request body limit (larger: 413).")
+@click.option("--request-timeout", "request_timeout_s", type=float, default=600.0, show_default=True, help="Abort a generation after this many seconds (408).")
+@click.option("--public-metrics", is_flag=True, help="Serve /metrics without the API key (for a Prometheus scraper).")
+@click.option("--cors-origin", "cors_origins", multiple=True, help="Allowed CORS origin, repeatable ('*' for any). Default: CORS off.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
-def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, log_level) -> None:
+def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, request_timeout_s, public_metrics, cors_origins, log_level) -> None:
     """Serve ENGINE_DIRs over the OpenAI and Workers AI APIs.
 
     With no ENGINE_DIR and no --models-dir, serves the embedded default model (exported first if needed).
@@ -201,7 +204,8 @@ def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, 
     try:
         run_server(
             engine_dirs, host, port, api_keys, models_dir, grace_s=grace_s,
-            max_body_bytes=int(max_body_mib * 1024 * 1024), log_level=log_level,
+            max_body_bytes=int(max_body_mib * 1024 * 1024), log_level=log_level, request_timeout_s=request_timeout_s,
+            public_metrics=public_metrics, cors_origins=tuple(cors_origins),
         )
     except ServeError as exc:
         raise click.ClickException(str(exc)) from None

@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from litestar import Litestar, Request, Response, get
+from litestar.config.cors import CORSConfig
+from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
@@ -28,6 +30,7 @@ from toolkit.server.workers_ai.routes import WorkersAIController
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
 WORKERS_AI_PREFIX = "/client/v4/"
 
 
@@ -56,7 +59,13 @@ async def health(request: Request) -> Response:
     return json_response(body, 503, {"Retry-After": "1"})
 
 
-@get("/metrics", tags=["Operations"], summary="Prometheus metrics", guards=[api_key_guard])
+def metrics_guard(connection: ASGIConnection, handler: Any) -> None:
+    """/metrics needs the API key like the API routes, unless the app was built with public_metrics."""
+    if not context_of(connection).public_metrics:
+        api_key_guard(connection, handler)
+
+
+@get("/metrics", tags=["Operations"], summary="Prometheus metrics", guards=[metrics_guard])
 async def metrics(request: Request) -> Response:
     """Prometheus exposition: requests, TTFT, inter-token latency, tokens, queue, batch, KV cache."""
     body, content_type = context_of(request).metrics.render()
@@ -72,16 +81,22 @@ def _fallback_handler(request: Request, exc: Exception) -> Response:
 
 def create_app(engines: Mapping[str, Any], api_keys: Sequence[str] | None = None, *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, shutdown_grace_s: float = 5.0,
-               debug: bool = False) -> Litestar:
+               request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S, public_metrics: bool = False,
+               cors_origins: Sequence[str] = (), debug: bool = False) -> Litestar:
     """Build the app serving ``engines`` (name → Engine) under every name of each model.
 
     api_keys: accepted ``Authorization: Bearer`` keys; none means an open server (logged as a warning).
     max_body_bytes: larger request bodies get 413 in the caller's schema.
     shutdown_grace_s: passed to ``engine.stop()`` when the app shuts down.
+    request_timeout_s: a generation still running this long after its request arrived is aborted
+        (its KV cache freed) and answered 408 (OpenAI type ``timeout``, Workers AI code 3007); None: no limit.
+    public_metrics: serve /metrics without the API key (for a Prometheus scraper); /health is always open.
+    cors_origins: origins allowed by CORS (``"*"`` for any); none (the default) sends no CORS headers.
     """
     models = ModelRegistry(engines)
     keys = tuple(k for k in (api_keys or ()) if k)
-    ctx = ServerContext(models, Metrics(models), keys, shutdown_grace_s)
+    ctx = ServerContext(models, Metrics(models), keys, shutdown_grace_s, request_timeout_s=request_timeout_s,
+                        public_metrics=public_metrics)
     if not keys:
         log.warning("no API key configured: anyone who can reach this server can use it; "
                     "pass --api-key (or TOOLKIT_API_KEY) to require one")
@@ -92,6 +107,7 @@ def create_app(engines: Mapping[str, Any], api_keys: Sequence[str] | None = None
         middleware=[request_context_middleware],
         exception_handlers={HTTPException: _fallback_handler, Exception: _fallback_handler},
         request_max_body_size=max_body_bytes,
+        cors_config=CORSConfig(allow_origins=list(cors_origins)) if cors_origins else None,
         openapi_config=OpenAPIConfig(title="toolkit", version=__version__, path="/schema",
                                      render_plugins=[JsonRenderPlugin(), SwaggerRenderPlugin()]),
         logging_config=None,  # logging is the host's business (serve() configures it)

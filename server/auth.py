@@ -24,7 +24,10 @@ def api_key_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     keys = context_of(connection).api_keys
     if not keys:
         return
-    scheme, _, token = connection.headers.get("authorization", "").partition(" ")
+    values = connection.headers.getall("authorization", [])
+    if len(values) > 1:  # which one would count is ambiguous: refuse rather than pick the first
+        raise ApiError("unauthorized", "send exactly one Authorization header")
+    scheme, _, token = (values[0] if values else "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError("unauthorized", "missing API key; send the header 'Authorization: Bearer <key>'")
     if not key_matches(token.strip(), keys):

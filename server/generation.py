@@ -112,6 +112,7 @@ class Generation:
         """All outputs of a non-streaming request; a client disconnect aborts it."""
         outputs: list[RequestOutput] = []
         disconnected = False
+        error: Exception | None = None
         async with anyio.create_task_group() as group:
 
             async def watch() -> None:
@@ -127,8 +128,12 @@ class Generation:
             try:
                 async for output in self.outputs():
                     outputs.append(output)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, not wrapped in an ExceptionGroup
+                error = exc
             finally:
                 group.cancel_scope.cancel()
+        if error is not None:
+            raise error
         if disconnected and not self.finished:
             log.info("request %s: client disconnected, aborted", self.request.request_id)
             raise ClientDisconnected()

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from toolkit.export.manifest import MANIFEST_NAME
-from toolkit.server.app import DEFAULT_MAX_BODY_BYTES, create_app
+from toolkit.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT_S, create_app
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +73,12 @@ def load_engines(dirs: Sequence[Path]) -> dict[str, Any]:
 
 def build_app(engine_dirs: Sequence[str | Path] = (), api_keys: Sequence[str] = (),
               models_dir: str | Path | None = None, *, grace_s: float = 10.0,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Any:
-    """Load the engines (the default model when none is given) and build the app; raises ServeError."""
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S, **app_options: Any) -> Any:
+    """Load the engines (the default model when none is given) and build the app; raises ServeError.
+
+    ``app_options`` go to ``create_app`` (``public_metrics``, ``cors_origins``).
+    """
     from toolkit.export.manifest import EngineDirError
     from toolkit.export.sources import SourceError
     from toolkit.recipes import UnknownRecipeError
@@ -81,20 +87,39 @@ def build_app(engine_dirs: Sequence[str | Path] = (), api_keys: Sequence[str] = 
         dirs = engine_dirs_to_serve(engine_dirs, models_dir) or [ensure_default_engine()]
         engines = load_engines(dirs)
         return create_app(engines, api_keys_from_env(api_keys), max_body_bytes=max_body_bytes,
-                          shutdown_grace_s=grace_s)
+                          shutdown_grace_s=grace_s, request_timeout_s=request_timeout_s, **app_options)
     except (EngineDirError, SourceError, UnknownRecipeError, FileNotFoundError, ValueError) as exc:
         raise ServeError(str(exc)) from exc
 
 
 def serve(engine_dirs: Sequence[str | Path] = (), host: str = "127.0.0.1", port: int = 8000,
           api_keys: Sequence[str] = (), models_dir: str | Path | None = None, *, grace_s: float = 10.0,
-          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info") -> None:
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info",
+          request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S, **app_options: Any) -> None:
     """Serve the engine directories (or the default model when none is given) until interrupted."""
     import uvicorn
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = build_app(engine_dirs, api_keys, models_dir, grace_s=grace_s, max_body_bytes=max_body_bytes)
+    app = build_app(engine_dirs, api_keys, models_dir, grace_s=grace_s, max_body_bytes=max_body_bytes,
+                    request_timeout_s=request_timeout_s, **app_options)
     config = uvicorn.Config(app, host=host, port=port, lifespan="on", log_level=log_level,
                             access_log=False, timeout_graceful_shutdown=max(1, int(grace_s)))
     log.info("serving on http://%s:%d (OpenAI: /v1, Workers AI: /client/v4, docs: /schema)", host, port)
+    _exit_zero_on_sigterm()
     uvicorn.Server(config).run()
+
+
+def _exit_zero_on_sigterm() -> None:
+    """Make a drained SIGTERM shutdown exit with status 0.
+
+    uvicorn handles SIGTERM itself (stop accepting, drain, lifespan shutdown), then re-raises the
+    signal to the handler that was installed before it started; with the default handler that kills
+    the process (status -15) although the shutdown was clean. This handler exits normally instead.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_exit)
+
+
+def _sigterm_exit(signum: int, frame: Any) -> None:
+    log.info("stopped on SIGTERM")
+    raise SystemExit(0)

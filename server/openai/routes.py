@@ -34,7 +34,8 @@ async def _respond(request: Request, prepared: Prepared, entry: ModelEntry, stre
                    build: Callable[[list[ChoiceText], dict[str, Any]], dict[str, Any]], streaming: bool) -> Response:
     """Run the generation; answer with SSE (``stream``'s chunks) or the JSON body ``build`` makes."""
     ctx = context_of(request)
-    generation = Generation(entry, stamp_arrival(request, prepared.request), ctx.metrics, prepared.zero_tokens)
+    generation = Generation(entry, stamp_arrival(request, prepared.request), ctx.metrics, prepared.zero_tokens,
+                            timeout_s=ctx.request_timeout_s)
     await generation.start()
     if streaming:
         return sse_response(generation, stream.chunks,

@@ -45,7 +45,8 @@ class WorkersAIController(Controller):
         entry = ctx.resolve(model_from_path(request.scope["path"]))
         ctx.require_ready()
         prepared = prepare_run(body, entry, request_id_of(request))
-        generation = Generation(entry, stamp_arrival(request, prepared.request), ctx.metrics, prepared.zero_tokens)
+        generation = Generation(entry, stamp_arrival(request, prepared.request), ctx.metrics, prepared.zero_tokens,
+                                timeout_s=ctx.request_timeout_s)
         await generation.start()
         if body.stream:
             stream = RunStream(prepared.tools)
