@@ -102,7 +102,7 @@ async def bench_offline(engine_dir: Path, levels: list[int], prompt_tokens: int,
     await engine.start()
     try:
         prompt_ids = bench_prompt_ids(engine.prompts.tokenizer, prompt_tokens)
-        await run_level(engine, 1, prompt_ids, 8)
+        await run_level(engine, min(levels), prompt_ids, max_tokens)  # warm-up: onnxruntime sizes its arenas
         return [asdict(await run_level(engine, level, prompt_ids, max_tokens)) for level in levels]
     finally:
         await engine.stop()
