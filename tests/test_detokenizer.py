@@ -1,10 +1,9 @@
 """IncrementalDetokenizer / StopStringMatcher with a tiny byte-fallback BPE tokenizer."""
 
 import random
-import string
 
 import pytest
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+from tiny_models import build_byte_fallback_tokenizer
 
 from toolkit.runtime.detokenizer import IncrementalDetokenizer, StopStringMatcher
 
@@ -17,20 +16,7 @@ MERGES = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("l", "l"), ("he", "ll"), ("
 @pytest.fixture(scope="module")
 def tokenizer():
     """Gemma-style: byte fallback for anything outside printable ASCII (emoji, CJK)."""
-    vocab = {"<pad>": 0, "<eos>": EOS, "<bos>": 2, "<unk>": 3}
-    for byte in range(256):
-        vocab[f"<0x{byte:02X}>"] = len(vocab)
-    for ch in ["▁"] + [c for c in string.printable if not c.isspace()]:
-        vocab.setdefault(ch, len(vocab))
-    for left, right in MERGES:
-        vocab.setdefault(left + right, len(vocab))
-    tok = Tokenizer(models.BPE(vocab, MERGES, unk_token="<unk>", fuse_unk=True,
-                               byte_fallback=True))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<pad>", "<eos>", "<bos>")])
-    return tok
+    return build_byte_fallback_tokenizer(MERGES)
 
 
 def _stream(tokenizer, ids, **kwargs):

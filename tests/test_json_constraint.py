@@ -1,11 +1,10 @@
 """JSON-constrained decoding (llguidance) driven by random logits through SequenceSampler."""
 
 import json
-import string
 
 import numpy as np
 import pytest
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+from tiny_models import build_byte_fallback_tokenizer
 
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("llguidance")
@@ -33,20 +32,7 @@ SCHEMA = {
 @pytest.fixture(scope="module")
 def tokenizer():
     """Byte-fallback BPE: printable ASCII, a few merges, everything else as <0xNN> bytes."""
-    vocab = {"<pad>": 0, "<eos>": EOS, "<bos>": 2, "<unk>": 3}
-    for byte in range(256):
-        vocab[f"<0x{byte:02X}>"] = len(vocab)
-    for ch in ["▁"] + [c for c in string.printable if not c.isspace()]:
-        vocab.setdefault(ch, len(vocab))
-    for left, right in MERGES:
-        vocab.setdefault(left + right, len(vocab))
-    tok = Tokenizer(models.BPE(vocab, MERGES, unk_token="<unk>", fuse_unk=True,
-                               byte_fallback=True))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<pad>", "<eos>", "<bos>")])
-    return tok
+    return build_byte_fallback_tokenizer(MERGES)
 
 
 @pytest.fixture(scope="module")

@@ -113,3 +113,23 @@ def build_tiny_checkpoint(architecture: str, chat_format: str, out_dir: Path, se
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def build_byte_fallback_tokenizer(merges):
+    """Gemma-style byte-fallback BPE: printable ASCII, ``merges``, everything else as <0xNN> bytes (id 1 = <eos>)."""
+    import string
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    for byte in range(256):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
+    for ch in ["▁"] + [c for c in string.printable if not c.isspace()]:
+        vocab.setdefault(ch, len(vocab))
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<pad>", "<eos>", "<bos>")])
+    return tok

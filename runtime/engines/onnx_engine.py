@@ -281,21 +281,19 @@ class OnnxEngine:
         self._retire_finished_rows()
 
     def _fail_step(self, plan: StepPlan, error: Exception) -> None:
-        groups = {g.request_id: g for g, _, _ in plan.prefill}
-        groups.update({seq.group.request_id: seq.group for seq in self.scheduler.running})
-        for group in groups.values():
-            self.scheduler.drop_group(group)
-            group.deliver(error)
-        self.scheduler.running = []
-        self.batch = self.runner.new_batch()
+        self._fail_groups([g for g, _, _ in plan.prefill], error)
 
     def _fail_all(self, error: Exception) -> None:
         if not hasattr(self, "scheduler"):
             return
         self._drain_submissions()
-        groups = {g.request_id: g for g in (*self.scheduler.waiting, *self.scheduler.prefilling)}
-        groups.update({seq.group.request_id: seq.group for seq in self.scheduler.running})
-        for group in groups.values():
+        self._fail_groups([*self.scheduler.waiting, *self.scheduler.prefilling], error)
+
+    def _fail_groups(self, groups: list[SequenceGroup], error: Exception) -> None:
+        """Fail ``groups`` and every running request (the batch cache is gone with them)."""
+        failing = {g.request_id: g for g in groups}
+        failing.update({seq.group.request_id: seq.group for seq in self.scheduler.running})
+        for group in failing.values():
             self.scheduler.drop_group(group)
             group.deliver(error)
         self.scheduler.running = []
