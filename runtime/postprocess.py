@@ -43,7 +43,11 @@ class TokenProcessor:
     def _logprob(self, token: int, result) -> TokenLogprob:
         text = self.prompts.token_text
         top = [(tid, text(tid), lp) for tid, lp in result.top_logprobs]
-        return TokenLogprob(token_id=token, token=text(token), logprob=result.logprob, top=top)
+        raw = self.prompts.token_bytes
+        return TokenLogprob(
+            token_id=token, token=text(token), logprob=result.logprob, top=top,
+            token_bytes=raw(token), top_bytes=[raw(tid) for tid, _ in result.top_logprobs],
+        )
 
     @staticmethod
     def finish(seq: Sequence, reason: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from functools import lru_cache
 from pathlib import Path
 
 from toolkit.recipes import Recipe
@@ -55,3 +57,37 @@ class PromptBuilder:
     def token_text(self, token_id: int) -> str:
         """Text of one token on its own (for logprobs)."""
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """Raw bytes of one token: ``<0xNN>`` byte-fallback pieces and byte-level pieces give their real bytes."""
+        piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
+        if piece is None:
+            return b""
+        if (match := _BYTE_PIECE.fullmatch(piece)) is not None:
+            return bytes([int(match.group(1), 16)])
+        if self._byte_level:
+            table = _unicode_to_bytes()
+            if all(ch in table for ch in piece):
+                return bytes(table[ch] for ch in piece)
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    @property
+    def _byte_level(self) -> bool:
+        decoder = self.tokenizer.backend_tokenizer.decoder
+        return decoder is not None and "ByteLevel" in type(decoder).__name__
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_bytes() -> dict[str, int]:
+    """Inverse of GPT-2's byte-to-unicode table used by byte-level BPE vocabularies."""
+    visible = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = list(visible), 0
+    for byte in range(256):
+        if byte not in visible:
+            visible.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(code): byte for byte, code in zip(visible, codes)}

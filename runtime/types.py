@@ -37,6 +37,9 @@ class TokenLogprob:
     token: str
     logprob: float
     top: list[tuple[int, str, float]] = field(default_factory=list)
+    token_bytes: bytes | None = None
+    """Raw bytes of the token (a byte-fallback piece of a split UTF-8 character is one raw byte)."""
+    top_bytes: list[bytes] | None = None
 
 
 @dataclass

@@ -218,3 +218,14 @@ def test_failed_step_fails_only_its_requests(tiny_engine):
 
     ok, idle = asyncio.run(main())
     assert len(ok[0][0]) == 8 and idle.kv_cache_used_tokens == 0
+
+
+def test_token_bytes_are_raw_bytes(tiny_engine):
+    """Byte-level pieces map back to their raw bytes, so the bytes of split characters re-join into UTF-8."""
+    from toolkit.runtime.prompting import PromptBuilder, load_tokenizer
+
+    recipe = get_recipe("qwen2-7b-instruct")
+    prompts = PromptBuilder(load_tokenizer(tiny_engine(recipe, "fp32")), recipe)
+    text = "おはよう 😀 hello"
+    ids = prompts.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert b"".join(prompts.token_bytes(i) for i in ids).decode("utf-8") == text

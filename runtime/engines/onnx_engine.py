@@ -242,7 +242,6 @@ class OnnxEngine:
 
     def _join_batch(self, group: SequenceGroup) -> None:
         """Move a prefilled request's unfinished sequences into the decode batch (sharing its prefill)."""
-        self.scheduler.prefilling.remove(group)
         joining = [seq for seq in group.sequences if not seq.finished]
         for seq in group.sequences:
             if seq.finished:
@@ -251,6 +250,7 @@ class OnnxEngine:
             rows = {name: np.repeat(past, len(joining), axis=0) for name, past in group.prefill_past.items()}
             self.batch.add_rows(rows, [len(group.prompt_ids)] * len(joining))
             self.scheduler.running.extend(joining)
+        self.scheduler.prefilling.remove(group)  # after joining, so stats() never sees it nowhere
         group.prefill_past = group.prefill_logits = None
 
     def _count_tokens(self, groups) -> None:

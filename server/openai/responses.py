@@ -60,8 +60,9 @@ def usage(entry: ModelEntry, prompt_tokens: int, completion_tokens: int) -> dict
 def chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
     """Chat-format logprobs: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
     return {"content": [
-        {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode("utf-8")),
-         "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))} for _, s, lp in t.top]}
+        {"token": t.token, "logprob": t.logprob, "bytes": _raw(t.token_bytes, t.token),
+         "top_logprobs": [{"token": s, "logprob": lp, "bytes": _raw(t.top_bytes[i] if t.top_bytes else None, s)}
+                          for i, (_, s, lp) in enumerate(t.top)]}
         for t in tokens
     ]}
 
@@ -123,3 +124,8 @@ def completion_response(meta: ResponseMeta, choices: list[ChoiceText], want_logp
     } for index, choice in enumerate(choices)]
     return {"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
             "choices": out, "usage": usage_body}
+
+
+def _raw(token_bytes: bytes | None, text: str) -> list[int]:
+    """The token's raw bytes when the engine knows them, else its text in UTF-8."""
+    return list(token_bytes) if token_bytes is not None else list(text.encode("utf-8"))
