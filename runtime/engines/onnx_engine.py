@@ -11,7 +11,6 @@ import asyncio
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 from toolkit.export.manifest import Manifest
 from toolkit.recipes import Recipe
 from toolkit.runtime.errors import EngineFailureError, EngineStoppedError, OverloadedError, PromptTooLongError
+from toolkit.runtime.engines.common import ThroughputMeter, stream_outputs
 from toolkit.runtime.kv_cache import KVCacheManager, KvGeometry
 from toolkit.runtime.postprocess import TokenProcessor, collect_output
 from toolkit.runtime.scheduler import Scheduler, SchedulerConfig, StepPlan
@@ -58,8 +58,7 @@ class OnnxEngine:
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._stopping = False
-        self._generated = 0
-        self._recent: deque[tuple[float, int]] = deque()
+        self.throughput = ThroughputMeter()
         self.timings = {"steps": 0, "schedule_s": 0.0, "step_s": 0.0, "model_s": 0.0}  # for profiling overhead
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -127,21 +126,7 @@ class OnnxEngine:
         deliver = lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item)  # noqa: E731
         self._submissions.put(self.sequences.create(request, prompt_ids, deliver))
         self._wake.set()
-        return self._stream(request.request_id, outputs)
-
-    async def _stream(self, request_id: str, outputs: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while not finished:
-                item = await outputs.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:
-                await self.abort(request_id)
+        return stream_outputs(outputs, lambda: self.abort(request.request_id))
 
     async def abort(self, request_id: str) -> None:
         """Stop a request wherever it is; its rows leave the batch and its cache is freed."""
@@ -151,17 +136,14 @@ class OnnxEngine:
 
     def stats(self) -> EngineStats:
         """Live counters for /metrics."""
-        now = time.monotonic()
-        window = [(t, n) for t, n in list(self._recent) if now - t <= 5.0]
-        rate = sum(n for _, n in window) / 5.0 if window else 0.0
         scheduler = getattr(self, "scheduler", None)
         return EngineStats(
             running=len(scheduler.running) + len(scheduler.prefilling) if scheduler else 0,
             waiting=(len(scheduler.waiting) if scheduler else 0) + self._submissions.qsize(),
             kv_cache_used_tokens=self.kv.used_tokens,
             kv_cache_total_tokens=self.kv.total_tokens,
-            generated_tokens_total=self._generated,
-            tokens_per_second=rate,
+            generated_tokens_total=self.throughput.total,
+            tokens_per_second=self.throughput.rate(),
         )
 
     # ---- the engine loop (background thread) -----------------------------------------------
@@ -255,11 +237,7 @@ class OnnxEngine:
 
     def _count_tokens(self, groups) -> None:
         produced = sum(len(s.pending.token_ids) for g in groups for s in g.sequences if s.pending is not None)
-        self._generated += produced
-        now = time.monotonic()
-        self._recent.append((now, produced))
-        while self._recent and now - self._recent[0][0] > 5.0:
-            self._recent.popleft()
+        self.throughput.record(produced)
 
     def _drain_submissions(self) -> None:
         while True:

@@ -21,7 +21,6 @@ import importlib
 import json
 import math
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from toolkit.export.manifest import Manifest
 from toolkit.export.trtllm_export import import_tensorrt_llm
 from toolkit.recipes import Recipe
 from toolkit.runtime.detokenizer import IncrementalDetokenizer
+from toolkit.runtime.engines.common import ThroughputMeter, stream_outputs
 from toolkit.runtime.engines.trtllm_sampling import build_trtllm_sampling_params, is_greedy
 from toolkit.runtime.errors import (EngineFailureError, EngineStoppedError, InvalidRequestError,
                                     OverloadedError, PromptTooLongError)
@@ -40,7 +40,6 @@ PREFIX_TOKENS = 4  # prompt tokens the detokenizer decodes against (as in the ON
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort", "timeout": "abort"}
 STATS_TIMEOUT_S = 0.01
 STOP_DRAIN_S = 2.0
-RATE_WINDOW_S = 5.0
 
 
 def read_engine_config(engine_dir: Path) -> dict[str, Any]:
@@ -198,8 +197,7 @@ class TrtLlmEngine:
         self._llmapi: Any = None
         self._active: dict[str, _Active] = {}
         self._accepting = False
-        self._generated = 0
-        self._recent: deque[tuple[float, int]] = deque()
+        self.throughput = ThroughputMeter()
         self._kv = (0, 0)
 
     def llm_kwargs(self) -> dict[str, Any]:
@@ -261,7 +259,7 @@ class TrtLlmEngine:
         active = _Active(StreamConverter(request, prompt_ids, self.prompts, self.context_length), result)
         self._active[request.request_id] = active
         active.task = asyncio.create_task(self._pump(request.request_id, active))
-        return self._stream(request.request_id, active.queue)
+        return stream_outputs(active.queue, lambda: self.abort(request.request_id))
 
     def _submit(self, prompt_ids: list[int], request: GenerateRequest) -> Any:
         try:
@@ -294,27 +292,8 @@ class TrtLlmEngine:
     def _deliver(self, active: _Active, output: RequestOutput | None) -> None:
         if output is None:
             return
-        produced = sum(len(c.token_ids) for c in output.choices)
-        self._generated += produced
-        now = time.monotonic()
-        self._recent.append((now, produced))
-        while self._recent and now - self._recent[0][0] > RATE_WINDOW_S:
-            self._recent.popleft()
+        self.throughput.record(sum(len(c.token_ids) for c in output.choices))
         active.queue.put_nowait(output)
-
-    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:
-                await self.abort(request_id)
 
     async def abort(self, request_id: str) -> None:
         """Cancel a request: ``RequestOutput.abort()``; its stream ends with finish_reason "abort"."""
@@ -348,6 +327,4 @@ class TrtLlmEngine:
         """Live counters for /metrics."""
         running, waiting = self._counts()
         used, total = self._poll_kv()
-        now = time.monotonic()
-        recent = sum(n for t, n in list(self._recent) if now - t <= RATE_WINDOW_S)
-        return EngineStats(running, waiting, used, total, self._generated, recent / RATE_WINDOW_S)
+        return EngineStats(running, waiting, used, total, self.throughput.total, self.throughput.rate())
