@@ -11,6 +11,7 @@ from toolkit import __version__
 
 TARGETS = ("onnx", "trtllm")
 PRECISIONS = ("fp32", "fp16", "int8")
+GRAPHS = ("optimum", "gqa")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,15 +25,24 @@ def main() -> None:
 @click.option("--recipe", "recipe_name", default="default", show_default=True, help="Recipe name, HF id or alias.")
 @click.option("--target", type=click.Choice(TARGETS), default="onnx", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="Default: the recipe's (int8).")
+@click.option(
+    "--graph",
+    type=click.Choice(GRAPHS),
+    default=None,
+    help="ONNX graph: optimum's export, or GroupQueryAttention over a shared KV buffer (onnxruntime-genai's builder; fp32/int8). Default: the recipe's.",
+)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="Engine directory to write.")
 @click.option("--force", is_flag=True, help="Rebuild even if a validated export of the same inputs exists.")
-def export(checkpoint: Path | None, recipe_name: str, target: str, precision: str | None, out_dir: Path | None, force: bool) -> None:
+def export(
+    checkpoint: Path | None, recipe_name: str, target: str, precision: str | None, graph: str | None, out_dir: Path | None, force: bool
+) -> None:
     """Export CHECKPOINT (a Hugging Face causal-LM directory) to a validated engine directory.
 
     Without CHECKPOINT, the embedded default model is exported (recipe `default`).
     """
     from rich.console import Console
 
+    from toolkit.export.gqa_export import GraphBuildError
     from toolkit.export.manifest import EngineDirError
     from toolkit.export.pipeline import ExportRequest, run_export
     from toolkit.export.progress import StageReporter
@@ -45,10 +55,11 @@ def export(checkpoint: Path | None, recipe_name: str, target: str, precision: st
     try:
         recipe = get_recipe(recipe_name)
         precision = precision or (recipe.default_precision if target == "onnx" else "int8")
-        out_dir = out_dir or default_engine_dir(recipe, target, precision)
-        request = ExportRequest(recipe, target, precision, out_dir, checkpoint, force)
+        graph = graph or recipe.default_graph
+        out_dir = out_dir or default_engine_dir(recipe, target, precision, graph)
+        request = ExportRequest(recipe, target, precision, out_dir, checkpoint, force, graph)
         outcome = run_export(request, StageReporter(console))
-    except (UnknownRecipeError, SourceError, EngineDirError, TrtLlmUnavailableError) as exc:
+    except (UnknownRecipeError, SourceError, EngineDirError, TrtLlmUnavailableError, GraphBuildError) as exc:
         raise click.ClickException(str(exc)) from None
     print_export_summary(console, outcome.engine_dir, outcome.manifest, outcome.reused)
     if not (outcome.manifest.validation or {}).get("passed"):

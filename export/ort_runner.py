@@ -6,12 +6,15 @@ whole KV cache is fed back each step). The serving engine lives in ``toolkit.run
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+from toolkit.export.gqa_export import GENAI_CONFIG
 
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -41,23 +44,35 @@ class KvSpec:
     head_dim: int
     dtype: type
 
-    def as_manifest(self) -> dict:
+    def as_manifest(self, graph: str = "optimum") -> dict:
+        """The manifest's ``kv_layout`` for an artifact of ``graph``."""
+        layout = "[batch, kv_heads, seq, head_dim] per layer, past_key_values.N.key/value"
+        if graph == "gqa":
+            layout = "[batch, kv_heads, capacity, head_dim] per layer, updated in place (past and present share a buffer)"
         return {
             "num_layers": self.num_layers,
             "num_kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
             "dtype": np.dtype(self.dtype).name,
-            "layout": "[batch, kv_heads, seq, head_dim] per layer, past_key_values.N.key/value",
+            "layout": layout,
         }
 
 
-def kv_spec(session: ort.InferenceSession) -> KvSpec:
-    """Read the KV cache layout from the session's ``past_key_values.N.key`` inputs."""
+def kv_spec(session: ort.InferenceSession, model_path: Path | None = None) -> KvSpec:
+    """Read the KV cache layout from the session's ``past_key_values.N.key`` inputs.
+
+    onnxruntime-genai's graphs name the head dimension symbolically; it is then read from the
+    ``genai_config.json`` written beside ``model_path``.
+    """
     past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.") and i.name.endswith(".key")]
     if not past:
         raise ValueError("the ONNX model has no past_key_values inputs; export it with text-generation-with-past")
     first = past[0]
-    return KvSpec(len(past), int(first.shape[1]), int(first.shape[3]), _ORT_TO_NUMPY[first.type])
+    head_dim = first.shape[3]
+    if not isinstance(head_dim, int):
+        config = json.loads((Path(model_path).parent / GENAI_CONFIG).read_text())
+        head_dim = config["model"]["decoder"]["head_size"]
+    return KvSpec(len(past), int(first.shape[1]), int(head_dim), _ORT_TO_NUMPY[first.type])
 
 
 class OrtCausalLM:
@@ -65,7 +80,7 @@ class OrtCausalLM:
 
     def __init__(self, model_path: Path, threads: int | None = None):
         self.session = create_session(model_path, threads)
-        self.spec = kv_spec(self.session)
+        self.spec = kv_spec(self.session, model_path)
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
 

@@ -27,6 +27,7 @@ class ExportRequest:
     out_dir: Path
     checkpoint: Path | None = None
     force: bool = False
+    graph: str = "optimum"  # onnx only: "optimum" or "gqa" (toolkit.export.gqa_export)
 
 
 @dataclass
@@ -78,6 +79,10 @@ def _copy_support_files(checkpoint: Path, stage: Path) -> list[str]:
 
 
 def _build_artifact(request: ExportRequest, checkpoint: Path, fp32_model: Path, stage: Path) -> dict:
+    if request.target == "onnx" and request.graph == "gqa":
+        from toolkit.export.gqa_export import build_gqa_model
+
+        return build_gqa_model(checkpoint, request.precision, stage)
     if request.target == "onnx":
         from toolkit.export.onnx_export import CONVERTERS, INT8_ACCURACY_LEVEL, INT8_BLOCK_SIZE
 
@@ -113,7 +118,8 @@ def _build(request: ExportRequest, checkpoint: Path, source_sha: str, key: str, 
             reference.pytorch_check = compare_with_pytorch(checkpoint, runner, reference)
             spec = runner.spec
             del runner
-        with reporter.stage(f"Building the {request.target} {request.precision} artifact"):
+        graph = f" ({request.graph} graph)" if request.target == "onnx" else ""
+        with reporter.stage(f"Building the {request.target} {request.precision} artifact{graph}"):
             options = _build_artifact(request, checkpoint, fp32_model, stage)
             shutil.rmtree(work)
         copied = _copy_support_files(checkpoint, stage)
@@ -125,7 +131,7 @@ def _build(request: ExportRequest, checkpoint: Path, source_sha: str, key: str, 
             target=request.target,
             precision=request.precision,
             context_length=min(request.recipe.context_window, int(config.get("max_position_embeddings") or 1 << 30)),
-            kv_layout=spec.as_manifest(),
+            kv_layout=spec.as_manifest(options.get("graph", "optimum")),
             build_key=key,
             tokenizer_files=[n for n in copied if n in sources.TOKENIZER_FILES],
             tools=sources.tool_versions(),
@@ -154,6 +160,11 @@ def run_export(request: ExportRequest, reporter: StageReporter) -> ExportOutcome
         raise sources.SourceError(
             f"recipe {recipe.name!r} does not support {request.target} at {request.precision}; see `toolkit recipes`"
         )
+    if request.target == "onnx" and request.graph == "gqa":
+        from toolkit.export.gqa_export import GQA_PRECISIONS, GraphBuildError
+
+        if request.precision not in GQA_PRECISIONS:
+            raise GraphBuildError(f"the gqa graph is built for {', '.join(GQA_PRECISIONS)} only, not {request.precision}")
     if request.target == "trtllm":
         from toolkit.export.trtllm_export import import_tensorrt_llm
 
@@ -162,7 +173,7 @@ def run_export(request: ExportRequest, reporter: StageReporter) -> ExportOutcome
     config = sources.read_model_type(checkpoint, recipe)
     with reporter.stage("Hashing the checkpoint"):
         source_sha = sources.hash_checkpoint(checkpoint)
-    key = sources.build_key(source_sha, recipe, request.target, request.precision)
+    key = sources.build_key(source_sha, recipe, request.target, request.precision, request.graph)
     if not request.force and (manifest := _reusable(request.out_dir, key)) is not None:
         reporter.note(f"reusing {request.out_dir}: built from the same inputs and validated (--force to rebuild)")
         return ExportOutcome(request.out_dir, manifest, reused=True)
@@ -170,14 +181,15 @@ def run_export(request: ExportRequest, reporter: StageReporter) -> ExportOutcome
     return ExportOutcome(request.out_dir, manifest, reused=False)
 
 
-def ensure_default_engine(reporter: StageReporter, precision: str | None = None) -> Path:
+def ensure_default_engine(reporter: StageReporter, precision: str | None = None, graph: str | None = None) -> Path:
     """The embedded default model's engine directory, exported (and validated) on first use."""
     from toolkit.recipes import get_recipe
 
     recipe = get_recipe("default")
     precision = precision or recipe.default_precision
-    out_dir = sources.default_engine_dir(recipe, "onnx", precision)
-    outcome = run_export(ExportRequest(recipe, "onnx", precision, out_dir), reporter)
+    graph = graph or recipe.default_graph
+    out_dir = sources.default_engine_dir(recipe, "onnx", precision, graph)
+    outcome = run_export(ExportRequest(recipe, "onnx", precision, out_dir, graph=graph), reporter)
     if not (outcome.manifest.validation or {}).get("passed"):
         raise EngineDirError(f"the default engine at {out_dir} failed validation; run `toolkit validate {out_dir}`")
     return out_dir

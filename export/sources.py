@@ -23,7 +23,7 @@ TOKENIZER_FILES = (
 CONFIG_FILES = ("config.json", "generation_config.json")
 # Bump when the export steps change what an artifact contains, so older cached exports are rebuilt.
 ARTIFACT_REVISION = "position-ids+last-logits+mqa-2"
-TOOL_PACKAGES = ("toolkit", "optimum", "optimum-onnx", "onnxruntime", "onnxruntime-gpu", "onnx", "transformers", "torch")
+TOOL_PACKAGES = ("toolkit", "optimum", "optimum-onnx", "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "onnx", "transformers", "torch")
 
 
 class SourceError(ValueError):
@@ -35,9 +35,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TOOLKIT_CACHE", Path.home() / ".cache" / "toolkit")).expanduser()
 
 
-def default_engine_dir(recipe: Recipe, target: str, precision: str) -> Path:
-    """Where an export lands when ``--out`` is not given."""
-    return cache_dir() / "engines" / f"{recipe.name}-{target}-{precision}"
+def default_engine_dir(recipe: Recipe, target: str, precision: str, graph: str = "optimum") -> Path:
+    """Where an export lands when ``--out`` is not given (``NAME-TARGET[-gqa]-PRECISION``)."""
+    flavour = f"-{graph}" if target == "onnx" and graph != "optimum" else ""
+    return cache_dir() / "engines" / f"{recipe.name}-{target}{flavour}-{precision}"
 
 
 def hash_checkpoint(checkpoint: Path) -> str:
@@ -77,7 +78,7 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def build_key(source_sha: str, recipe: Recipe, target: str, precision: str) -> str:
+def build_key(source_sha: str, recipe: Recipe, target: str, precision: str, graph: str = "optimum") -> str:
     """Hash of everything that determines the artifact; equal keys mean an export can be reused."""
     versions = tool_versions()
     key = {
@@ -86,6 +87,8 @@ def build_key(source_sha: str, recipe: Recipe, target: str, precision: str) -> s
         "target": target,
         "precision": precision,
         "revision": ARTIFACT_REVISION,
+        "graph": graph,
+        "onnxruntime-genai": versions.get("onnxruntime-genai") if graph == "gqa" else None,
         "toolkit": versions.get("toolkit"),
         "onnxruntime": versions.get("onnxruntime") or versions.get("onnxruntime-gpu"),
         "optimum-onnx": versions.get("optimum-onnx"),

@@ -45,6 +45,15 @@ THRESHOLDS = {
     "fp16": Thresholds(min_greedy_agreement=0.4, min_top1_agreement=0.93, min_cosine=0.995, max_abs_diff=3.0),
     "int8": Thresholds(min_greedy_agreement=0.4, min_top1_agreement=0.93, min_cosine=0.995, max_abs_diff=3.0),
 }
+# The gqa graph computes fp32 attention, rotary and norms in fused kernels that sum in another order
+# than the reference graph: measured 2.6e-3 max-abs on the default model's logits (magnitude ~30)
+# with every greedy token and every teacher-forced argmax identical. Those two stay exact.
+FUSED_FP32 = Thresholds(min_greedy_agreement=1.0, min_top1_agreement=1.0, min_cosine=0.99999, max_abs_diff=1e-2)
+
+
+def thresholds_for(precision: str, graph: str = "optimum") -> Thresholds:
+    """The pass bars for an artifact of ``precision`` built as ``graph``."""
+    return FUSED_FP32 if precision == "fp32" and graph == "gqa" else THRESHOLDS[precision]
 
 
 @dataclass
@@ -105,9 +114,9 @@ def compare_case(runner: CausalRunner, case, max_new_tokens: int) -> CaseResult:
     )
 
 
-def judge(precision: str, cases: list[CaseResult]) -> ValidationResult:
-    """Aggregate case metrics and check them against ``THRESHOLDS[precision]``."""
-    bars = THRESHOLDS[precision]
+def judge(precision: str, cases: list[CaseResult], graph: str = "optimum") -> ValidationResult:
+    """Aggregate case metrics and check them against ``thresholds_for(precision, graph)``."""
+    bars = thresholds_for(precision, graph)
     greedy = float(np.mean([c.greedy_agreement for c in cases]))
     top1 = float(np.mean([c.top1_agreement for c in cases]))
     cosine = min(c.cosine for c in cases)
@@ -135,7 +144,7 @@ def judge(precision: str, cases: list[CaseResult]) -> ValidationResult:
     )
 
 
-def validate_runner(runner: CausalRunner, reference: Reference, precision: str) -> ValidationResult:
+def validate_runner(runner: CausalRunner, reference: Reference, precision: str, graph: str = "optimum") -> ValidationResult:
     """Validate ``runner`` on every golden case of ``reference``."""
     cases = [compare_case(runner, case, reference.max_new_tokens) for case in reference.cases]
-    return judge(precision, cases)
+    return judge(precision, cases, graph)

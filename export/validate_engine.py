@@ -32,7 +32,8 @@ def load_reference(engine_dir: Path) -> Reference:
 def validate_engine_dir(engine_dir: Path, manifest: Manifest) -> dict:
     """Validation verdict as stored in the manifest: metrics, bars, the PyTorch check, ``passed``."""
     reference = load_reference(engine_dir)
-    result = validate_runner(make_runner(engine_dir, manifest), reference, manifest.precision).as_manifest()
+    graph = manifest.export_options.get("graph", "optimum")
+    result = validate_runner(make_runner(engine_dir, manifest), reference, manifest.precision, graph).as_manifest()
     torch_check = reference.pytorch_check or {}
     result["pytorch_check"] = torch_check
     if not torch_check.get("passed", False):

@@ -10,6 +10,7 @@ from pathlib import Path
 RECIPE_DIR = Path(__file__).resolve().parent
 TARGETS = ("onnx", "trtllm")
 PRECISIONS = ("fp32", "fp16", "int8")
+GRAPHS = ("optimum", "gqa")  # ONNX graph builders: optimum's export, or onnxruntime-genai's GroupQueryAttention graph
 
 
 class UnknownRecipeError(LookupError):
@@ -40,6 +41,7 @@ class Recipe:
     price_per_million_tokens: ``{"input": $, "output": $}`` used for ``estimated_cost``.
     defaults: per-API default sampling, ``{"openai": {...}, "workers_ai": {...}}``.
     onnx_precisions / trtllm: what each export target supports.
+    default_precision / default_graph: what ``toolkit export`` and ``serve`` build when not told.
     """
 
     name: str
@@ -56,6 +58,7 @@ class Recipe:
     description: str = ""
     embedded: bool = False
     default_precision: str = "int8"
+    default_graph: str = "optimum"
     model_names: tuple[str, ...] = field(default=())
 
     def supports(self, target: str, precision: str) -> bool:
@@ -97,6 +100,7 @@ def _parse(path: Path) -> Recipe:
         description=data.get("description", ""),
         embedded=bool(data.get("embedded", False)),
         default_precision=onnx.get("default_precision", "int8"),
+        default_graph=onnx.get("default_graph", "optimum"),
         model_names=(data["name"], data["hf_id"], *aliases),
     )
 

@@ -35,20 +35,30 @@ class KvGeometry:
 
 
 class KVCacheManager:
-    """Token-block reservations per sequence against a fixed capacity."""
+    """Token-block reservations per sequence against a fixed capacity.
 
-    def __init__(self, geometry: KvGeometry, budget_bytes: int):
+    ``rectangular``: the cache is one slot per sequence, each as long as the longest reservation
+    (``SharedKV``), so a set of reservations costs ``count × longest`` rather than their sum.
+    """
+
+    def __init__(self, geometry: KvGeometry, budget_bytes: int, rectangular: bool = False):
         self.geometry = geometry
         self.total_blocks = max(1, budget_bytes // (geometry.bytes_per_token * BLOCK))
+        self.rectangular = rectangular
         self._reserved: dict[str, int] = {}
 
     @property
     def total_tokens(self) -> int:
         return self.total_blocks * BLOCK
 
+    def _footprint(self, reservations: list[int]) -> int:
+        if self.rectangular and reservations:
+            return len(reservations) * max(reservations)
+        return sum(reservations)
+
     @property
     def used_blocks(self) -> int:
-        return sum(self._reserved.values())
+        return self._footprint(list(self._reserved.values()))
 
     @property
     def used_tokens(self) -> int:
@@ -62,9 +72,9 @@ class KVCacheManager:
         """Whether ``tokens`` fit in an empty cache."""
         return self.blocks_for(tokens) <= self.total_blocks
 
-    def can_allocate(self, tokens: int) -> bool:
-        """Whether ``tokens`` fit now."""
-        return self.used_blocks + self.blocks_for(tokens) <= self.total_blocks
+    def can_allocate(self, tokens: int, count: int = 1) -> bool:
+        """Whether ``count`` sequences of ``tokens`` tokens each fit now."""
+        return self._footprint([*self._reserved.values(), *[self.blocks_for(tokens)] * count]) <= self.total_blocks
 
     def allocate(self, seq_id: str, tokens: int) -> None:
         """Reserve room for ``tokens`` tokens of sequence ``seq_id`` (check ``can_allocate`` first)."""
@@ -98,25 +108,30 @@ class BatchKV:
         return self.mask.shape[1]
 
     def add_rows(self, rows: dict[str, np.ndarray], lengths: list[int]) -> None:
-        """Append rows whose cache is ``rows[name]`` ``[k, heads, l, dim]`` (right-aligned, ``lengths`` real)."""
+        """Append rows whose cache is ``rows[name]`` ``[k, heads, l, dim]`` (right-aligned, ``lengths`` real).
+
+        A single source row is repeated for every length given (``n`` > 1 sequences sharing a prefill).
+        """
         new_len = max(self.length, next(iter(rows.values())).shape[2])
         for name in self.names:
-            self.past[name] = np.concatenate(
-                [_left_pad(self.past[name], new_len), _left_pad(rows[name].astype(self.dtype, copy=False), new_len)]
-            )
+            source = rows[name].astype(self.dtype, copy=False)
+            if source.shape[0] != len(lengths):
+                source = np.repeat(source, len(lengths), axis=0)
+            self.past[name] = np.concatenate([_left_pad(self.past[name], new_len), _left_pad(source, new_len)])
         row_mask = np.zeros((len(lengths), new_len), np.int64)
         for i, n in enumerate(lengths):
             row_mask[i, new_len - n :] = 1
         self.mask = np.concatenate([_left_pad(self.mask, new_len, axis=1), row_mask])
 
-    def keep_rows(self, keep: list[int]) -> None:
-        """Drop every row not in ``keep`` (in order), then trim columns no remaining row uses."""
+    def keep_rows(self, keep: list[int]) -> list[int]:
+        """Drop every row not in ``keep`` (in order), then trim columns no remaining row uses; returns ``keep``."""
         index = np.asarray(keep, dtype=np.int64)
         used = self.mask[index].any(axis=0) if len(keep) else np.zeros(0, bool)
         start = int(np.argmax(used)) if used.any() else self.length
         for name in self.names:
             self.past[name] = np.ascontiguousarray(self.past[name][index, :, start:])
         self.mask = np.ascontiguousarray(self.mask[index, start:])
+        return keep
 
     def step_inputs(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Past arrays and the attention mask for one more token per row."""

@@ -58,7 +58,7 @@ class Scheduler:
             rows = len(group.sequences)
             if self._rows_committed() + rows > self.config.max_batch_size:
                 return
-            if not self.kv.can_allocate(rows * group.reserved_tokens):
+            if not self.kv.can_allocate(group.reserved_tokens, rows):
                 return
             for seq in group.sequences:
                 self.kv.allocate(seq.seq_id, group.reserved_tokens)

@@ -29,17 +29,17 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_engine(tmp_path_factory, tiny_checkpoint):
-    """Factory: ``tiny_engine(recipe, precision) -> Path`` of an exported, validated tiny ONNX engine dir."""
+    """Factory: ``tiny_engine(recipe, precision, graph) -> Path`` of an exported, validated tiny ONNX engine dir."""
     from toolkit.export.pipeline import ExportRequest, run_export
     from toolkit.export.progress import StageReporter
 
     built: dict[tuple[str, str], Path] = {}
 
-    def make(recipe, precision: str = "fp32") -> Path:
-        key = (recipe.name, precision)
+    def make(recipe, precision: str = "fp32", graph: str = "optimum") -> Path:
+        key = (recipe.name, precision, graph)
         if key not in built:
-            out = tmp_path_factory.mktemp("engines") / f"{recipe.name}-{precision}"
-            request = ExportRequest(recipe, "onnx", precision, out, tiny_checkpoint(recipe))
+            out = tmp_path_factory.mktemp("engines") / f"{recipe.name}-{graph}-{precision}"
+            request = ExportRequest(recipe, "onnx", precision, out, tiny_checkpoint(recipe), graph=graph)
             run_export(request, StageReporter(quiet=True))
             built[key] = out
         return built[key]

@@ -15,6 +15,7 @@ from toolkit.runtime.scheduler import SchedulerConfig
 from toolkit.runtime.types import GenerateRequest
 
 GREEDY = dict(temperature=0, ignore_eos=True)
+GRAPHS = ("optimum", "gqa")
 
 
 async def collect(engine, request):
@@ -44,9 +45,10 @@ async def until_idle(engine, timeout=5.0):
     return engine.stats()
 
 
+@pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("recipe_name", [r.name for r in all_recipes()])
-def test_batched_staggered_greedy_equals_reference(recipe_name, tiny_engine):
-    engine_dir = tiny_engine(get_recipe(recipe_name), "fp32")
+def test_batched_staggered_greedy_equals_reference(recipe_name, graph, tiny_engine):
+    engine_dir = tiny_engine(get_recipe(recipe_name), "fp32", graph)
     reference = Reference.load(engine_dir)
 
     async def main():
@@ -89,8 +91,9 @@ def test_seed_reproducible_alone_and_in_busy_batch(tiny_engine):
     assert alone != other
 
 
-def test_n_choices_share_one_prefill(tiny_engine):
-    engine_dir = tiny_engine(get_recipe("gemma-7b-it"), "fp32")
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_n_choices_share_one_prefill(graph, tiny_engine):
+    engine_dir = tiny_engine(get_recipe("gemma-7b-it"), "fp32", graph)
 
     async def main():
         engine = await started(engine_dir)
@@ -133,8 +136,9 @@ def test_stop_string_across_tokens_is_never_emitted(tiny_engine):
     assert all(stop not in p for p, _ in pieces)
 
 
-def test_chunked_prefill_keeps_decoding_and_matches(tiny_engine):
-    engine_dir = tiny_engine(get_recipe("codellama-70b-instruct"), "fp32")
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_chunked_prefill_keeps_decoding_and_matches(graph, tiny_engine):
+    engine_dir = tiny_engine(get_recipe("codellama-70b-instruct"), "fp32", graph)
     reference = Reference.load(engine_dir)
     long_case = max(reference.cases, key=lambda c: len(c.prompt_ids))
 
@@ -156,8 +160,9 @@ def test_chunked_prefill_keeps_decoding_and_matches(tiny_engine):
     assert any(p.prefill and p.decode for p in plans), "prefill chunks never shared a step with decoding"
 
 
-def test_abort_mid_generation_frees_cache(tiny_engine):
-    engine_dir = tiny_engine(get_recipe("gemma-7b-it"), "fp32")
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_abort_mid_generation_frees_cache(graph, tiny_engine):
+    engine_dir = tiny_engine(get_recipe("gemma-7b-it"), "fp32", graph)
 
     async def main():
         engine = await started(engine_dir)
@@ -174,8 +179,9 @@ def test_abort_mid_generation_frees_cache(tiny_engine):
     assert (idle.running, idle.waiting, idle.kv_cache_used_tokens) == (0, 0, 0)
 
 
-def test_overload_raises_and_too_long_prompt_names_limits(tiny_engine):
-    engine_dir = tiny_engine(get_recipe("gemma-7b-it"), "fp32")
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_overload_raises_and_too_long_prompt_names_limits(graph, tiny_engine):
+    engine_dir = tiny_engine(get_recipe("gemma-7b-it"), "fp32", graph)
 
     async def main():
         engine = await started(engine_dir, config=SchedulerConfig(max_batch_size=1, max_num_tokens=64, max_waiting=2))

@@ -48,7 +48,8 @@ class OnnxEngine:
         self.model_names = recipe.model_names
         self.context_length = manifest.context_length
         self.config = config or SchedulerConfig()
-        self.kv = KVCacheManager(KvGeometry(**_geometry(manifest)), kv_budget_bytes)
+        self.graph = manifest.export_options.get("graph", "optimum")
+        self.kv = KVCacheManager(KvGeometry(**_geometry(manifest)), kv_budget_bytes, rectangular=self.graph == "gqa")
         self.threads = threads
         self.fault_hook: Callable[[StepPlan], None] | None = None  # test hook: raise to fail a step
         self._submissions: queue.SimpleQueue[SequenceGroup] = queue.SimpleQueue()
@@ -73,10 +74,9 @@ class OnnxEngine:
         self._accepting = True
 
     def _load(self) -> None:
-        from toolkit.runtime.model_runner import OnnxModelRunner
         from toolkit.runtime.prompting import PromptBuilder, load_tokenizer
 
-        self.runner = OnnxModelRunner(self.engine_dir / "model.onnx", self.threads)
+        self.runner = _create_runner(self.graph, self.engine_dir / "model.onnx", self.threads, self.context_length)
         self.prompts = PromptBuilder(load_tokenizer(self.engine_dir), self.recipe)
         self.sequences = SequenceFactory(self.prompts, vocab_size=int(self.runner.session.get_outputs()[0].shape[-1] or 0))
         self.processor = TokenProcessor(self.prompts, self.context_length)
@@ -219,8 +219,8 @@ class OnnxEngine:
         for seq in running:
             if seq.finished:
                 self.scheduler.release(seq)
-        self.batch.keep_rows(keep)
-        self.scheduler.running = [running[i] for i in keep]
+        order = self.batch.keep_rows(keep)
+        self.scheduler.running = [running[i] for i in order]
 
     def _join_batch(self, group: SequenceGroup) -> None:
         """Move a prefilled request's unfinished sequences into the decode batch (sharing its prefill)."""
@@ -229,8 +229,7 @@ class OnnxEngine:
             if seq.finished:
                 self.scheduler.release(seq)
         if joining:
-            rows = {name: np.repeat(past, len(joining), axis=0) for name, past in group.prefill_past.items()}
-            self.batch.add_rows(rows, [len(group.prompt_ids)] * len(joining))
+            self.batch.add_rows(group.prefill_past, [len(group.prompt_ids)] * len(joining))
             self.scheduler.running.extend(joining)
         self.scheduler.prefilling.remove(group)  # after joining, so stats() never sees it nowhere
         group.prefill_past = group.prefill_logits = None
@@ -276,6 +275,17 @@ class OnnxEngine:
             group.deliver(error)
         self.scheduler.running = []
         self.batch = self.runner.new_batch()
+
+
+def _create_runner(graph: str, model_path: Path, threads: int | None, context_length: int):
+    """The model runner for the engine directory's graph flavour (``export_options.graph``)."""
+    if graph == "gqa":
+        from toolkit.runtime.gqa_runner import GqaModelRunner
+
+        return GqaModelRunner(model_path, threads, max_length=context_length)
+    from toolkit.runtime.model_runner import OnnxModelRunner
+
+    return OnnxModelRunner(model_path, threads)
 
 
 def _geometry(manifest: Manifest) -> dict:

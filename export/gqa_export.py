@@ -1,0 +1,68 @@
+"""``--graph gqa``: an ONNX graph whose attention is onnxruntime's fused ``GroupQueryAttention``.
+
+Built from the checkpoint by onnxruntime-genai's model builder (the library that makes the graphs
+onnxruntime-genai ships). Compared with optimum's graph it has fused attention with rotary
+embeddings, fused RMSNorm, the LM head pruned to the last position, and a KV cache that the
+attention op updates in place when past and present share a buffer — the serving runtime
+preallocates that buffer (``toolkit.runtime.shared_kv``), so a decode step copies no cache.
+
+int8 uses the same ``MatMulNBits`` scheme as the optimum path (8 bits, symmetric, block 32,
+``accuracy_level=4``); the embedding table stays fp32 (a Gather reads one row per token).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from toolkit.export.onnx_export import INT8_ACCURACY_LEVEL, INT8_BLOCK_SIZE
+
+GENAI_CONFIG = "genai_config.json"
+GQA_PRECISIONS = ("fp32", "int8")
+BUILDER_ENTRY = "toolkit.export.gqa_builder_main"  # the builder's CLI, with Gemma 3 layer placement fixed
+ARTIFACT_FILES = ("model.onnx", "model.onnx.data", GENAI_CONFIG)
+INT8_OPTIONS = (f"accuracy_level={INT8_ACCURACY_LEVEL}", f"block_size={INT8_BLOCK_SIZE}", "op_types_to_quantize=MatMul")
+
+
+class GraphBuildError(RuntimeError):
+    """The GQA graph could not be built (builder missing, unsupported architecture or precision)."""
+
+
+def builder_command(checkpoint: Path, precision: str, out_dir: Path, cache_dir: Path) -> list[str]:
+    """The onnxruntime-genai builder invocation for ``checkpoint`` at ``precision`` (CPU graph)."""
+    if precision not in GQA_PRECISIONS:
+        raise GraphBuildError(f"the gqa graph is built for {', '.join(GQA_PRECISIONS)} only, not {precision}")
+    options = ["prune_lm_head=true", "hf_token=false", "shared_embeddings=false"]
+    if precision == "int8":
+        options += INT8_OPTIONS
+    return [
+        sys.executable, "-m", BUILDER_ENTRY,
+        "-i", str(checkpoint), "-o", str(out_dir), "-p", precision, "-e", "cpu", "-c", str(cache_dir),
+        "--extra_options", *options,
+    ]  # fmt: skip
+
+
+def build_gqa_model(checkpoint: Path, precision: str, stage: Path) -> dict:
+    """Build the GQA graph of ``checkpoint`` into ``stage``; returns the manifest's export options."""
+    try:
+        import onnxruntime_genai  # noqa: F401  (only to fail early with a clear message)
+    except ImportError:
+        raise GraphBuildError("the gqa graph needs onnxruntime-genai: pip install -e '.[cpu]'") from None
+    with tempfile.TemporaryDirectory(prefix="gqa-", dir=stage) as work:
+        out_dir, cache_dir = Path(work) / "out", Path(work) / "cache"
+        done = subprocess.run(
+            builder_command(checkpoint, precision, out_dir, cache_dir), capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0 or not (out_dir / "model.onnx").is_file():
+            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
+            raise GraphBuildError(f"onnxruntime-genai's builder failed (exit {done.returncode}):\n{tail}")
+        for name in ARTIFACT_FILES:
+            if (out_dir / name).is_file():
+                shutil.move(out_dir / name, stage / name)
+    options = {"graph": "gqa", "builder": "onnxruntime-genai", "method": precision}
+    if precision == "int8":
+        options.update({"method": "MatMulNBits", "bits": 8, "block_size": INT8_BLOCK_SIZE, "accuracy_level": INT8_ACCURACY_LEVEL})
+    return options

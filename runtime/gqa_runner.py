@@ -1,0 +1,71 @@
+"""One onnxruntime session over a GroupQueryAttention graph (``--graph gqa``), fed through IOBinding.
+
+The graph (built by onnxruntime-genai's model builder) takes ``input_ids``, ``attention_mask`` and
+``past_key_values.N.key/value``; its attention computes each row's length and rotary positions
+from the mask, and writes the new keys/values into the past buffer itself when ``present.N.*`` is
+bound to the same memory. Both prefill and decode therefore run over preallocated buffers with no
+cache copy per step (see ``toolkit.runtime.shared_kv``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from toolkit.export.ort_runner import create_session, kv_spec
+from toolkit.runtime.shared_kv import SharedKV, round_up
+
+
+class GqaModelRunner:
+    """Chunked batch-1 prefill and batched decode over shared past/present buffers."""
+
+    def __init__(self, model_path: Path, threads: int | None = None, max_length: int = 1 << 15):
+        self.session = create_session(model_path, threads)
+        self.spec = kv_spec(self.session, model_path)
+        self.max_length = max_length
+        self.past_names = [
+            f"past_key_values.{layer}.{kind}" for layer in range(self.spec.num_layers) for kind in ("key", "value")
+        ]
+        self.present_of = {n: n.replace("past_key_values.", "present.", 1) for n in self.past_names}
+
+    def new_batch(self) -> SharedKV:
+        """An empty decode batch of preallocated slots."""
+        return SharedKV(self.past_names, self.spec.num_kv_heads, self.spec.head_dim, self.spec.dtype, self.max_length)
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, buffers: dict[str, np.ndarray]) -> np.ndarray:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_output("logits")
+        for name, buffer in buffers.items():
+            value = ort.OrtValue.ortvalue_from_numpy(buffer)  # wraps the numpy memory, no copy
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(self.present_of[name], value)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    def _prefill_buffers(self, past: dict[str, np.ndarray] | None, start: int, total: int) -> dict[str, np.ndarray]:
+        if past is not None and next(iter(past.values())).shape[2] >= total:
+            return past
+        shape = (1, self.spec.num_kv_heads, min(self.max_length, round_up(total)), self.spec.head_dim)
+        fresh = {name: np.zeros(shape, self.spec.dtype) for name in self.past_names}
+        if past is not None and start:
+            for name in self.past_names:
+                fresh[name][:, :, :start] = past[name][:, :, :start]
+        return fresh
+
+    def prefill(self, ids: list[int], past: dict[str, np.ndarray] | None, start: int) -> tuple[np.ndarray, dict]:
+        """Run one prompt chunk of one sequence after ``start`` cached tokens; last-position logits + its buffers."""
+        total = start + len(ids)
+        buffers = self._prefill_buffers(past, start, total)
+        logits = self._run(np.asarray([ids], np.int64), np.ones((1, total), np.int64), buffers)
+        return logits[0, -1].astype(np.float32, copy=False), buffers
+
+    def decode(self, batch: SharedKV, last_tokens: list[int], positions: list[int]) -> np.ndarray:
+        """One token for every row of ``batch`` (positions come from the rows' lengths); logits ``[rows, vocab]``."""
+        buffers, mask = batch.step_views()
+        logits = self._run(np.asarray(last_tokens, np.int64)[:, None], mask, buffers)
+        batch.accept_step()
+        return logits[:, -1].astype(np.float32, copy=False)

@@ -1,0 +1,119 @@
+"""Preallocated KV cache for graphs whose attention writes into the cache in place (GroupQueryAttention).
+
+``SharedKV`` owns one buffer per past input, ``[rows, kv_heads, capacity, head_dim]``. Row i of
+the running batch is slot i; its tokens sit left-aligned in the first ``lengths[i]`` columns. The
+graph reads past keys/values from the buffer and writes the new token's at column ``lengths[i]``
+of the same buffer (``past_present_share_buffer``), so a decode step copies nothing.
+
+Copies happen only when the batch changes shape: a joining sequence's prefill cache is copied into
+its slot once; a leaving row's slot is refilled by moving the last row into it (one row); and
+when a row outgrows ``capacity`` the buffers are reallocated with room to spare (amortised, like a
+growing list), never per step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GROWTH_QUANTUM = 64
+
+
+def round_up(n: int, quantum: int = GROWTH_QUANTUM) -> int:
+    """``n`` rounded up to a multiple of ``quantum`` (at least one quantum)."""
+    return max(quantum, -(-n // quantum) * quantum)
+
+
+class SharedKV:
+    """Slot-per-row KV buffers shared between a GQA graph's past inputs and present outputs."""
+
+    def __init__(self, names: list[str], num_kv_heads: int, head_dim: int, dtype, max_length: int):
+        self.names = names
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = np.dtype(dtype)
+        self.max_length = max_length
+        self.lengths: list[int] = []
+        self.buffers = self._allocate(0, 0)
+        self.reallocations = 0
+
+    # ---- shape ---------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def row_capacity(self) -> int:
+        return next(iter(self.buffers.values())).shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.buffers.values())).shape[2]
+
+    def _allocate(self, rows: int, length: int) -> dict[str, np.ndarray]:
+        shape = (rows, self.num_kv_heads, length, self.head_dim)
+        return {name: np.zeros(shape, self.dtype) for name in self.names}
+
+    def reserve(self, rows: int, length: int) -> None:
+        """Make room for ``rows`` slots of ``length`` tokens, keeping every live row's cache."""
+        if rows <= self.row_capacity and length <= self.capacity:
+            return
+        new_rows = max(rows, self.row_capacity) if rows <= self.row_capacity else max(rows, 2 * self.row_capacity)
+        new_len = self.capacity if length <= self.capacity else min(self.max_length, round_up(max(length, self.capacity * 3 // 2)))
+        if new_len < length:
+            raise ValueError(f"a sequence of {length} tokens exceeds the cache's {self.max_length}-token rows")
+        fresh = self._allocate(new_rows, new_len)
+        if self.size:
+            used = max(self.lengths)
+            for name in self.names:
+                fresh[name][: self.size, :, :used] = self.buffers[name][: self.size, :, :used]
+        self.buffers = fresh
+        self.reallocations += 1
+
+    # ---- batch membership --------------------------------------------------------------------
+    def add_rows(self, rows: dict[str, np.ndarray], lengths: list[int]) -> None:
+        """Append sequences whose caches are ``rows[name]`` ``[k or 1, heads, >= length, dim]``, left-aligned.
+
+        A single source row is copied into every new slot (``n`` > 1 sequences sharing a prefill).
+        """
+        first = self.size
+        self.reserve(first + len(lengths), max(lengths) + 1)
+        for offset, length in enumerate(lengths):
+            for name in self.names:
+                source = rows[name]
+                self.buffers[name][first + offset, :, :length] = source[min(offset, source.shape[0] - 1), :, :length]
+        self.lengths.extend(lengths)
+
+    def keep_rows(self, keep: list[int]) -> list[int]:
+        """Keep only rows ``keep``; returns the old row index now in each slot (the batch's new order).
+
+        Each freed slot below the new size is refilled with the highest-numbered surviving row, so
+        one row is copied per leaving sequence, not the whole batch.
+        """
+        survivors = set(keep)
+        order = list(range(self.size))
+        new_size = len(keep)
+        holes = [i for i in range(new_size) if i not in survivors]
+        movers = [i for i in range(new_size, self.size) if i in survivors]
+        for hole, mover in zip(holes, movers):
+            length = self.lengths[mover]
+            for name in self.names:
+                buffer = self.buffers[name]
+                buffer[hole, :, :length] = buffer[mover, :, :length]
+            order[hole] = mover
+            self.lengths[hole] = length
+        del order[new_size:]
+        self.lengths = self.lengths[:new_size]
+        return order
+
+    # ---- one decode step -----------------------------------------------------------------------
+    def step_views(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The live rows' buffers (views, no copy) and the attention mask for one more token per row."""
+        self.reserve(self.size, max(self.lengths) + 1)
+        views = {name: buffer[: self.size] for name, buffer in self.buffers.items()}
+        lengths = np.asarray(self.lengths)
+        mask = (np.arange(int(lengths.max()) + 1)[None, :] <= lengths[:, None]).astype(np.int64)
+        return views, mask
+
+    def accept_step(self) -> None:
+        """Every row gained the token the step just wrote into its slot."""
+        self.lengths = [n + 1 for n in self.lengths]
