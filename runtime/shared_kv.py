@@ -7,8 +7,8 @@ of the same buffer (``past_present_share_buffer``), so a decode step copies noth
 
 Copies happen only when the batch changes shape: a joining sequence's prefill cache is copied into
 its slot once; a leaving row's slot is refilled by moving the last row into it (one row); and
-when a row outgrows ``capacity`` the buffers are reallocated with room to spare (amortised, like a
-growing list), never per step.
+the buffers are reallocated in 64-token steps as the longest row grows or leaves (at most once
+per 64 steps), never per step.
 """
 
 from __future__ import annotations
@@ -57,8 +57,10 @@ class SharedKV:
         """Make room for ``rows`` slots of ``length`` tokens, keeping every live row's cache."""
         if rows <= self.row_capacity and length <= self.capacity:
             return
-        new_rows = max(rows, self.row_capacity) if rows <= self.row_capacity else max(rows, 2 * self.row_capacity)
-        new_len = self.capacity if length <= self.capacity else min(self.max_length, round_up(max(length, self.capacity * 3 // 2)))
+        new_rows = self.row_capacity if rows <= self.row_capacity else max(rows, 2 * self.row_capacity)
+        self._reallocate(new_rows, max(self.capacity, min(self.max_length, round_up(length))), length)
+
+    def _reallocate(self, new_rows: int, new_len: int, length: int) -> None:
         if new_len < length:
             raise ValueError(f"a sequence of {length} tokens exceeds the cache's {self.max_length}-token rows")
         fresh = self._allocate(new_rows, new_len)
@@ -107,8 +109,17 @@ class SharedKV:
 
     # ---- one decode step -----------------------------------------------------------------------
     def step_views(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """The live rows' buffers (views, no copy) and the attention mask for one more token per row."""
-        self.reserve(self.size, max(self.lengths) + 1)
+        """The live rows' buffers (views, no copy) and the attention mask for one more token per row.
+
+        onnxruntime's GroupQueryAttention costs time in proportion to the buffer's capacity, not
+        only the rows' lengths (measured at batch 16, 236 cached tokens: 26 ms per step at capacity
+        256, 35 ms at 512, 52 ms at 1024), so capacity grows in 64-token steps and shrinks once
+        the longest row has left (each a copy of the live rows, at most once per 64 steps).
+        """
+        needed = max(self.lengths) + 1
+        if self.capacity - needed >= 2 * GROWTH_QUANTUM:
+            self._reallocate(self.row_capacity, round_up(needed), needed)
+        self.reserve(self.size, needed)
         views = {name: buffer[: self.size] for name, buffer in self.buffers.items()}
         lengths = np.asarray(self.lengths)
         mask = (np.arange(int(lengths.max()) + 1)[None, :] <= lengths[:, None]).astype(np.int64)

@@ -70,6 +70,18 @@ def test_growth_keeps_every_live_row_and_refuses_beyond_max_length():
         kv.add_rows(_row(1.0, 250, heads=2), [250])
 
 
+def test_capacity_follows_the_longest_live_row():
+    """GroupQueryAttention's cost grows with the buffer's capacity, so it tracks the longest row both ways."""
+    kv = SharedKV(NAMES, 1, 4, np.float32, max_length=4096)
+    kv.add_rows(_row(1.0, 1000), [1000])
+    kv.add_rows(_row(2.0, 10), [10])
+    kv.step_views()
+    assert kv.capacity == 1024
+    assert kv.keep_rows([1]) == [1]  # the long row leaves
+    kv.step_views()
+    assert kv.capacity == 64 and (kv.buffers[NAMES[0]][0, :, :10] == 2).all()
+
+
 def test_rectangular_cache_accounting_counts_rows_times_longest():
     geometry = KvGeometry(num_layers=1, num_kv_heads=1, head_dim=4, dtype="float32")
     budget = geometry.bytes_per_token * 16 * 10  # ten blocks of 16 tokens
