@@ -6,7 +6,7 @@ count, waits for both, then benchmarks each with the ``toolkit bench`` load gene
 concurrency level, alternating which server goes first per level. Prints both tables and the
 ratios (ours / llama.cpp), and saves JSON + PNGs under ``--out``.
 
-    python benchmarks/side_by_side.py [--levels 1,4,16,32] [--threads 2] [--waves 2]
+    python benchmarks/side_by_side.py [--levels 1,4,16,32] [--threads 2] [--waves 2] [--engine-alone]
 
 llama.cpp's Python server serves one request at a time (about 24 tok/s aggregate here), so its
 high-concurrency levels take minutes; ``--waves 1`` halves that. Without ``llama_cpp`` installed
@@ -30,6 +30,7 @@ import httpx
 from toolkit.runtime.bench_report import plot_results, results_table, save_results
 from toolkit.server.loadgen import run_http_bench
 
+ENGINE_ALONE = "engine-alone"
 AMX_OFF = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 BUILD_HELP = f"""llama_cpp is not importable: only our server is benchmarked.
 To compare with llama.cpp, build llama-cpp-python from source with AMX off (about 8-10 minutes here;
@@ -55,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Python that has llama-cpp-python[server] (e.g. a separate venv); default: this one")
     p.add_argument("--gguf", type=Path, default=None, help="GGUF for llama.cpp (default: assembled into the cache)")
     p.add_argument("--ready-timeout", type=float, default=1800.0, help="seconds to wait for a server (first run exports)")
+    p.add_argument("--engine-alone", action="store_true",
+                   help="also measure our engine without HTTP (toolkit bench --offline) at each level, alternated "
+                        "with the servers, and report the HTTP layer's cost")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     return p.parse_args(argv)
 
@@ -122,16 +126,37 @@ def bench_alternating(servers: dict[str, str], levels: list[int], args: argparse
     """Run each level on every server, alternating which goes first; results per server label."""
     models = {label: served_model(url) for label, url in servers.items()}
     results: dict[str, list[dict]] = {label: [] for label in servers}
-    labels = list(servers)
+    labels = list(servers) + ([ENGINE_ALONE] if args.engine_alone else [])
+    if args.engine_alone:
+        results[ENGINE_ALONE] = []
     for i, level in enumerate(levels):
         for label in labels if i % 2 == 0 else labels[::-1]:
             print(f"[{label}] concurrency {level}", flush=True)
+            if label == ENGINE_ALONE:
+                results[label] += engine_alone(level, args)
+                continue
             level_results = asyncio.run(run_http_bench(
                 servers[label], models[label], [level], requests_per_level=max(4, args.waves * level),
                 prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, progress=True,
                 warmup=1 if i == 0 else 0, timeout_s=1800.0))
             results[label] += level_results
     return results
+
+
+def engine_alone(level: int, args: argparse.Namespace) -> list[dict]:
+    """One level of the default engine without HTTP, in this process, with the servers' thread count."""
+    from toolkit.export.pipeline import ensure_default_engine
+    from toolkit.export.progress import StageReporter
+    from toolkit.runtime.bench import bench_offline
+
+    engine_dir = ensure_default_engine(StageReporter(quiet=True))
+    return asyncio.run(bench_offline(engine_dir, [level], args.prompt_tokens, args.max_tokens, args.threads))
+
+
+def http_cost_rows(http: list[dict], alone: list[dict]) -> list[dict]:
+    """Per level: the share of the engine-alone throughput lost over HTTP (negative: HTTP measured faster)."""
+    return [{"concurrency": h["concurrency"], "http_tok_s": h["output_tokens_per_s"], "engine_tok_s": a["output_tokens_per_s"],
+             "http_cost_pct": 100.0 * (1 - h["output_tokens_per_s"] / a["output_tokens_per_s"])} for h, a in zip(http, alone)]
 
 
 def ratio_rows(ours: list[dict], peer: list[dict]) -> list[dict]:
@@ -165,12 +190,17 @@ def report(results: dict[str, list[dict]], meta: dict, out_dir: Path) -> None:
 
     console = Console()
     for label, rows in results.items():
-        console.print(results_table(f"{label} over HTTP", rows))
+        console.print(results_table("our engine alone (no HTTP)" if label == ENGINE_ALONE else f"{label} over HTTP", rows))
         save_results(out_dir, f"side-by-side-{label}", meta, rows)
     summary = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S"), **meta}, **results}
     if "llama.cpp" in results:
         summary["ratios"] = ratio_rows(results["toolkit"], results["llama.cpp"])
         console.print(ratio_table(summary["ratios"]))
+    if ENGINE_ALONE in results:
+        summary["http_cost"] = http_cost_rows(results["toolkit"], results[ENGINE_ALONE])
+        for row in summary["http_cost"]:
+            console.print(f"concurrency {row['concurrency']}: HTTP {row['http_tok_s']:.1f} tok/s vs engine alone "
+                          f"{row['engine_tok_s']:.1f} tok/s: HTTP layer cost {row['http_cost_pct']:+.1f} %")
     plot_results(out_dir / "side-by-side.png", results)
     (out_dir / "side-by-side.json").write_text(json.dumps(summary, indent=2) + "\n")
     console.print(f"saved {out_dir / 'side-by-side.json'} and {out_dir / 'side-by-side.png'}")
