@@ -27,6 +27,13 @@ def tiny_checkpoint(tmp_path_factory):
     return make
 
 
+@pytest.fixture
+def no_trtllm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorRT-LLM made unimportable, whether or not it is installed."""
+    for name in ("tensorrt_llm", "tensorrt_llm._tensorrt_engine", "tensorrt_llm.llmapi"):
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules makes `import` raise ImportError
+
+
 @pytest.fixture(scope="session")
 def tiny_engine(tmp_path_factory, tiny_checkpoint):
     """Factory: ``tiny_engine(recipe, precision, graph) -> Path`` of an exported, validated tiny ONNX engine dir."""

@@ -91,12 +91,6 @@ def fake_trtllm(monkeypatch: pytest.MonkeyPatch) -> FakeTrtLlm:
     return fake
 
 
-@pytest.fixture
-def no_trtllm(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("tensorrt_llm", "tensorrt_llm._tensorrt_engine", "tensorrt_llm.llmapi"):
-        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules makes `import` raise ImportError
-
-
 def _cases():
     return [pytest.param(r, p, id=f"{r.name}-{p}") for r in all_recipes() for p in PRECISIONS]
 

@@ -267,12 +267,6 @@ def fake_trtllm(monkeypatch: pytest.MonkeyPatch) -> FakeTrtLlm:
     return fake
 
 
-@pytest.fixture
-def no_trtllm(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("tensorrt_llm", "tensorrt_llm._tensorrt_engine", "tensorrt_llm.llmapi"):
-        monkeypatch.setitem(sys.modules, name, None)
-
-
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> Path:
     from tiny_models import build_tokenizer
