@@ -14,7 +14,6 @@ Runs in any Python that has ``llama_cpp`` (e.g. a separate venv); it imports not
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import sys
 import time

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import importlib.util
 import json
-import shutil
-import subprocess
 import sys
 import types
 from pathlib import Path
 
 import pytest
+from gpu_check import trtllm_gpu_skip_reason
 
 from toolkit.export import trtllm_export
 from toolkit.export.trtllm_export import (
@@ -207,25 +205,6 @@ def test_versions_for_manifest(fake_trtllm: FakeTrtLlm) -> None:
 # --- real build on a GPU machine ---------------------------------------------------------------
 
 
-def _gpu_skip_reason() -> str | None:
-    if importlib.util.find_spec("tensorrt_llm") is None:
-        return "tensorrt_llm is not installed (TensorRT-LLM 1.2.x needs Linux, an NVIDIA GPU and CUDA)"
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return "nvidia-smi not found: no NVIDIA driver on this machine"
-    try:
-        listing = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"nvidia-smi failed: {exc}"
-    if listing.returncode != 0 or "GPU" not in listing.stdout:
-        return "nvidia-smi lists no GPU"
-    try:
-        trtllm_export.import_tensorrt_llm()
-    except TrtLlmUnavailableError as exc:
-        return f"tensorrt_llm does not import: {exc.__cause__}"
-    return None
-
-
 def _write_tiny_llama(directory: Path) -> None:
     """A random 2-layer, hidden-64 Llama checkpoint with a tiny word-level tokenizer.
 
@@ -253,7 +232,7 @@ def _write_tiny_llama(directory: Path) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_builds_real_engine_from_tiny_llama(tmp_path: Path, precision: str) -> None:
-    reason = _gpu_skip_reason()
+    reason = trtllm_gpu_skip_reason()
     if reason is not None:
         pytest.skip(f"needs TensorRT-LLM 1.2.x and an NVIDIA GPU: {reason}")
     base = next(r for r in all_recipes() if r.architecture == "llama")

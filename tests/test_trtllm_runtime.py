@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib.util
 import json
 import shutil
-import subprocess
 import sys
 import types
 from collections import deque
@@ -16,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gpu_check import trtllm_gpu_skip_reason
 
 from toolkit.export.manifest import Manifest
 from toolkit.export.trtllm_export import TRTLLM_MISSING_MESSAGE, TrtLlmUnavailableError
@@ -657,27 +656,6 @@ def test_runner_greedy_and_teacher_forced(fake_trtllm, tmp_path, tokenizer_dir, 
 # ---- real TensorRT-LLM on a GPU machine -----------------------------------------------------------
 
 
-def _gpu_skip_reason() -> str | None:
-    if importlib.util.find_spec("tensorrt_llm") is None:
-        return "tensorrt_llm is not installed (TensorRT-LLM 1.2.x needs Linux, an NVIDIA GPU and CUDA)"
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return "nvidia-smi not found: no NVIDIA driver on this machine"
-    try:
-        listing = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"nvidia-smi failed: {exc}"
-    if listing.returncode != 0 or "GPU" not in listing.stdout:
-        return "nvidia-smi lists no GPU"
-    try:
-        from toolkit.export.trtllm_export import import_tensorrt_llm
-
-        import_tensorrt_llm()
-    except TrtLlmUnavailableError as exc:
-        return f"tensorrt_llm does not import: {exc.__cause__}"
-    return None
-
-
 def _tiny_trt_llama(directory: Path) -> Path:
     """A random 2-layer Llama with one 64-wide head (TensorRT-LLM has no head-size-16 kernels) and the
     tiny codellama70b tokenizer of ``tiny_models``, so the recipe's chat format renders real special tokens."""
@@ -698,7 +676,7 @@ def _tiny_trt_llama(directory: Path) -> Path:
 
 @pytest.mark.gpu
 def test_real_engine_exports_validates_and_streams(tmp_path: Path) -> None:
-    reason = _gpu_skip_reason()
+    reason = trtllm_gpu_skip_reason()
     if reason is not None:
         pytest.skip(f"needs TensorRT-LLM 1.2.x and an NVIDIA GPU: {reason}")
     from toolkit.export.pipeline import ExportRequest, run_export
