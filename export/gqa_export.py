@@ -12,6 +12,7 @@ int8 uses the same ``MatMulNBits`` scheme as the optimum path (8 bits, symmetric
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -47,10 +48,8 @@ def builder_command(checkpoint: Path, precision: str, out_dir: Path, cache_dir: 
 
 def build_gqa_model(checkpoint: Path, precision: str, stage: Path) -> dict:
     """Build the GQA graph of ``checkpoint`` into ``stage``; returns the manifest's export options."""
-    try:
-        import onnxruntime_genai  # noqa: F401  (only to fail early with a clear message)
-    except ImportError:
-        raise GraphBuildError("the gqa graph needs onnxruntime-genai: pip install -e '.[cpu]'") from None
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        raise GraphBuildError("the gqa graph needs onnxruntime-genai: pip install -e '.[cpu]'")
     with tempfile.TemporaryDirectory(prefix="gqa-", dir=stage) as work:
         out_dir, cache_dir = Path(work) / "out", Path(work) / "cache"
         done = subprocess.run(

@@ -106,6 +106,17 @@ def test_builder_command_options_and_unsupported_precision(tmp_path):
         builder_command(tmp_path, "fp16", tmp_path, tmp_path)
 
 
+def test_builder_failure_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    from toolkit.export import gqa_export
+
+    monkeypatch.setattr(gqa_export, "BUILDER_ENTRY", "toolkit.export.no_such_builder")
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    with pytest.raises(GraphBuildError, match=r"(?s)builder failed .exit 1.*No module named toolkit.export.no_such_builder"):
+        gqa_export.build_gqa_model(tmp_path, "fp32", stage)
+    assert list(stage.iterdir()) == []
+
+
 def test_cli_refuses_fp16_gqa_before_any_work(tmp_path, tiny_checkpoint):
     checkpoint = tiny_checkpoint(get_recipe("qwen2-7b-instruct"))
     result = CliRunner().invoke(
