@@ -30,6 +30,7 @@ class PromptBuilder:
         if tokenizer.eos_token_id is not None:
             ids.add(int(tokenizer.eos_token_id))
         self.eos_ids = frozenset(ids)
+        self.vocab_size = len(tokenizer)  # len() of a fast tokenizer rebuilds its vocabulary: ~130 ms at 262k tokens
 
     def render(self, request: GenerateRequest) -> str:
         """The prompt text for ``messages`` or ``prompt`` (``raw`` skips the BOS/template)."""
@@ -45,7 +46,7 @@ class PromptBuilder:
     def prompt_ids(self, request: GenerateRequest) -> list[int]:
         """Token ids of the request's prompt."""
         if request.prompt_ids is not None:
-            vocab_size = len(self.tokenizer)
+            vocab_size = self.vocab_size
             if not request.prompt_ids or any(not 0 <= int(t) < vocab_size for t in request.prompt_ids):
                 raise InvalidRequestError(f"prompt_ids must be non-empty ids in [0, {vocab_size})", param="prompt")
             return [int(t) for t in request.prompt_ids]
