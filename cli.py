@@ -8,10 +8,7 @@ from pathlib import Path
 import click
 
 from toolkit import __version__
-
-TARGETS = ("onnx", "trtllm")
-PRECISIONS = ("fp32", "fp16", "int8")
-GRAPHS = ("optimum", "gqa")
+from toolkit.recipes.registry import GRAPHS, PRECISIONS, TARGETS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

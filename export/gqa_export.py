@@ -32,10 +32,15 @@ class GraphBuildError(RuntimeError):
     """The GQA graph could not be built (builder missing, unsupported architecture or precision)."""
 
 
-def builder_command(checkpoint: Path, precision: str, out_dir: Path, cache_dir: Path) -> list[str]:
-    """The onnxruntime-genai builder invocation for ``checkpoint`` at ``precision`` (CPU graph)."""
+def check_precision(precision: str) -> None:
+    """Raise ``GraphBuildError`` unless the gqa graph is built at ``precision``."""
     if precision not in GQA_PRECISIONS:
         raise GraphBuildError(f"the gqa graph is built for {', '.join(GQA_PRECISIONS)} only, not {precision}")
+
+
+def builder_command(checkpoint: Path, precision: str, out_dir: Path, cache_dir: Path) -> list[str]:
+    """The onnxruntime-genai builder invocation for ``checkpoint`` at ``precision`` (CPU graph)."""
+    check_precision(precision)
     options = ["prune_lm_head=true", "hf_token=false", "shared_embeddings=false"]
     if precision == "int8":
         options += INT8_OPTIONS

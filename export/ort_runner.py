@@ -44,6 +44,11 @@ class KvSpec:
     head_dim: int
     dtype: type
 
+    @property
+    def past_names(self) -> list[str]:
+        """The graph's cache inputs in layer order: ``past_key_values.N.key``, ``past_key_values.N.value``."""
+        return [f"past_key_values.{layer}.{kind}" for layer in range(self.num_layers) for kind in ("key", "value")]
+
     def as_manifest(self, graph: str = "optimum") -> dict:
         """The manifest's ``kv_layout`` for an artifact of ``graph``."""
         layout = "[batch, kv_heads, seq, head_dim] per layer, past_key_values.N.key/value"
@@ -86,11 +91,7 @@ class OrtCausalLM:
 
     def _empty_past(self) -> dict[str, np.ndarray]:
         shape = (1, self.spec.num_kv_heads, 0, self.spec.head_dim)
-        return {
-            f"past_key_values.{layer}.{kind}": np.zeros(shape, dtype=self.spec.dtype)
-            for layer in range(self.spec.num_layers)
-            for kind in ("key", "value")
-        }
+        return {name: np.zeros(shape, dtype=self.spec.dtype) for name in self.spec.past_names}
 
     def forward(self, ids: list[int], past: dict[str, np.ndarray] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Run ``ids`` after ``past``; return float32 logits [len(ids), vocab] and the new past."""

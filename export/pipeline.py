@@ -161,10 +161,9 @@ def run_export(request: ExportRequest, reporter: StageReporter) -> ExportOutcome
             f"recipe {recipe.name!r} does not support {request.target} at {request.precision}; see `toolkit recipes`"
         )
     if request.target == "onnx" and request.graph == "gqa":
-        from toolkit.export.gqa_export import GQA_PRECISIONS, GraphBuildError
+        from toolkit.export.gqa_export import check_precision
 
-        if request.precision not in GQA_PRECISIONS:
-            raise GraphBuildError(f"the gqa graph is built for {', '.join(GQA_PRECISIONS)} only, not {request.precision}")
+        check_precision(request.precision)  # before minutes of ONNX work
     if request.target == "trtllm":
         from toolkit.export.trtllm_export import import_tensorrt_llm
 

@@ -25,9 +25,7 @@ class GqaModelRunner:
         self.session = create_session(model_path, threads)
         self.spec = kv_spec(self.session, model_path)
         self.max_length = max_length
-        self.past_names = [
-            f"past_key_values.{layer}.{kind}" for layer in range(self.spec.num_layers) for kind in ("key", "value")
-        ]
+        self.past_names = self.spec.past_names
         self.present_of = {n: n.replace("past_key_values.", "present.", 1) for n in self.past_names}
 
     def new_batch(self) -> SharedKV:

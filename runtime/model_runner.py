@@ -18,9 +18,7 @@ class OnnxModelRunner:
         self.spec = kv_spec(self.session)
         inputs = {i.name for i in self.session.get_inputs()}
         self.has_position_ids = "position_ids" in inputs
-        self.past_names = [
-            f"past_key_values.{layer}.{kind}" for layer in range(self.spec.num_layers) for kind in ("key", "value")
-        ]
+        self.past_names = self.spec.past_names
         self.present_names = [n.replace("past_key_values.", "present.", 1) for n in self.past_names]
         self.output_names = ["logits", *self.present_names]
 
