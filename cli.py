@@ -162,20 +162,20 @@ def bench(url, offline, engine_dir, model, schema, concurrency, rate, requests_p
 
     from rich.console import Console
 
-    from toolkit.runtime.bench_report import results_table, save_results
+    from toolkit.bench.report import results_table, save_results
 
     levels = [int(x) for x in concurrency.split(",") if x.strip()]
     if offline == bool(url):
         raise click.UsageError("give a server URL, or --offline to benchmark an engine without HTTP")
     meta = {"prompt_tokens": prompt_tokens, "max_tokens": max_tokens}
     if offline:
-        from toolkit.runtime.bench import bench_offline
+        from toolkit.bench.offline import bench_offline
 
         engine_dir = _engine_dir_or_default(engine_dir)
         results = asyncio.run(bench_offline(engine_dir, levels, prompt_tokens, max_tokens, threads))
         title, name, meta = f"Offline engine benchmark: {engine_dir.name}", f"offline-{engine_dir.name}", {**meta, "engine_dir": str(engine_dir), "threads": threads}
     else:
-        from toolkit.server.loadgen import run_http_bench
+        from toolkit.bench.loadgen import run_http_bench
 
         per_level = requests_per_level or max(8, 2 * max(levels))
         results = asyncio.run(run_http_bench(

@@ -47,7 +47,7 @@ def llama_level(args: argparse.Namespace, gguf: Path, level: int) -> dict:
 
 def ours_level(args: argparse.Namespace, engine_dir: Path, level: int) -> dict:
     """One level of our engine alone (toolkit bench --offline's measurement)."""
-    from toolkit.runtime.bench import bench_offline
+    from toolkit.bench.offline import bench_offline
 
     return asyncio.run(bench_offline(engine_dir, [level], args.prompt_tokens, args.max_tokens, args.threads))[0]
 

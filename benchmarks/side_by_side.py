@@ -27,8 +27,8 @@ from pathlib import Path
 
 import httpx
 
-from toolkit.runtime.bench_report import plot_results, results_table, save_results
-from toolkit.server.loadgen import run_http_bench
+from toolkit.bench.loadgen import run_http_bench
+from toolkit.bench.report import plot_results, results_table, save_results
 
 ENGINE_ALONE = "engine-alone"
 AMX_OFF = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
@@ -147,7 +147,7 @@ def engine_alone(level: int, args: argparse.Namespace) -> list[dict]:
     """One level of the default engine without HTTP, in this process, with the servers' thread count."""
     from toolkit.export.pipeline import ensure_default_engine
     from toolkit.export.progress import StageReporter
-    from toolkit.runtime.bench import bench_offline
+    from toolkit.bench.offline import bench_offline
 
     engine_dir = ensure_default_engine(StageReporter(quiet=True))
     return asyncio.run(bench_offline(engine_dir, [level], args.prompt_tokens, args.max_tokens, args.threads))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from toolkit.server.loadgen import LoadSpec, prompt_text, request_body, stream_request
+from toolkit.bench.loadgen import LoadSpec, prompt_text, request_body, stream_request
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import uvicorn
 
-from toolkit.server.loadgen import LoadSpec, parse_event, prompt_text, request_body, run_http_bench, stream_request
+from toolkit.bench.loadgen import LoadSpec, parse_event, prompt_text, request_body, run_http_bench, stream_request
 
 
 class FakeServer:

@@ -7,7 +7,7 @@ latency come from the client's view. Output tokens come from the server's final 
 
 Modes: ``concurrency`` (N workers each sending requests back to back until ``requests_per_level``
 are done) and ``rate`` (Poisson arrivals at ``rate`` req/s; the level caps the requests in flight,
-0 = no cap). Per level the result is :class:`toolkit.runtime.bench.LevelResult` as a dict plus
+0 = no cap). Per level the result is :class:`toolkit.bench.offline.LevelResult` as a dict plus
 ``errors`` (non-2xx, error events, streams cut short, exceptions), ``request_throughput`` and more.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from toolkit.runtime.bench import FILLER, summarize
+from toolkit.bench.offline import FILLER, summarize
 
 SCHEMAS = ("openai", "workers-ai")
 MODES = ("concurrency", "rate")
