@@ -2,8 +2,8 @@
 
 transformers 4.57's GGUF tokenizer conversion is wrong for Gemma 3: it builds a Unigram model
 (Gemma is BPE with byte fallback) and renames the byte token ``<0x09>`` to ``"\\t"``, which
-collides with an existing token (262,143 entries instead of 262,144). This module follows the
-recipe in ``shared/reference/default-model-tokenizer.md`` instead:
+collides with an existing token (262,143 entries instead of 262,144). This module builds the
+tokenizer itself instead:
 
 * BPE with byte fallback over the GGUF vocabulary, in GGUF order;
 * whitespace-run tokens (stored by llama.cpp with real spaces) respelled with ``▁``;

@@ -1,14 +1,13 @@
 """The embedded default model exported as a plain fp32 Hugging Face checkpoint.
 
 Builds the checkpoint once (about a minute on CPU) and checks it against the reference vectors
-in ``shared/reference/default-model-vectors.json``: exact tokenizer ids, lossless round trips,
-streaming decode, and the fp32 greedy continuation.
+in ``tests/data/default-model-vectors.json`` (PyTorch fp32): exact tokenizer ids, lossless round
+trips, streaming decode, and the fp32 greedy continuation.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -21,11 +20,7 @@ from toolkit.export.default_model import (
 
 pytestmark = pytest.mark.slow
 
-REFERENCE_VECTORS = Path(
-    os.environ.get(
-        "TOOLKIT_DEFAULT_MODEL_VECTORS", "/work/shared/reference/default-model-vectors.json"
-    )
-)
+REFERENCE_VECTORS = Path(__file__).resolve().parent / "data" / "default-model-vectors.json"
 EXPECTED_STAGES = [
     "assembling GGUF",
     "loading GGUF weights",
@@ -48,9 +43,7 @@ STREAM_TEXT = "Hello 世界! 👩‍👩‍👧‍👦 𓀀 🇯🇵 naïve caf�
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    """The reference prompt ids and greedy continuation."""
-    if not REFERENCE_VECTORS.is_file():
-        pytest.skip(f"reference vectors not found at {REFERENCE_VECTORS}")
+    """The reference prompt ids and greedy continuation (a missing file is an error, not a skip)."""
     return json.loads(REFERENCE_VECTORS.read_text(encoding="utf-8"))
 
 

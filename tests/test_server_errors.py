@@ -1,7 +1,6 @@
 """Errors, limits and operations against a live server: each API answers in its own envelope.
 
-Covers pitfalls 8-10 of ../shared/reference/README.md (disconnect, unknown fields / wrong
-types, invalid parameters), auth, body size, overload, mid-stream errors, /health, /metrics,
+Covers client disconnects, unknown fields, wrong types and out-of-range parameters, auth, body size, overload, mid-stream errors, /health, /metrics,
 request ids and the OpenAPI schema.
 """
 
@@ -64,14 +63,14 @@ def test_malformed_bodies_in_both_schemas(served, content):
                                          ("top_p", 0), ("top_k", -1), ("top_k", 1000), ("max_tokens", -1),
                                          ("presence_penalty", 3), ("repetition_penalty", 0), ("seed", -1),
                                          ("stop", ["s"] * 17), ("stream", "yes"), ("logprobs", 1)])
-def test_pitfall9_and_10_wrong_type_or_range_names_the_field(client, field, value):
+def test_wrong_type_or_out_of_range_value_names_the_field(client, field, value):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
                                        extra_body={field: value})
     assert info.value.status_code == 400 and info.value.param == field and field in info.value.message
 
 
-def test_pitfall9_unknown_fields_are_tolerated_and_logged(client, caplog):
+def test_unknown_fields_are_tolerated_and_logged(client, caplog):
     with caplog.at_level(logging.INFO, logger="toolkit.server.wire"):
         reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "new"}],
                                                extra_body={"some_future_field": {"a": 1}})
@@ -79,7 +78,7 @@ def test_pitfall9_unknown_fields_are_tolerated_and_logged(client, caplog):
     assert any("some_future_field" in r.getMessage() for r in caplog.records)
 
 
-def test_pitfall10_prompt_beyond_context(client):
+def test_prompt_beyond_the_context_window_is_refused(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="google/codegemma-7b-it",
                                        messages=[{"role": "user", "content": "word " * 100}])
@@ -144,7 +143,7 @@ def test_error_after_stream_started_is_an_error_event(client, served):
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_pitfall8_disconnect_aborts_and_frees_the_cache(served, stream):
+def test_client_disconnect_aborts_and_frees_the_cache(served, stream):
     key = f"slow {stream}"
     served.gemma.script(key, pieces=["tok "] * 200, delay_s=0.02)
     with httpx.Client(timeout=httpx.Timeout(10, read=0.3 if not stream else 10)) as http:

@@ -1,7 +1,8 @@
 """The OpenAI schema against a live server (uvicorn on 127.0.0.1) over fake engines.
 
-Clients: the official ``openai`` package and raw httpx for exact SSE bytes. Pitfalls 1-7 of
-../shared/reference/README.md each have their own test here (8-10 in test_server_errors.py).
+Clients: the official ``openai`` package and raw httpx for exact SSE bytes. Streaming usage,
+tool calls, stop strings, split UTF-8, ``n``, seeds and logprobs each have their own test here;
+disconnects, unknown fields and invalid values are in test_server_errors.py.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-def test_chat_completion_like_the_reference(client, served):
+def test_chat_completion_fields_usage_and_estimated_cost(client, served):
     reply = client.chat.completions.create(model=MODEL, messages=user("chat basic"))
     assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-") and reply.model == MODEL
     choice = reply.choices[0]
@@ -94,7 +95,7 @@ def test_completion_stream_exact_bytes(served):
     assert r.content == expected.encode()
 
 
-def test_pitfall1_include_usage_adds_one_chunk_and_nulls(served):
+def test_include_usage_adds_one_final_usage_chunk_and_nulls(served):
     body = {"model": MODEL, "stream": True, "messages": user("usage"), "stream_options": {"include_usage": True}}
     events = sse_data(served.post("/v1/chat/completions", json=body).content)
     assert events[-1] == "[DONE]"
@@ -107,7 +108,7 @@ def test_pitfall1_include_usage_adds_one_chunk_and_nulls(served):
 
 
 @pytest.mark.parametrize("options", [None, {}, {"include_usage": False}])
-def test_pitfall1_no_usage_unless_asked(served, options):
+def test_stream_has_no_usage_unless_asked(served, options):
     body = {"model": MODEL, "stream": True, "messages": user("no usage")}
     if options is not None:
         body["stream_options"] = options
@@ -126,7 +127,7 @@ def test_openai_client_stream_with_usage(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(DEFAULT_PIECES)
 
 
-def test_pitfall2_and_3_tool_call_auto(client, served):
+def test_tool_choice_auto_returns_a_parsed_tool_call(client, served):
     served.gemma.script("weather?", pieces=['{"name": "get', '_weather", "argu', 'ments": {"ci', 'ty": "Paris"}}'])
     reply = client.chat.completions.create(model=MODEL, messages=user("weather?"), tools=[WEATHER_TOOL])
     choice = reply.choices[0]
@@ -138,7 +139,7 @@ def test_pitfall2_and_3_tool_call_auto(client, served):
     assert system["role"] == "system" and '"get_weather"' in system["content"]
 
 
-def test_pitfall2_and_3_streamed_tool_call_fragments_join(client, served):
+def test_streamed_tool_call_argument_fragments_join_into_json(client, served):
     args = {"city": "Reykjavík", "detail": "a long description so that the arguments take several fragments"}
     text = json.dumps({"name": "get_weather", "arguments": args}, ensure_ascii=False)
     served.gemma.script("stream weather", pieces=[text[i:i + 7] for i in range(0, len(text), 7)])
@@ -151,7 +152,7 @@ def test_pitfall2_and_3_streamed_tool_call_fragments_join(client, served):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
-def test_pitfall3_tool_without_parameters_gets_empty_object(client, served):
+def test_tool_without_parameters_gets_empty_arguments_object(client, served):
     for stream in (False, True):
         result = client.chat.completions.create(model=MODEL, messages=user("what time"), tools=[CLOCK_TOOL],
                                                 tool_choice="required", stream=stream)
@@ -195,7 +196,7 @@ def test_tool_history_is_rendered(client, served):
     assert turns[3] == {"role": "user", "content": "Tool result (get_weather): -3C"}
 
 
-def test_pitfall4_stop_string_across_tokens_never_leaks(served):
+def test_stop_string_spanning_tokens_never_leaks(served):
     served.gemma.script("stop span", pieces=["Hello", " wor", "ld", "! bye"])
     body = {"model": MODEL, "stream": True, "messages": user("stop span"), "stop": ["world"]}
     chunks = [json.loads(e) for e in sse_data(served.post("/v1/chat/completions", json=body).content)[:-1]]
@@ -209,7 +210,7 @@ def test_stop_with_openai_client(client):
     assert reply.choices[0].message.content == "Hello! I am a " and reply.choices[0].finish_reason == "stop"
 
 
-def test_pitfall5_split_utf8_never_streams_replacement_char(served):
+def test_split_utf8_never_streams_a_replacement_char(served):
     served.gemma.script("utf8", pieces=[b"caf\xc3", b"\xa9 ", b"\xf0\x9f", b"\x98\x80", b"!"])
     raw = served.post("/v1/chat/completions", json={"model": MODEL, "stream": True, "messages": user("utf8")}).content
     assert "\ufffd".encode() not in raw and b"\\ufffd" not in raw
@@ -217,7 +218,7 @@ def test_pitfall5_split_utf8_never_streams_replacement_char(served):
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "café 😀!"
 
 
-def test_pitfall6_n2_returns_two_choices(client):
+def test_n2_returns_two_choices_stream_and_not(client):
     reply = client.chat.completions.create(model=MODEL, messages=user("two"), n=2)
     assert [c.index for c in reply.choices] == [0, 1]
     assert reply.choices[0].message.content != reply.choices[1].message.content
@@ -233,7 +234,7 @@ def test_pitfall6_n2_returns_two_choices(client):
     assert finishes == {0: "stop", 1: "stop"}
 
 
-def test_pitfall7_same_seed_same_output_whatever_is_batched(client):
+def test_same_seed_same_output_whatever_is_batched(client):
     def ask(args):
         text, seed = args
         return client.chat.completions.create(model=MODEL, messages=user(text), seed=seed,

@@ -3,9 +3,9 @@
 ``toolkit.server.serve.build_app`` loads two tiny exported engine directories (the session
 fixture ``tiny_engine``) exactly as ``toolkit serve DIR DIR`` does; uvicorn runs it in a
 thread. Clients: the official ``openai`` package, the ``cloudflare`` SDK's ``ai.run`` and raw
-httpx for exact SSE bytes. Every pitfall of ../shared/reference/README.md is exercised here
-against the real runtime (detokenizer, stop strings, JSON constraints, seeds, batching,
-abort), where the fake-engine tests (test_server_*.py) can only check the server's plumbing.
+httpx for exact SSE bytes. Streaming usage, split multi-byte characters, ``n``, stop strings,
+seeds, tool calls, context limits, unknown fields and disconnects are exercised here against the
+real runtime (detokenizer, stop strings, JSON constraints, seeds, batching, abort), where the fake-engine tests (test_server_*.py) can only check the server's plumbing.
 
 The tiny models have random weights, so the tests never expect meaningful text: they compare
 the server against the engine directory's own fp32 reference, against itself (stream vs not,
@@ -246,7 +246,7 @@ def test_openai_client_completion_stream_equals_non_stream(oa):
 
 
 @pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
-def test_pitfall1_usage_chunk_only_when_asked(served, path):
+def test_usage_chunk_only_when_asked(served, path):
     body = {"model": GEMMA, "stream": True, "max_tokens": 12, "temperature": 0}
     body.update({"messages": user("usage please")} if path == CHAT else {"prompt": "usage please"})
     asked = events(post(served, path, {**body, "stream_options": {"include_usage": True}}))
@@ -263,7 +263,7 @@ def test_pitfall1_usage_chunk_only_when_asked(served, path):
 
 
 @pytest.mark.parametrize("model", [GEMMA, QWEN])
-def test_pitfall5_split_multibyte_characters_never_stream_u_fffd(oa, served, model):
+def test_split_multibyte_characters_never_stream_u_fffd(oa, served, model):
     """A JSON-schema const forces characters that the tiny tokenizers split into byte tokens."""
     schema = {"type": "object", "properties": {"text": {"const": MULTIBYTE}}, "required": ["text"],
               "additionalProperties": False}
@@ -285,7 +285,7 @@ def test_pitfall5_split_multibyte_characters_never_stream_u_fffd(oa, served, mod
         assert len(chunks) > 10  # really streamed piecewise
 
 
-def test_pitfall5_workers_ai_stream_of_multibyte_text(served):
+def test_workers_ai_stream_of_multibyte_text(served):
     body = {"prompt": "Translate good morning into German and Japanese: Guten Morgen, おはようございます.",
             "temperature": 0, "max_tokens": 120}
     whole = post(served, RUN_GEMMA, body).json()["result"]["response"]
@@ -298,7 +298,7 @@ def test_pitfall5_workers_ai_stream_of_multibyte_text(served):
 
 # ---- n, stop strings, seeds, logprobs ------------------------------------------------------------
 
-def test_pitfall6_n2_two_choices_stream_and_not(oa, served):
+def test_n2_two_choices_stream_and_not(oa, served):
     args = dict(model=QWEN, messages=user("Hi"), n=2, max_tokens=16, temperature=1.0, seed=11, logprobs=True)
     reply = oa.chat.completions.create(**args)
     assert [c.index for c in reply.choices] == [0, 1]
@@ -314,7 +314,7 @@ def test_pitfall6_n2_two_choices_stream_and_not(oa, served):
     assert sorted(c.index for c in legacy.choices) == [0, 1]
 
 
-def test_pitfall6_n_above_four_is_a_clear_400(oa):
+def test_n_above_four_is_a_clear_400(oa):
     with pytest.raises(openai.BadRequestError) as info:
         oa.chat.completions.create(model=QWEN, messages=user("Hi"), n=5, max_tokens=4)
     assert info.value.body["param"] == "n"
@@ -334,7 +334,7 @@ def _stop_across_tokens(text: str, tokens: list[str]) -> tuple[str, int]:
 
 
 @pytest.mark.parametrize("model", [GEMMA, QWEN])
-def test_pitfall4_stop_string_spanning_tokens_is_never_emitted(oa, served, model):
+def test_stop_string_spanning_tokens_is_never_emitted(oa, served, model):
     messages = user("Hello! How can I help? Tell me a short joke about computers")
     greedy = oa.chat.completions.create(model=model, messages=messages, max_tokens=40, temperature=0,
                                         logprobs=True).choices[0]
@@ -353,7 +353,7 @@ def test_pitfall4_stop_string_spanning_tokens_is_never_emitted(oa, served, model
     assert single.choices[0].message.content == text[:at]
 
 
-def test_pitfall7_same_seed_same_text_alone_and_in_a_busy_batch(oa, served):
+def test_same_seed_same_text_alone_and_in_a_busy_batch(oa, served):
     def ask(prompt: str, seed: int | None, max_tokens: int = 24) -> str:
         return oa.chat.completions.create(model=QWEN, messages=user(prompt), temperature=1.0, top_p=0.95,
                                           seed=seed, max_tokens=max_tokens).choices[0].message.content
@@ -435,7 +435,7 @@ def test_json_object_mode_parses(oa):
 
 
 @pytest.mark.parametrize("model", [GEMMA, QWEN])
-def test_pitfall2_3_required_and_named_tool_choice(oa, model):
+def test_required_and_named_tool_choice_give_valid_calls(oa, model):
     tools = [WEATHER_TOOL, CLOCK_TOOL]
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}},
                    {"type": "function", "function": {"name": "get_time"}}):
@@ -455,7 +455,7 @@ def test_pitfall2_3_required_and_named_tool_choice(oa, model):
 
 
 @pytest.mark.parametrize("model", [GEMMA, QWEN])
-def test_pitfall3_streamed_tool_call_fragments_join_into_json(oa, served, model):
+def test_streamed_tool_call_fragments_join_into_json(oa, served, model):
     body = {"model": model, "messages": user("Weather in Paris?"), "tools": [WEATHER_TOOL, CLOCK_TOOL],
             "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "max_tokens": 60,
             "temperature": 1.0, "seed": 5}
@@ -510,7 +510,7 @@ def test_engine_failure_mid_stream_is_an_error_event(served, path):
 
 # ---- context window --------------------------------------------------------------------------
 
-def test_pitfall10_prompt_beyond_the_context_in_both_schemas(oa, cf, served):
+def test_prompt_beyond_the_context_in_both_schemas(oa, cf, served):
     long_text = "hello world " * 400
     with pytest.raises(openai.BadRequestError) as info:
         oa.chat.completions.create(model=GEMMA, messages=user(long_text), max_tokens=8)
@@ -531,7 +531,7 @@ def test_pitfall10_prompt_beyond_the_context_in_both_schemas(oa, cf, served):
     assert all(idle(engine) for engine in served.engines.values())
 
 
-def test_pitfall9_10_unknown_fields_tolerated_bad_values_named(served):
+def test_unknown_fields_tolerated_and_bad_values_named(served):
     ok = post(served, CHAT, {"model": QWEN, "messages": user("Hi"), "max_tokens": 4, "some_future_field": {"x": 1}})
     assert ok.status_code == 200
     for field, value in (("top_k", -1), ("temperature", "hot"), ("max_tokens", -5)):
@@ -609,7 +609,7 @@ def test_workers_ai_sdk_errors(cf):
     assert lora.value.status_code == 405
 
 
-# ---- pitfall 8: a disconnect aborts the generation and frees its cache -------------------------
+# ---- a disconnect aborts the generation and frees its cache -------------------------
 
 LONG_JSON = {"type": "json_schema", "json_schema": {"name": "long", "schema": {
     "type": "object", "properties": {"s": {"type": "string", "minLength": 4000}}, "required": ["s"]}}}
@@ -636,7 +636,7 @@ def _send_raw(served, path: str, body: dict) -> socket.socket:
 
 
 @pytest.mark.parametrize("case", list(DISCONNECTS))
-def test_pitfall8_disconnect_aborts_and_frees_the_cache(served, case):
+def test_client_disconnect_aborts_and_frees_the_cache(served, case):
     path, body = DISCONNECTS[case]
     body = {**body, "max_tokens": 400}
     engine = served.engines[QWEN]

@@ -1,9 +1,10 @@
 """OpenAI (DeepInfra flavour) request schemas as msgspec Structs, with the reference ranges.
 
-Ranges follow the DeepInfra model pages in ../shared/reference: temperature 0..2, top_p (0,1],
-min_p 0..1, top_k 0..<1000, max_tokens 0..1000000, up to 16 stop sequences, n 1..4,
-penalties -2..2, repetition_penalty 0.01..5, seed 0..2**63-1. ``None`` means "not given":
-the recipe's default (``defaults.openai``) applies. Unknown fields are ignored (and logged).
+Ranges follow DeepInfra's OpenAI-compatible API (https://deepinfra.com/docs/openai_api) and
+the OpenAI chat API reference (https://platform.openai.com/docs/api-reference/chat/create):
+temperature 0..2, top_p (0,1], min_p 0..1, top_k 0..<1000, max_tokens 0..1000000, up to 16
+stop sequences, n 1..4, penalties -2..2, repetition_penalty 0.01..5, seed 0..2**63-1. ``None``
+means "not given": the recipe's default (``defaults.openai``) applies. Unknown fields are ignored (and logged).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Workers AI text-generation input (both the ``prompt`` and the ``messages`` form) as msgspec Structs.
 
-Ranges follow ../shared/reference/workers-ai-gemma-7b-it.txt: max_tokens default 256,
+Ranges follow the Workers AI model page of gemma-7b-it
+(https://developers.cloudflare.com/workers-ai/models/gemma-7b-it/): max_tokens default 256,
 temperature 0..5 (default 0.6), top_p 0.001..1, top_k 1..50, seed 1..9999999999,
 repetition_penalty 0..2, frequency/presence penalty -2..2. Unknown fields are ignored (and logged).
 """
