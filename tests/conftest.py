@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fake_trtllm import FakeTrtLlm  # noqa: E402
 from tiny_models import build_tiny_checkpoint  # noqa: E402
 
 
@@ -52,3 +53,41 @@ def tiny_engine(tmp_path_factory, tiny_checkpoint):
         return built[key]
 
     return make
+
+
+@pytest.fixture
+def fake_trtllm(monkeypatch: pytest.MonkeyPatch) -> FakeTrtLlm:
+    """A fake ``tensorrt_llm`` installed in ``sys.modules`` for one test (see fake_trtllm.py)."""
+    fake = FakeTrtLlm()
+    fake.install(monkeypatch)
+    return fake
+
+
+@pytest.fixture(scope="module")
+def served():
+    """The app over FakeEngines (see ``fake_engine.Served``), live on 127.0.0.1, one per test module.
+
+    test_server_real.py and test_server_default_model.py define their own ``served`` over real engines.
+    """
+    from fake_engine import Served
+
+    with Served() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    """The official ``openai`` client pointed at ``served`` (no retries)."""
+    import openai
+    from fake_engine import Served
+
+    return openai.OpenAI(api_key=Served.API_KEY, base_url=f"{served.base_url}/v1", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def cf(served):
+    """The ``cloudflare`` SDK pointed at ``served`` (no retries)."""
+    import cloudflare
+    from fake_engine import Served
+
+    return cloudflare.Cloudflare(api_token=Served.API_KEY, base_url=f"{served.base_url}/client/v4", max_retries=0)

@@ -396,12 +396,6 @@ AT_LIMITS: list[tuple[str, str, bytes]] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def served():
-    with Served() as server:
-        yield server
-
-
 def send_raw(port: int, data: bytes, timeout: float = 15.0) -> tuple[int, dict[str, str], bytes]:
     """Send one raw HTTP request (with ``Connection: close``); the status, headers and body of the answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:

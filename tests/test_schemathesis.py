@@ -65,12 +65,6 @@ schema.config.phases.update(phases=["examples", "coverage", "fuzzing"])
 schema.config.generation.update(max_examples=MAX_EXAMPLES)
 
 
-@pytest.fixture(scope="module")
-def served():
-    with Served() as server:
-        yield server
-
-
 def test_served_schema_is_the_tested_one(served):
     live = httpx.get(served.base_url + "/schema/openapi.json", timeout=10).json()
     assert live == RAW_SCHEMA

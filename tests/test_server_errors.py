@@ -12,7 +12,7 @@ import logging
 import httpx
 import openai
 import pytest
-from fake_engine import FakeEngine, LiveServer, Served, sse_data, wait_until
+from fake_engine import FakeEngine, LiveServer, sse_data, wait_until
 from toolkit.recipes import get_recipe
 from toolkit.runtime.errors import EngineFailureError, OverloadedError
 from toolkit.server.app import create_app
@@ -20,17 +20,6 @@ from toolkit.server.app import create_app
 MODEL = "google/gemma-7b-it"
 CHAT = "/v1/chat/completions"
 RUN = "/client/v4/accounts/a/ai/run/@hf/google/gemma-7b-it"
-
-
-@pytest.fixture(scope="module")
-def served():
-    with Served() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    return openai.OpenAI(api_key=Served.API_KEY, base_url=f"{served.base_url}/v1", max_retries=0)
 
 
 def chat(text: str, **extra) -> dict:
@@ -71,7 +60,7 @@ def test_wrong_type_or_out_of_range_value_names_the_field(client, field, value):
 
 
 def test_unknown_fields_are_tolerated_and_logged(client, caplog):
-    with caplog.at_level(logging.INFO, logger="toolkit.server.wire"):
+    with caplog.at_level(logging.INFO, logger="toolkit.server.body"):
         reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "new"}],
                                                extra_body={"some_future_field": {"a": 1}})
     assert reply.choices[0].message.content

@@ -23,17 +23,6 @@ WEATHER_TOOL = {"type": "function", "function": {
 CLOCK_TOOL = {"type": "function", "function": {"name": "get_time", "description": "The time now"}}
 
 
-@pytest.fixture(scope="module")
-def served():
-    with Served() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    return openai.OpenAI(api_key=Served.API_KEY, base_url=f"{served.base_url}/v1", max_retries=0)
-
-
 def user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 

@@ -6,7 +6,7 @@ import json
 
 import cloudflare
 import pytest
-from fake_engine import DEFAULT_PIECES, Served, sse_data
+from fake_engine import DEFAULT_PIECES, sse_data
 
 MODEL = "@hf/google/gemma-7b-it"
 RUN = f"/client/v4/accounts/acc123/ai/run/{MODEL}"
@@ -15,17 +15,6 @@ FLAT_TOOL = {"name": "get_weather", "description": "Current weather",
              "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "city"}},
                             "required": ["city"]}}
 CALL_TEXT = '{"name": "get_weather", "arguments": {"city": "Lisbon"}}'
-
-
-@pytest.fixture(scope="module")
-def served():
-    with Served() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def cf(served):
-    return cloudflare.Cloudflare(api_token=Served.API_KEY, base_url=f"{served.base_url}/client/v4", max_retries=0)
 
 
 def test_sdk_prompt_with_percent_encoded_model(cf, served):

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
+from fake_trtllm import FakeQuantAlgo, FakeTrtLlm
 from gpu_check import trtllm_gpu_skip_reason
 
 from toolkit.export import trtllm_export
@@ -26,67 +24,6 @@ PRECISIONS = ("fp16", "int8")
 # Set by hand from recipes/codellama-70b-instruct.toml, not read from the recipe, so a changed
 # recipe or a plan that ignores it fails here.
 EXPECTED_TP = {("codellama-70b-instruct", "fp16"): 8, ("codellama-70b-instruct", "int8"): 4}
-
-
-class FakeQuantAlgo(str, enum.Enum):
-    W8A16 = "W8A16"
-    W4A16 = "W4A16"
-
-
-class FakeTrtLlm:
-    """Records every call the builder makes into a fake ``tensorrt_llm``."""
-
-    def __init__(self) -> None:
-        self.llms: list[FakeTrtLlm.LLM] = []
-        self.build_configs: list[FakeTrtLlm.BuildConfig] = []
-        self.quant_configs: list[FakeTrtLlm.QuantConfig] = []
-        fake = self
-
-        class BuildConfig:
-            def __init__(self, **kwargs):
-                self.kwargs = kwargs
-                fake.build_configs.append(self)
-
-        class QuantConfig:
-            def __init__(self, **kwargs):
-                self.kwargs = kwargs
-                fake.quant_configs.append(self)
-
-        class LLM:
-            def __init__(self, **kwargs):
-                self.kwargs = kwargs
-                self.saved: list[str] = []
-                self.shutdowns = 0
-                fake.llms.append(self)
-
-            def save(self, engine_dir):
-                self.saved.append(engine_dir)
-
-            def shutdown(self):
-                self.shutdowns += 1
-
-        self.BuildConfig, self.QuantConfig, self.LLM = BuildConfig, QuantConfig, LLM
-
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        root = types.ModuleType("tensorrt_llm")
-        root.__path__ = []  # a package, so submodule imports resolve through sys.modules
-        root.__version__ = "1.2.1"
-        engine = types.ModuleType("tensorrt_llm._tensorrt_engine")
-        engine.LLM = self.LLM
-        llmapi = types.ModuleType("tensorrt_llm.llmapi")
-        llmapi.BuildConfig, llmapi.QuantConfig, llmapi.QuantAlgo = self.BuildConfig, self.QuantConfig, FakeQuantAlgo
-        quantization = types.ModuleType("tensorrt_llm.quantization")
-        quantization.QuantAlgo = FakeQuantAlgo
-        root._tensorrt_engine, root.llmapi, root.quantization = engine, llmapi, quantization
-        for module in (root, engine, llmapi, quantization):
-            monkeypatch.setitem(sys.modules, module.__name__, module)
-
-
-@pytest.fixture
-def fake_trtllm(monkeypatch: pytest.MonkeyPatch) -> FakeTrtLlm:
-    fake = FakeTrtLlm()
-    fake.install(monkeypatch)
-    return fake
 
 
 def _cases():

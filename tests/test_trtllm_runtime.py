@@ -7,13 +7,12 @@ import asyncio
 import dataclasses
 import json
 import shutil
-import sys
 import types
-from collections import deque
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_trtllm import FakeLogprob, FakeTrtLlm
 from gpu_check import trtllm_gpu_skip_reason
 
 from toolkit.export.manifest import Manifest
@@ -156,114 +155,7 @@ def test_support_table_covers_every_sampling_field_once() -> None:
     assert trtllm_sampling.FIXED_KWARGS == FIXED
 
 
-# ---- a fake tensorrt_llm ------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class FakeLogprob:
-    logprob: float
-    rank: int | None = None
-
-
-class FakeCompletion:
-    def __init__(self, index: int):
-        self.index, self.token_ids, self.logprobs, self.finish_reason = index, [], [], None
-
-
-class FakeResult:
-    """A streaming ``RequestOutput``: each scripted step extends the cumulative outputs; when the script
-    runs out before every output finished, it waits for ``abort()`` and then reports 'cancelled'."""
-
-    def __init__(self, steps: list, n: int, fail_at: int | None = None):
-        self.steps, self.fail_at, self.seen = deque(steps), fail_at, 0
-        self.outputs = [FakeCompletion(i) for i in range(n)]
-        self.finished = False
-        self.abort_calls = 0
-        self._aborted = asyncio.Event()
-
-    def abort(self) -> None:
-        self.abort_calls += 1
-        self._aborted.set()
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        if self.finished:
-            raise StopAsyncIteration
-        await asyncio.sleep(0)
-        if self.fail_at is not None and self.seen == self.fail_at:
-            raise RuntimeError("executor died")
-        if self.steps and not self.abort_calls:
-            self._apply(self.steps.popleft())
-        else:
-            await self._aborted.wait()
-            self._apply({i: ([], "cancelled") for i, o in enumerate(self.outputs) if o.finish_reason is None})
-        self.seen += 1
-        return self
-
-    def _apply(self, step: dict) -> None:
-        for index, (tokens, finish, *logprobs) in step.items():
-            output = self.outputs[index]
-            output.token_ids.extend(tokens)
-            output.logprobs.extend(logprobs[0] if logprobs else [])
-            output.finish_reason = finish
-        self.finished = all(o.finish_reason is not None for o in self.outputs)
-
-
-class FakeTrtLlm:
-    """Installs ``tensorrt_llm`` modules whose classes record how the toolkit calls them."""
-
-    def __init__(self) -> None:
-        self.llms, self.results, self.scripts = [], [], []
-        self.stats: list = []
-        self.reject: Exception | None = None
-        self.fail_at: int | None = None
-        fake = self
-
-        class LLM:
-            def __init__(self, **kwargs):
-                self.kwargs, self.calls, self.shutdowns = kwargs, [], 0
-                fake.llms.append(self)
-
-            def generate_async(self, inputs, sampling_params=None, streaming=False):
-                if fake.reject is not None:
-                    raise fake.reject
-                self.calls.append((inputs, sampling_params, streaming))
-                result = FakeResult(fake.scripts.pop(0) if fake.scripts else [], sampling_params.kwargs["n"], fake.fail_at)
-                fake.results.append(result)
-                return result
-
-            def get_stats(self, timeout=2):
-                return fake.stats
-
-            def shutdown(self):
-                self.shutdowns += 1
-
-        self.LLM = LLM
-        self.SamplingParams = type("SamplingParams", (_Recorder,), {})
-        self.GuidedDecodingParams = type("GuidedDecodingParams", (_Recorder,), {})
-        self.KvCacheConfig = type("KvCacheConfig", (_Recorder,), {})
-
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        root = types.ModuleType("tensorrt_llm")
-        root.__path__, root.__version__ = [], "1.2.0"
-        engine = types.ModuleType("tensorrt_llm._tensorrt_engine")
-        engine.LLM = self.LLM
-        llmapi = types.ModuleType("tensorrt_llm.llmapi")
-        for name in ("SamplingParams", "GuidedDecodingParams", "KvCacheConfig"):
-            setattr(llmapi, name, getattr(self, name))
-        llmapi.BuildConfig = llmapi.QuantConfig = llmapi.QuantAlgo = _Recorder
-        root._tensorrt_engine, root.llmapi = engine, llmapi
-        for module in (root, engine, llmapi):
-            monkeypatch.setitem(sys.modules, module.__name__, module)
-
-
-@pytest.fixture
-def fake_trtllm(monkeypatch: pytest.MonkeyPatch) -> FakeTrtLlm:
-    fake = FakeTrtLlm()
-    fake.install(monkeypatch)
-    return fake
+# ---- with a fake tensorrt_llm (tests/fake_trtllm.py, the ``fake_trtllm`` fixture) -------------
 
 
 @pytest.fixture(scope="module")
