@@ -9,8 +9,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import skip_policy  # noqa: E402
 from fake_trtllm import FakeTrtLlm  # noqa: E402
 from tiny_models import build_tiny_checkpoint  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A run fails when any test without the ``gpu`` marker was skipped (see skip_policy.py)."""
+    skip_policy.pytest_configure(config)
 
 
 @pytest.fixture(scope="session")

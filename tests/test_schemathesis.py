@@ -17,8 +17,7 @@ import os
 
 import httpx
 import pytest
-
-schemathesis = pytest.importorskip("schemathesis")
+import schemathesis
 from fake_engine import FakeEngine, Served
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
