@@ -19,12 +19,12 @@ from toolkit import __version__
 from toolkit.server import openai as openai_api
 from toolkit.server import workers_ai as workers_ai_api
 from toolkit.server.auth import api_key_guard
-from toolkit.server.context import ServerContext, context_of
+from toolkit.server.body import json_response
 from toolkit.server.metrics import Metrics
 from toolkit.server.middleware import request_context_middleware
 from toolkit.server.openai.routes import OpenAIController
 from toolkit.server.registry import ModelRegistry
-from toolkit.server.wire import json_response
+from toolkit.server.state import AppState, state_of
 from toolkit.server.workers_ai.routes import WorkersAIController
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ WORKERS_AI_PREFIX = "/client/v4/"
 @asynccontextmanager
 async def lifespan(app: Litestar) -> AsyncIterator[None]:
     """Start the engines in the background (``/health`` is 503 until done); stop them on shutdown."""
-    ctx: ServerContext = app.state.ctx
+    ctx: AppState = app.state.ctx
     ctx._start_task = asyncio.create_task(ctx.start_engines())
     try:
         yield
@@ -48,7 +48,7 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
 @get("/health", tags=["Operations"], summary="Readiness")
 async def health(request: Request) -> Response:
     """200 once every engine has started, 503 before (and after shutdown began). No API key needed."""
-    ctx = context_of(request)
+    ctx = state_of(request)
     models = [entry.names[0] for entry in ctx.models.entries]
     if ctx.ready:
         return json_response({"status": "ok", "models": models})
@@ -61,14 +61,14 @@ async def health(request: Request) -> Response:
 
 def metrics_guard(connection: ASGIConnection, handler: Any) -> None:
     """/metrics needs the API key like the API routes, unless the app was built with public_metrics."""
-    if not context_of(connection).public_metrics:
+    if not state_of(connection).public_metrics:
         api_key_guard(connection, handler)
 
 
 @get("/metrics", tags=["Operations"], summary="Prometheus metrics", guards=[metrics_guard])
 async def metrics(request: Request) -> Response:
     """Prometheus exposition: requests, TTFT, inter-token latency, tokens, queue, batch, KV cache."""
-    body, content_type = context_of(request).metrics.render()
+    body, content_type = state_of(request).metrics.render()
     return Response(body, media_type=content_type)
 
 
@@ -95,8 +95,8 @@ def create_app(engines: Mapping[str, Any], api_keys: Sequence[str] | None = None
     """
     models = ModelRegistry(engines)
     keys = tuple(k for k in (api_keys or ()) if k)
-    ctx = ServerContext(models, Metrics(models), keys, shutdown_grace_s, request_timeout_s=request_timeout_s,
-                        public_metrics=public_metrics)
+    ctx = AppState(models, Metrics(models), keys, shutdown_grace_s, request_timeout_s=request_timeout_s,
+                   public_metrics=public_metrics)
     if not keys:
         log.warning("no API key configured: anyone who can reach this server can use it; "
                     "pass --api-key (or TOOLKIT_API_KEY) to require one")

@@ -6,8 +6,8 @@ import hmac
 
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
-from toolkit.server.context import context_of
 from toolkit.server.errors import ApiError
+from toolkit.server.state import state_of
 
 
 def key_matches(token: str, keys: tuple[str, ...]) -> bool:
@@ -21,7 +21,7 @@ def key_matches(token: str, keys: tuple[str, ...]) -> bool:
 
 def api_key_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     """Litestar guard: raise ``unauthorized`` (rendered in the route's own schema) on a bad key."""
-    keys = context_of(connection).api_keys
+    keys = state_of(connection).api_keys
     if not keys:
         return
     values = connection.headers.getall("authorization", [])

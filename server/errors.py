@@ -4,7 +4,7 @@ Handlers and adapters raise :class:`ApiError` for client mistakes; the runtime r
 ``toolkit.runtime.errors`` subclasses and ``InvalidParameterError``. :func:`classify` turns any
 of them into an :class:`ApiError` with a *kind*; each API then renders kinds into its own
 envelope and status in exactly one table (``server/openai/errors.py``,
-``server/workers_ai/errors.py``).
+``server/workers_ai/errors.py``), through the shared responder in ``server/responders.py``.
 """
 
 from __future__ import annotations

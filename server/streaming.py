@@ -11,7 +11,7 @@ from litestar.response import Stream
 from toolkit.runtime.types import RequestOutput
 from toolkit.server.errors import classify
 from toolkit.server.generation import Generation
-from toolkit.server.wire import DONE_EVENT, SSE_HEADERS, sse_event
+from toolkit.server.sse import DONE_EVENT, SSE_HEADERS, sse_event
 
 log = logging.getLogger(__name__)
 

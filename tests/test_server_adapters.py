@@ -17,7 +17,7 @@ from toolkit.server.openai.schemas import ChatCompletionRequest
 from toolkit.server.openai.stream import ChatStream, CompletionStream
 from toolkit.server.registry import ModelRegistry
 from toolkit.server.tools import HoldBack, ToolSpec, make_plan, parse_tool_calls
-from toolkit.server.wire import validation_error
+from toolkit.server.body import validation_error
 from toolkit.server.workers_ai.routes import model_from_path
 
 META = ResponseMeta("id-1", 123, "m")

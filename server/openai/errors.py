@@ -1,12 +1,15 @@
-"""The one place where errors become OpenAI error envelopes and HTTP statuses."""
+"""OpenAI's half of error rendering: its kind → (status, type, code) table and its envelope.
+
+The responder itself (statuses, Retry-After, 499 on disconnect) is shared:
+:class:`toolkit.server.responders.ErrorSchema`.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from litestar import Request, Response
-from toolkit.server.errors import ApiError, ClientDisconnected, classify
-from toolkit.server.wire import json_response
+from toolkit.server.errors import ApiError
+from toolkit.server.responders import ErrorSchema
 
 #: kind → (HTTP status, error type, error code)
 TABLE: dict[str, tuple[int, str, str | None]] = {
@@ -31,15 +34,6 @@ def error_body(error: ApiError) -> dict[str, Any]:
     return {"error": {"message": error.message, "type": kind, "param": error.param, "code": code}}
 
 
-def error_response(exc: BaseException) -> Response:
-    """Any exception → the OpenAI envelope with its status (and Retry-After on 429/503)."""
-    if isinstance(exc, ClientDisconnected):
-        return Response(b"", status_code=499)
-    error = classify(exc)
-    headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s else None
-    return json_response(error_body(error), TABLE[error.kind][0], headers)
-
-
-def exception_handler(_: Request, exc: Exception) -> Response:
-    """Litestar exception handler for the OpenAI routes."""
-    return error_response(exc)
+SCHEMA = ErrorSchema(TABLE, error_body)
+error_response = SCHEMA.response  # any exception → the OpenAI envelope and status
+exception_handler = SCHEMA.exception_handler  # Litestar exception handler for the OpenAI routes

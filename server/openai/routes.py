@@ -9,7 +9,7 @@ from typing import Any
 from litestar import Controller, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from toolkit.server.auth import api_key_guard
-from toolkit.server.context import context_of, request_id_of, stamp_arrival
+from toolkit.server.body import decode_body, json_response
 from toolkit.server.generation import Generation
 from toolkit.server.openai.adapter import Prepared, prepare_chat, prepare_completion
 from toolkit.server.openai.errors import error_body, exception_handler
@@ -23,9 +23,10 @@ from toolkit.server.openai.responses import (
 )
 from toolkit.server.openai.schemas import ChatCompletionRequest, CompletionRequest
 from toolkit.server.openai.stream import ChatStream, CompletionStream
+from toolkit.server.openapi import json_body_operation
 from toolkit.server.registry import ModelEntry
+from toolkit.server.state import request_id_of, stamp_arrival, state_of
 from toolkit.server.streaming import sse_response
-from toolkit.server.wire import decode_body, json_body_operation, json_response
 
 _STARTED = int(time.time())
 
@@ -33,7 +34,7 @@ _STARTED = int(time.time())
 async def _respond(request: Request, prepared: Prepared, entry: ModelEntry, stream: ChatStream | CompletionStream,
                    build: Callable[[list[ChoiceText], dict[str, Any]], dict[str, Any]], streaming: bool) -> Response:
     """Run the generation; answer with SSE (``stream``'s chunks) or the JSON body ``build`` makes."""
-    ctx = context_of(request)
+    ctx = state_of(request)
     generation = Generation(entry, stamp_arrival(request, prepared.request), ctx.metrics, prepared.zero_tokens,
                             timeout_s=ctx.request_timeout_s)
     await generation.start()
@@ -57,7 +58,7 @@ class OpenAIController(Controller):
           operation_class=json_body_operation(ChatCompletionRequest), summary="Create a chat completion")
     async def chat_completions(self, request: Request) -> Response:
         """Chat completion, streamed as SSE when ``stream`` is true."""
-        ctx = context_of(request)
+        ctx = state_of(request)
         body = await decode_body(request, ChatCompletionRequest)
         entry = ctx.resolve(body.model)
         ctx.require_ready()
@@ -71,7 +72,7 @@ class OpenAIController(Controller):
           operation_class=json_body_operation(CompletionRequest), summary="Create a completion")
     async def completions(self, request: Request) -> Response:
         """Text completion of a raw prompt, streamed as SSE when ``stream`` is true."""
-        ctx = context_of(request)
+        ctx = state_of(request)
         body = await decode_body(request, CompletionRequest)
         entry = ctx.resolve(body.model)
         ctx.require_ready()
@@ -85,5 +86,5 @@ class OpenAIController(Controller):
     async def models(self, request: Request) -> Response:
         """Every name each served model answers to (Hugging Face id first, then aliases)."""
         data = [{"id": name, "object": "model", "created": _STARTED, "owned_by": "toolkit", "root": entry.names[0]}
-                for entry in context_of(request).models.entries for name in entry.names]
+                for entry in state_of(request).models.entries for name in entry.names]
         return json_response({"object": "list", "data": data})

@@ -8,11 +8,11 @@ from typing import Any
 
 import msgspec
 from toolkit.runtime.types import GenerateRequest
+from toolkit.server.body import validation_error
 from toolkit.server.errors import ApiError, invalid
 from toolkit.server.registry import ModelEntry
 from toolkit.server.sampling import build_params, resolve_max_tokens
 from toolkit.server.tools import ToolPlan, ToolSpec, make_plan, tool_call_text, tool_result_text
-from toolkit.server.wire import validation_error
 from toolkit.server.workers_ai.schemas import FlatTool, FunctionTool, Message, ResponseFormat, RunRequest
 
 #: Workers AI's own defaults, used when a recipe has none.

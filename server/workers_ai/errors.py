@@ -1,12 +1,15 @@
-"""The one place where errors become Workers AI envelopes, codes and HTTP statuses."""
+"""Workers AI's half of error rendering: its kind → (status, Cloudflare code) table and its envelope.
+
+The responder itself (statuses, Retry-After, 499 on disconnect) is shared:
+:class:`toolkit.server.responders.ErrorSchema`.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from litestar import Request, Response
-from toolkit.server.errors import ApiError, ClientDisconnected, classify
-from toolkit.server.wire import json_response
+from toolkit.server.errors import ApiError
+from toolkit.server.responders import ErrorSchema
 
 #: kind → (HTTP status, Cloudflare error code)
 TABLE: dict[str, tuple[int, int]] = {
@@ -32,15 +35,6 @@ def error_body(error: ApiError) -> dict[str, Any]:
             "messages": []}
 
 
-def error_response(exc: BaseException) -> Response:
-    """Any exception → the Workers AI envelope with its status (and Retry-After on 429/503)."""
-    if isinstance(exc, ClientDisconnected):
-        return Response(b"", status_code=499)
-    error = classify(exc)
-    headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s else None
-    return json_response(error_body(error), TABLE[error.kind][0], headers)
-
-
-def exception_handler(_: Request, exc: Exception) -> Response:
-    """Litestar exception handler for the Workers AI routes."""
-    return error_response(exc)
+SCHEMA = ErrorSchema(TABLE, error_body)
+error_response = SCHEMA.response  # any exception → the Workers AI envelope and status
+exception_handler = SCHEMA.exception_handler  # Litestar exception handler for the Workers AI routes

@@ -11,10 +11,11 @@ from __future__ import annotations
 from litestar import Controller, Request, Response, post
 from litestar.exceptions import HTTPException
 from toolkit.server.auth import api_key_guard
-from toolkit.server.context import context_of, request_id_of, stamp_arrival
+from toolkit.server.body import decode_body, json_response
 from toolkit.server.generation import Generation
+from toolkit.server.openapi import json_body_operation
+from toolkit.server.state import request_id_of, stamp_arrival, state_of
 from toolkit.server.streaming import sse_response
-from toolkit.server.wire import decode_body, json_body_operation, json_response
 from toolkit.server.workers_ai.adapter import prepare_run
 from toolkit.server.workers_ai.errors import error_body, exception_handler
 from toolkit.server.workers_ai.responses import RunStream, envelope, run_result, usage
@@ -40,7 +41,7 @@ class WorkersAIController(Controller):
           summary="Run a text generation model")
     async def run(self, request: Request) -> Response:
         """Generate text (or tool calls, or a JSON object); SSE when ``stream`` is true."""
-        ctx = context_of(request)
+        ctx = state_of(request)
         body = await decode_body(request, RunRequest)
         entry = ctx.resolve(model_from_path(request.scope["path"]))
         ctx.require_ready()

@@ -1,4 +1,9 @@
-"""State shared by the handlers of one app: models, metrics, API keys, readiness."""
+"""The application's state (:class:`AppState`): served models, metrics, API keys, readiness and
+engine start/stop, shared by every handler of one app and stored as ``app.state.ctx``.
+
+Two per-request helpers (:func:`stamp_arrival`, :func:`request_id_of`) read what the
+request-context middleware put in the ASGI scope; they sit here until request building moves.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class ServerContext:
+class AppState:
     """Everything a handler needs besides the request; stored as ``app.state.ctx``."""
 
     models: ModelRegistry
@@ -72,8 +77,8 @@ class ServerContext:
                 log.exception("stopping engine %s failed", entry.key)
 
 
-def context_of(connection: ASGIConnection) -> ServerContext:
-    """The app's :class:`ServerContext`."""
+def state_of(connection: ASGIConnection) -> AppState:
+    """The app's :class:`AppState`."""
     return connection.app.state.ctx
 
 

@@ -1,4 +1,4 @@
-"""Bytes in and out: strict JSON body decoding, JSON responses, SSE events, OpenAPI request bodies.
+"""JSON bodies in and out: strict request-body decoding (with field-naming errors) and JSON responses.
 
 Bodies are decoded here rather than by Litestar's ``data`` injection so that every mistake
 (malformed JSON, a wrong type, an out-of-range value) becomes an :class:`ApiError` that names
@@ -7,23 +7,18 @@ the field, with strict typing (``"2"`` is not an integer) and logged unknown fie
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import InternalServerException
-from litestar.openapi.spec import Operation
 from toolkit.server.errors import ClientDisconnected, invalid
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-DONE_EVENT = b"data: [DONE]\n\n"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 _PATH_RE = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _MISSING_RE = re.compile(r"missing required field `(?P<field>[^`]+)`")
@@ -106,39 +101,3 @@ def json_response(content: Any, status_code: int = 200, headers: dict[str, str] 
     """A JSON response encoded by msgspec (fast, compact)."""
     return Response(content=msgspec.json.encode(content), status_code=status_code,
                     media_type="application/json", headers=headers)
-
-
-def sse_event(payload: Any) -> bytes:
-    """One ``data: {...}\\n\\n`` event, with the reference's spacing (``", "`` and ``": "``)."""
-    return b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n"
-
-
-def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
-    if isinstance(node, dict):
-        ref = node.get("$ref")
-        if isinstance(ref, str) and ref.startswith("#/$defs/"):
-            return _inline_refs(defs[ref.removeprefix("#/$defs/")], defs)
-        return {k: _inline_refs(v, defs) for k, v in node.items() if k != "$defs"}
-    if isinstance(node, list):
-        return [_inline_refs(v, defs) for v in node]
-    return node
-
-
-def json_body_operation(struct_type: type) -> type[Operation]:
-    """An OpenAPI ``Operation`` class documenting ``struct_type`` as the JSON request body.
-
-    Handlers read the raw body themselves (see :func:`decode_body`), so Litestar cannot infer
-    the body schema; this adds it from msgspec's JSON schema.
-    """
-    schema = msgspec.json.schema(struct_type)
-    body_schema = _inline_refs(schema, schema.get("$defs", {}))
-
-    @dataclass
-    class JsonBodyOperation(Operation):
-        def to_schema(self) -> dict[str, Any]:
-            result = super().to_schema()
-            result["requestBody"] = {"required": True, "content": {"application/json": {"schema": body_schema}}}
-            return result
-
-    JsonBodyOperation.__name__ = f"{struct_type.__name__}Operation"
-    return JsonBodyOperation
