@@ -39,28 +39,32 @@ def export(
     """
     from rich.console import Console
 
-    from toolkit.export.gqa_export import GraphBuildError
-    from toolkit.export.manifest import EngineDirError
     from toolkit.export.pipeline import ExportRequest, run_export
     from toolkit.export.progress import StageReporter
     from toolkit.export.report import print_export_summary
-    from toolkit.export.sources import SourceError, default_engine_dir
-    from toolkit.export.trtllm_export import TrtLlmUnavailableError
-    from toolkit.recipes import UnknownRecipeError, get_recipe
+    from toolkit.recipes import get_recipe
 
     console = Console(stderr=True)
     try:
         recipe = get_recipe(recipe_name)
-        precision = precision or (recipe.default_precision if target == "onnx" else "int8")
-        graph = graph or recipe.default_graph
-        out_dir = out_dir or default_engine_dir(recipe, target, precision, graph)
-        request = ExportRequest(recipe, target, precision, out_dir, checkpoint, force, graph)
+        request = ExportRequest.resolve(recipe, target, precision, graph, out_dir, checkpoint, force)
         outcome = run_export(request, StageReporter(console))
-    except (UnknownRecipeError, SourceError, EngineDirError, TrtLlmUnavailableError, GraphBuildError) as exc:
+    except _export_errors() as exc:
         raise click.ClickException(str(exc)) from None
     print_export_summary(console, outcome.engine_dir, outcome.manifest, outcome.reused)
     if not (outcome.manifest.validation or {}).get("passed"):
         sys.exit(1)
+
+
+def _export_errors() -> tuple[type[Exception], ...]:
+    """What an export reports as a one-line message (bad recipe, target, checkpoint, tooling)."""
+    from toolkit.artifact.manifest import EngineDirError
+    from toolkit.artifact.trtllm import TrtLlmUnavailableError
+    from toolkit.export.gqa_export import GraphBuildError
+    from toolkit.export.sources import SourceError
+    from toolkit.recipes import TargetNotSupportedError, UnknownRecipeError
+
+    return (UnknownRecipeError, TargetNotSupportedError, SourceError, EngineDirError, TrtLlmUnavailableError, GraphBuildError)
 
 
 @main.command()
@@ -69,10 +73,10 @@ def validate(engine_dir: Path) -> None:
     """Compare ENGINE_DIR with its stored fp32 onnxruntime reference outputs (exit 1 on failure)."""
     from rich.console import Console
 
-    from toolkit.export.manifest import EngineDirError, load_manifest, update_validation
+    from toolkit.artifact.manifest import EngineDirError, load_manifest, update_validation
+    from toolkit.artifact.trtllm import TrtLlmUnavailableError
     from toolkit.export.report import print_validation
-    from toolkit.export.trtllm_export import TrtLlmUnavailableError
-    from toolkit.export.validate_engine import validate_engine_dir
+    from toolkit.export.validate import validate_engine_dir
 
     console = Console()
     try:
@@ -206,12 +210,26 @@ def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, 
 
     With no ENGINE_DIR and no --models-dir, serves the embedded default model (exported first if needed).
     """
-    from toolkit.server.serve import ServeError
+    from toolkit.server.serve import ServeError, engine_dirs_to_serve
     from toolkit.server.serve import serve as run_server
 
     try:
+        dirs = engine_dirs_to_serve(engine_dirs, models_dir)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not dirs:  # the embedded default model, exported (with progress) on first use
+        from rich.console import Console
+
+        from toolkit.export.pipeline import ensure_default_engine
+        from toolkit.export.progress import StageReporter
+
+        try:
+            dirs = [ensure_default_engine(StageReporter(Console(stderr=True)))]
+        except _export_errors() as exc:
+            raise click.ClickException(str(exc)) from None
+    try:
         run_server(
-            engine_dirs, host, port, api_keys, models_dir, grace_s=grace_s,
+            dirs, host, port, api_keys, grace_s=grace_s,
             max_body_bytes=int(max_body_mib * 1024 * 1024), log_level=log_level, request_timeout_s=request_timeout_s,
             public_metrics=public_metrics, cors_origins=tuple(cors_origins),
         )

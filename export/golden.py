@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from toolkit.artifact.layout import REFERENCE_NAME
 from toolkit.recipes.chat_format import render_chat
 
-REFERENCE_NAME = "reference.json"
 GREEDY_TOKENS = 32
 TOP_K = 64
 

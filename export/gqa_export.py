@@ -19,12 +19,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from toolkit.artifact.layout import GENAI_CONFIG, GQA_DATA_FILE, MODEL_FILE
 from toolkit.export.onnx_export import INT8_ACCURACY_LEVEL, INT8_BLOCK_SIZE
 
-GENAI_CONFIG = "genai_config.json"
 GQA_PRECISIONS = ("fp32", "int8")
 BUILDER_ENTRY = "toolkit.export.gqa_builder_main"  # the builder's CLI, with Gemma 3 layer placement fixed
-ARTIFACT_FILES = ("model.onnx", "model.onnx.data", GENAI_CONFIG)
+ARTIFACT_FILES = (MODEL_FILE, GQA_DATA_FILE, GENAI_CONFIG)
 INT8_OPTIONS = (f"accuracy_level={INT8_ACCURACY_LEVEL}", f"block_size={INT8_BLOCK_SIZE}", "op_types_to_quantize=MatMul")
 
 
@@ -60,7 +60,7 @@ def build_gqa_model(checkpoint: Path, precision: str, stage: Path) -> dict:
         done = subprocess.run(
             builder_command(checkpoint, precision, out_dir, cache_dir), capture_output=True, text=True, check=False
         )
-        if done.returncode != 0 or not (out_dir / "model.onnx").is_file():
+        if done.returncode != 0 or not (out_dir / MODEL_FILE).is_file():
             tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
             raise GraphBuildError(f"onnxruntime-genai's builder failed (exit {done.returncode}):\n{tail}")
         for name in ARTIFACT_FILES:

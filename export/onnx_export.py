@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx_data"
+from toolkit.artifact.layout import MODEL_FILE, OPTIMUM_DATA_FILE
 INT8_BLOCK_SIZE = 32
 INT8_ACCURACY_LEVEL = 4
 
@@ -67,7 +66,7 @@ def export_fp32(checkpoint: Path, out_dir: Path) -> Path:
 def _save(model, path: Path) -> None:
     import onnx
 
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_FILE)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=OPTIMUM_DATA_FILE)
 
 
 def convert_fp16(fp32_model: Path, out_dir: Path) -> Path:

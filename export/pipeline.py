@@ -1,7 +1,8 @@
 """``toolkit export``: checkpoint → fp32 ONNX + reference outputs → artifact → validation → engine directory.
 
 Everything is built in a staging directory beside the output and renamed into place at the end;
-an existing directory built from the same inputs (same build key) that validated is reused.
+an existing directory built from the same inputs (same build key) that validated is reused. The
+manifest is written once, after validation, with every artifact file hashed once.
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from toolkit.artifact.manifest import (EngineDirError, Manifest, describe_files, load_manifest, publish,
+                                       staging_dir, write_manifest)
 from toolkit.export import sources
-from toolkit.export.manifest import EngineDirError, Manifest, load_manifest, publish, staging_dir, write_manifest
 from toolkit.export.progress import StageReporter
 from toolkit.recipes import Recipe
 
 
 @dataclass
 class ExportRequest:
-    """One ``toolkit export`` invocation."""
+    """One ``toolkit export`` invocation; ``ExportRequest.resolve`` fills what was not given from the recipe."""
 
     recipe: Recipe
     target: str
@@ -28,6 +30,23 @@ class ExportRequest:
     checkpoint: Path | None = None
     force: bool = False
     graph: str = "optimum"  # onnx only: "optimum" or "gqa" (toolkit.export.gqa_export)
+
+    @classmethod
+    def resolve(
+        cls,
+        recipe: Recipe,
+        target: str = "onnx",
+        precision: str | None = None,
+        graph: str | None = None,
+        out_dir: Path | None = None,
+        checkpoint: Path | None = None,
+        force: bool = False,
+    ) -> "ExportRequest":
+        """A request with the recipe's default precision and graph for ``target`` and the default output dir."""
+        precision = precision or recipe.default_precision_for(target)
+        graph = graph or recipe.default_graph_for(target)
+        out_dir = out_dir or sources.default_engine_dir(recipe, target, precision, graph)
+        return cls(recipe, target, precision, out_dir, checkpoint, force, graph)
 
 
 @dataclass
@@ -100,7 +119,7 @@ def _build(request: ExportRequest, checkpoint: Path, source_sha: str, key: str, 
     from toolkit.export.onnx_export import export_fp32
     from toolkit.export.ort_runner import OrtCausalLM
     from toolkit.export.pytorch_check import compare_with_pytorch
-    from toolkit.export.validate_engine import validate_engine_dir
+    from toolkit.export.validate import validate_engine_dir
 
     started = time.perf_counter()
     stage = staging_dir(request.out_dir)
@@ -137,12 +156,11 @@ def _build(request: ExportRequest, checkpoint: Path, source_sha: str, key: str, 
             tools=sources.tool_versions(),
             export_options=options,
         )
-        write_manifest(stage, manifest)
         with reporter.stage("Validating the artifact against the fp32 reference"):
-            result = validate_engine_dir(stage, manifest)
-        manifest.validation = result
+            manifest.validation = validate_engine_dir(stage, manifest)  # reads the files, not the manifest
+        manifest.files = describe_files(stage)  # every artifact file hashed once
         manifest.export_seconds = round(time.perf_counter() - started, 1)
-        write_manifest(stage, manifest)
+        write_manifest(stage, manifest)  # written once, verdict included
         publish(stage, request.out_dir)
         return manifest
     except BaseException:
@@ -156,16 +174,13 @@ def run_export(request: ExportRequest, reporter: StageReporter) -> ExportOutcome
 
     quiet_libraries()
     recipe = request.recipe
-    if not recipe.supports(request.target, request.precision):
-        raise sources.SourceError(
-            f"recipe {recipe.name!r} does not support {request.target} at {request.precision}; see `toolkit recipes`"
-        )
+    recipe.check_supports(request.target, request.precision)  # TargetNotSupportedError
     if request.target == "onnx" and request.graph == "gqa":
         from toolkit.export.gqa_export import check_precision
 
         check_precision(request.precision)  # before minutes of ONNX work
     if request.target == "trtllm":
-        from toolkit.export.trtllm_export import import_tensorrt_llm
+        from toolkit.artifact.trtllm import import_tensorrt_llm
 
         import_tensorrt_llm()  # fail before minutes of ONNX work when TensorRT-LLM is missing
     checkpoint = resolve_checkpoint(request, reporter)
@@ -184,11 +199,9 @@ def ensure_default_engine(reporter: StageReporter, precision: str | None = None,
     """The embedded default model's engine directory, exported (and validated) on first use."""
     from toolkit.recipes import get_recipe
 
-    recipe = get_recipe("default")
-    precision = precision or recipe.default_precision
-    graph = graph or recipe.default_graph
-    out_dir = sources.default_engine_dir(recipe, "onnx", precision, graph)
-    outcome = run_export(ExportRequest(recipe, "onnx", precision, out_dir, graph=graph), reporter)
+    request = ExportRequest.resolve(get_recipe("default"), "onnx", precision, graph)
+    outcome = run_export(request, reporter)
     if not (outcome.manifest.validation or {}).get("passed"):
+        out_dir = request.out_dir
         raise EngineDirError(f"the default engine at {out_dir} failed validation; run `toolkit validate {out_dir}`")
-    return out_dir
+    return request.out_dir

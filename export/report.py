@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from toolkit.export.manifest import Manifest
+from toolkit.artifact.manifest import Manifest
 
 
 def _size(engine_dir: Path, manifest: Manifest) -> str:

@@ -43,7 +43,7 @@ def default_engine_dir(recipe: Recipe, target: str, precision: str, graph: str =
 
 def hash_checkpoint(checkpoint: Path) -> str:
     """SHA-256 over the names and contents of every file in the checkpoint directory."""
-    from toolkit.export.manifest import sha256_file
+    from toolkit.artifact.manifest import sha256_file
 
     digest = hashlib.sha256()
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and not p.name.startswith(".")):

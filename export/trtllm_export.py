@@ -1,7 +1,7 @@
 """Build a TensorRT-LLM 1.2.x engine (TensorRT backend) from a Hugging Face checkpoint directory.
 
-TensorRT-LLM is imported lazily: it only installs on Linux with an NVIDIA GPU and CUDA, and
-every other part of the toolkit (the ONNX target among them) must work without it.
+TensorRT-LLM is imported lazily (``toolkit.artifact.trtllm.import_tensorrt_llm``): it only installs
+on Linux with an NVIDIA GPU and CUDA, and every other part of the toolkit must work without it.
 
 The build uses the LLM API's TensorRT-engine class: ``tensorrt_llm._tensorrt_engine.LLM`` (an
 alias of ``tensorrt_llm.llmapi.llm._TrtLLM``; the plain ``tensorrt_llm.LLM`` is the PyTorch
@@ -13,56 +13,17 @@ files out of it. ``BuildConfig``, ``QuantConfig`` and ``QuantAlgo`` are re-expor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-TRTLLM_MISSING_MESSAGE = (
-    "TensorRT-LLM 1.2.x is not importable (the tensorrt_llm package or its CUDA libraries are missing): "
-    'install it with `pip install "tensorrt_llm==1.2.*"` on a Linux machine with an NVIDIA GPU and the CUDA '
-    "toolkit (prerequisites: TensorRT-LLM's 'Installing on Linux via pip' guide), or export with "
-    "`--target onnx`, which works without it."
-)
+from toolkit.artifact.trtllm import TrtLlmApi, import_tensorrt_llm
 
 DTYPE = "float16"
 """Activation/weight dtype of every TensorRT-LLM engine the toolkit builds."""
 
 QUANT_ALGOS: dict[str, str | None] = {"fp16": None, "int8": "W8A16"}
 """Toolkit precision -> ``QuantAlgo`` member name (``W8A16``: int8 weight-only, fp16 activations)."""
-
-
-class TrtLlmUnavailableError(RuntimeError):
-    """TensorRT-LLM (or the CUDA libraries it loads) cannot be imported on this machine."""
-
-
-@dataclass(frozen=True)
-class TrtLlmApi:
-    """The TensorRT-LLM names the builder uses, resolved by ``import_tensorrt_llm``."""
-
-    LLM: Any
-    BuildConfig: Any
-    QuantConfig: Any
-    QuantAlgo: Any
-    version: str
-    module: ModuleType
-
-
-def import_tensorrt_llm() -> TrtLlmApi:
-    """Import TensorRT-LLM's engine-building API, or raise ``TrtLlmUnavailableError``.
-
-    ``ImportError`` covers a missing package (and a version without ``_tensorrt_engine``);
-    ``OSError`` covers missing CUDA/TensorRT/MPI shared libraries, which fail at ``dlopen``.
-    """
-    try:
-        import tensorrt_llm
-        from tensorrt_llm._tensorrt_engine import LLM
-        from tensorrt_llm.llmapi import BuildConfig, QuantAlgo, QuantConfig
-    except (ImportError, OSError) as exc:
-        raise TrtLlmUnavailableError(TRTLLM_MISSING_MESSAGE) from exc
-    version = str(getattr(tensorrt_llm, "__version__", "unknown"))
-    return TrtLlmApi(LLM, BuildConfig, QuantConfig, QuantAlgo, version, tensorrt_llm)
 
 
 def trtllm_versions() -> dict[str, str]:

@@ -19,22 +19,12 @@ its context logits are missing.
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from toolkit.export.trtllm_export import import_tensorrt_llm
-
-
-def _read_config(engine_dir: Path) -> dict[str, Any]:
-    """TensorRT-LLM's engine ``config.json``, or {} when it is missing or unreadable."""
-    try:
-        config = json.loads((engine_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
+from toolkit.artifact.trtllm import import_tensorrt_llm, read_engine_config
 
 
 class TrtLlmRunner:
@@ -43,7 +33,7 @@ class TrtLlmRunner:
     def __init__(self, engine_dir: Path):
         """Start TensorRT-LLM on ``engine_dir``; ``TrtLlmUnavailableError`` when it cannot be imported."""
         self.engine_dir = Path(engine_dir)
-        config = _read_config(self.engine_dir)
+        config = read_engine_config(self.engine_dir)
         self.context_logits = bool((config.get("build_config") or {}).get("gather_context_logits"))
         self.vocab_size = int((config.get("pretrained_config") or {}).get("vocab_size") or 0) or None
         api = import_tensorrt_llm()

@@ -6,15 +6,21 @@ Metrics, per golden prompt and overall:
 - top-1 agreement: teacher-forced on the reference continuation, share of positions where the
   artifact's argmax equals the reference token;
 - first-step logits cosine and max-abs difference over the reference's top-k token ids.
+
+``validate_engine_dir`` (``toolkit validate``, and the last step of export) runs an engine
+directory's artifact on its stored golden prompts and judges it.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from toolkit.artifact.layout import MODEL_FILE, REFERENCE_NAME
+from toolkit.artifact.manifest import EngineDirError, Manifest
 from toolkit.export.golden import Reference
 
 
@@ -148,3 +154,43 @@ def validate_runner(runner: CausalRunner, reference: Reference, precision: str, 
     """Validate ``runner`` on every golden case of ``reference``."""
     cases = [compare_case(runner, case, reference.max_new_tokens) for case in reference.cases]
     return judge(precision, cases, graph)
+
+
+def make_runner(engine_dir: Path, manifest: Manifest) -> CausalRunner:
+    """A validation runner for the artifact's target (onnxruntime, or TensorRT-LLM on a GPU)."""
+    if manifest.target == "onnx":
+        from toolkit.export.ort_runner import OrtCausalLM
+
+        return OrtCausalLM(engine_dir / MODEL_FILE)
+    if manifest.target == "trtllm":
+        from toolkit.export.trtllm_runner import TrtLlmRunner
+
+        return TrtLlmRunner(engine_dir)
+    raise EngineDirError(f"{engine_dir}: unknown target {manifest.target!r} in the manifest; re-export")
+
+
+def load_reference(engine_dir: Path) -> Reference:
+    """The stored fp32 reference outputs, or a clear error."""
+    if not (engine_dir / REFERENCE_NAME).is_file():
+        raise EngineDirError(f"{engine_dir} has no {REFERENCE_NAME}; re-run `toolkit export --force`")
+    return Reference.load(engine_dir)
+
+
+def validate_engine_dir(engine_dir: Path, manifest: Manifest) -> dict:
+    """Validation verdict as stored in the manifest: metrics, bars, the PyTorch check, ``passed``.
+
+    Needs the artifact files and the reference, not a written manifest: export validates its
+    staging directory before writing the manifest (once, with the verdict in it).
+    """
+    reference = load_reference(engine_dir)
+    graph = manifest.export_options.get("graph", "optimum")
+    result = validate_runner(make_runner(engine_dir, manifest), reference, manifest.precision, graph).as_manifest()
+    torch_check = reference.pytorch_check or {}
+    result["pytorch_check"] = torch_check
+    if not torch_check.get("passed", False):
+        result["failures"].append(
+            f"fp32 ONNX vs PyTorch: max-abs diff {torch_check.get('max_abs_diff')} "
+            f"(atol {torch_check.get('atol')}), argmax agreement {torch_check.get('argmax_agreement')}"
+        )
+        result["passed"] = False
+    return result

@@ -17,6 +17,19 @@ class UnknownRecipeError(LookupError):
     """No recipe matches the given name, Hugging Face id or alias."""
 
 
+class TargetNotSupportedError(ValueError):
+    """A recipe cannot be exported to the asked target (or at the asked precision there)."""
+
+    def __init__(self, recipe: "Recipe", target: str, precision: str | None = None):
+        self.recipe, self.target, self.precision = recipe.name, target, precision
+        self.supported = recipe.supported_targets()
+        offered = "; ".join(f"{t} ({', '.join(p)})" for t, p in self.supported.items() if p) or "nothing"
+        asked = f"{target} at {precision}" if precision and target in self.supported else target
+        super().__init__(
+            f"recipe {recipe.name!r} does not support {asked}; it supports {offered} (see `toolkit recipes`)"
+        )
+
+
 @dataclass(frozen=True)
 class TrtLlmOptions:
     """TensorRT-LLM build options of one recipe."""
@@ -25,6 +38,7 @@ class TrtLlmOptions:
     tensor_parallel_size: dict[str, int]
     max_batch_size: int
     max_num_tokens: int
+    default_precision: str = "int8"
 
 
 @dataclass(frozen=True)
@@ -41,7 +55,10 @@ class Recipe:
     price_per_million_tokens: ``{"input": $, "output": $}`` used for ``estimated_cost``.
     defaults: per-API default sampling, ``{"openai": {...}, "workers_ai": {...}}``.
     onnx_precisions / trtllm: what each export target supports.
-    default_precision / default_graph: what ``toolkit export`` and ``serve`` build when not told.
+    default_precision / default_graph: the ONNX precision and graph ``toolkit export`` and ``serve``
+    build when not told; ``default_precision_for`` / ``default_graph_for`` are the only places that
+    pick a default for a target (TensorRT-LLM: ``trtllm.default_precision``, int8 unless the recipe
+    says otherwise).
     """
 
     name: str
@@ -61,13 +78,34 @@ class Recipe:
     default_graph: str = "optimum"
     model_names: tuple[str, ...] = field(default=())
 
+    def supported_targets(self) -> dict[str, tuple[str, ...]]:
+        """``{target: precisions}`` this recipe can be exported to."""
+        return {"onnx": self.onnx_precisions, "trtllm": self.trtllm.precisions}
+
     def supports(self, target: str, precision: str) -> bool:
         """Whether this recipe can be exported to ``target`` at ``precision``."""
+        return precision in self.supported_targets().get(target, ())
+
+    def check_supports(self, target: str, precision: str) -> None:
+        """Raise ``TargetNotSupportedError`` unless this recipe exports to ``target`` at ``precision``."""
+        if not self.supports(target, precision):
+            raise TargetNotSupportedError(self, target, precision)
+
+    def default_precision_for(self, target: str) -> str:
+        """The precision an export to ``target`` builds when none is given."""
         if target == "onnx":
-            return precision in self.onnx_precisions
+            return self.default_precision
         if target == "trtllm":
-            return precision in self.trtllm.precisions
-        return False
+            return self.trtllm.default_precision
+        raise TargetNotSupportedError(self, target)
+
+    def default_graph_for(self, target: str) -> str:
+        """The ONNX graph builder an export to ``target`` uses when none is given (``optimum`` off ONNX)."""
+        if target == "onnx":
+            return self.default_graph
+        if target in self.supported_targets():
+            return "optimum"  # the graph choice is ONNX's; other targets build no ONNX artifact
+        raise TargetNotSupportedError(self, target)
 
     def estimated_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         """Dollar cost of one request at this recipe's per-million-token prices."""
@@ -96,6 +134,7 @@ def _parse(path: Path) -> Recipe:
             tensor_parallel_size={k: int(v) for k, v in trt["tensor_parallel_size"].items()},
             max_batch_size=int(trt["max_batch_size"]),
             max_num_tokens=int(trt["max_num_tokens"]),
+            default_precision=trt.get("default_precision", "int8"),
         ),
         description=data.get("description", ""),
         embedded=bool(data.get("embedded", False)),

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from toolkit.export.ort_runner import create_session, kv_spec
+from toolkit.artifact.layout import kv_spec
+from toolkit.artifact.onnx_session import create_session
 from toolkit.runtime.shared_kv import SharedKV, round_up
 
 

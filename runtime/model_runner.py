@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.export.ort_runner import create_session, kv_spec
+from toolkit.artifact.layout import kv_spec
+from toolkit.artifact.onnx_session import create_session
 from toolkit.runtime.kv_cache import BatchKV
 
 

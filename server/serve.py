@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from toolkit.export.manifest import MANIFEST_NAME
+from toolkit.artifact.layout import MANIFEST_NAME
 from toolkit.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT_S, create_app
 
 log = logging.getLogger(__name__)
@@ -46,14 +46,6 @@ def engine_dirs_to_serve(engine_dirs: Sequence[str | Path], models_dir: str | Pa
     return dirs
 
 
-def ensure_default_engine() -> Path:
-    """The embedded default model's engine directory, exported first if needed (with progress)."""
-    from toolkit.export.pipeline import ensure_default_engine as export_default
-    from toolkit.export.progress import StageReporter
-
-    return export_default(StageReporter())
-
-
 def load_engines(dirs: Sequence[Path]) -> dict[str, Any]:
     """``{recipe name: unstarted engine}`` for each directory (one engine per recipe)."""
     from toolkit.runtime import load_engine
@@ -75,20 +67,23 @@ def build_app(engine_dirs: Sequence[str | Path] = (), api_keys: Sequence[str] = 
               models_dir: str | Path | None = None, *, grace_s: float = 10.0,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S, **app_options: Any) -> Any:
-    """Load the engines (the default model when none is given) and build the app; raises ServeError.
+    """Load the engines and build the app; raises ServeError.
 
-    ``app_options`` go to ``create_app`` (``public_metrics``, ``cors_origins``).
+    ``app_options`` go to ``create_app`` (``public_metrics``, ``cors_origins``). Which engine to
+    serve when none is given (the default model, exported on first use) is the caller's decision
+    (``toolkit serve`` in ``toolkit.cli``): the server only serves engine directories.
     """
-    from toolkit.export.manifest import EngineDirError
-    from toolkit.export.sources import SourceError
+    from toolkit.artifact.manifest import EngineDirError
     from toolkit.recipes import UnknownRecipeError
 
     try:
-        dirs = engine_dirs_to_serve(engine_dirs, models_dir) or [ensure_default_engine()]
+        dirs = engine_dirs_to_serve(engine_dirs, models_dir)
+        if not dirs:
+            raise ServeError("no engine directory to serve: give ENGINE_DIR or a --models-dir holding engine directories")
         engines = load_engines(dirs)
         return create_app(engines, api_keys_from_env(api_keys), max_body_bytes=max_body_bytes,
                           shutdown_grace_s=grace_s, request_timeout_s=request_timeout_s, **app_options)
-    except (EngineDirError, SourceError, UnknownRecipeError, FileNotFoundError, ValueError) as exc:
+    except (EngineDirError, UnknownRecipeError, FileNotFoundError, ValueError) as exc:
         raise ServeError(str(exc)) from exc
 
 
@@ -96,7 +91,7 @@ def serve(engine_dirs: Sequence[str | Path] = (), host: str = "127.0.0.1", port:
           api_keys: Sequence[str] = (), models_dir: str | Path | None = None, *, grace_s: float = 10.0,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info",
           request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S, **app_options: Any) -> None:
-    """Serve the engine directories (or the default model when none is given) until interrupted."""
+    """Serve the engine directories (and those under ``models_dir``) until interrupted."""
     import uvicorn
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -20,7 +20,7 @@ def trtllm_gpu_skip_reason() -> str | None:
         return f"nvidia-smi failed: {exc}"
     if listing.returncode != 0 or "GPU" not in listing.stdout:
         return "nvidia-smi lists no GPU"
-    from toolkit.export.trtllm_export import TrtLlmUnavailableError, import_tensorrt_llm
+    from toolkit.artifact.trtllm import TrtLlmUnavailableError, import_tensorrt_llm
 
     try:
         import_tensorrt_llm()

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from toolkit.cli import main
 from toolkit.export.golden import Reference
-from toolkit.export.manifest import load_manifest
+from toolkit.artifact.manifest import load_manifest
 from toolkit.export.pipeline import ExportRequest, ensure_default_engine, run_export
 from toolkit.export.progress import StageReporter
 from toolkit.export.sources import default_engine_dir

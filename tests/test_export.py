@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
 
+from toolkit.artifact import manifest as manifest_module
+from toolkit.artifact.manifest import EngineDirError, describe_files, load_manifest, write_manifest
 from toolkit.cli import main
+from toolkit.export import pipeline
 from toolkit.export.golden import GREEDY_TOKENS, GOLDEN_MESSAGES, Reference
-from toolkit.export.manifest import EngineDirError, load_manifest, write_manifest
-from toolkit.export.pipeline import ExportRequest, run_export
+from toolkit.export.pipeline import ExportRequest, ensure_default_engine, run_export
 from toolkit.export.progress import StageReporter
-from toolkit.export.sources import SourceError
-from toolkit.recipes import all_recipes, get_recipe
+from toolkit.export.sources import SourceError, default_engine_dir
+from toolkit.recipes import Recipe, TargetNotSupportedError, all_recipes, get_recipe
 
 RECIPES = [r.name for r in all_recipes()]
 
@@ -125,7 +131,9 @@ def _perturb_weights(engine_dir, scale):
             init.CopyFrom(onnx.numpy_helper.from_array(noisy, init.name))
     (engine_dir / "model.onnx_data").unlink()
     onnx.save_model(model, str(engine_dir / "model.onnx"), save_as_external_data=True, location="model.onnx_data")
-    write_manifest(engine_dir, load_manifest(engine_dir, verify_hashes=False))
+    manifest = load_manifest(engine_dir, verify_hashes=False)
+    manifest.files = describe_files(engine_dir)
+    write_manifest(engine_dir, manifest)
 
 
 def test_validator_fails_on_perturbed_weights(tiny_engine, tmp_path):
@@ -162,7 +170,7 @@ def test_graph_surgery_applied_and_exact(tiny_engine):
 
 
 def test_leftovers_of_killed_exports_are_cleaned(tmp_path):
-    from toolkit.export.manifest import clean_leftovers
+    from toolkit.artifact.manifest import clean_leftovers
 
     out = tmp_path / "eng"
     dead = tmp_path / ".eng.partial-999999999-1"
@@ -174,3 +182,68 @@ def test_leftovers_of_killed_exports_are_cleaned(tmp_path):
     clean_leftovers(out)
     assert not dead.exists() and live.exists()
     assert (out / "toolkit.json").exists() and not old.exists()
+
+
+def test_export_hashes_every_file_once_and_writes_the_manifest_once(tmp_path, tiny_checkpoint, monkeypatch):
+    recipe = get_recipe("gemma-7b-it")
+    checkpoint = tiny_checkpoint(recipe)
+    hashed: list[Path] = []
+    writes: list[dict] = []
+    real_hash, real_write = manifest_module.sha256_file, pipeline.write_manifest
+
+    def counting_hash(path, *args, **kwargs):
+        hashed.append(Path(path))
+        return real_hash(path, *args, **kwargs)
+
+    def counting_write(engine_dir, manifest):
+        writes.append(json.loads(manifest.to_json()))
+        return real_write(engine_dir, manifest)
+
+    monkeypatch.setattr(manifest_module, "sha256_file", counting_hash)
+    monkeypatch.setattr(pipeline, "write_manifest", counting_write)
+    outcome = run_export(ExportRequest(recipe, "onnx", "fp32", tmp_path / "eng", checkpoint), StageReporter(quiet=True))
+    artifact_files = Counter(p.relative_to(tmp_path).as_posix().split("/", 1)[1] for p in hashed if tmp_path in p.parents)
+    assert artifact_files == Counter(set(outcome.manifest.files)), "every artifact file hashed exactly once"
+    assert len(writes) == 1 and writes[0]["validation"]["passed"], "the manifest is written once, with its verdict"
+    assert load_manifest(tmp_path / "eng").validation == outcome.manifest.validation
+
+
+def test_export_defaults_come_from_the_recipe():
+    gemma, default = get_recipe("gemma-7b-it"), get_recipe("default")
+    trtllm = ExportRequest.resolve(gemma, "trtllm")
+    assert (trtllm.precision, trtllm.graph) == ("int8", "optimum") and gemma.default_precision_for("trtllm") == "int8"
+    assert trtllm.out_dir == default_engine_dir(gemma, "trtllm", "int8")
+    onnx_default = ExportRequest.resolve(default, "onnx")
+    assert (onnx_default.precision, onnx_default.graph) == (default.default_precision, default.default_graph) == ("int8", "gqa")
+    assert onnx_default.out_dir == default_engine_dir(default, "onnx", "int8", "gqa")
+    given = ExportRequest.resolve(default, "onnx", "fp32", "optimum", Path("out"), Path("ckpt"), True)
+    assert given == ExportRequest(default, "onnx", "fp32", Path("out"), Path("ckpt"), True, "optimum")
+    fp16_trt = dataclasses.replace(gemma, trtllm=dataclasses.replace(gemma.trtllm, default_precision="fp16"))
+    assert ExportRequest.resolve(fp16_trt, "trtllm").precision == "fp16"
+
+
+def test_default_engine_uses_the_recipes_defaults(monkeypatch, tmp_path):
+    """``ensure_default_engine`` (``toolkit serve``/``generate`` without an engine) asks the recipe, not its own rule."""
+    requests = []
+
+    def fake_export(request, reporter):
+        requests.append(request)
+        return pipeline.ExportOutcome(request.out_dir, SimpleNamespace(validation={"passed": True}), reused=True)
+
+    monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(pipeline, "run_export", fake_export)
+    monkeypatch.setattr(Recipe, "default_precision_for", lambda self, target: "fp16")
+    monkeypatch.setattr(Recipe, "default_graph_for", lambda self, target: "optimum")
+    engine_dir = ensure_default_engine(StageReporter(quiet=True))
+    [request] = requests
+    assert (request.target, request.precision, request.graph) == ("onnx", "fp16", "optimum")
+    assert engine_dir == request.out_dir == tmp_path / "engines" / "default-onnx-fp16"
+
+
+def test_unsupported_target_is_its_own_error(tmp_path):
+    request = ExportRequest(get_recipe("gemma-7b-it"), "trtllm", "fp32", tmp_path / "e", tmp_path / "missing")
+    with pytest.raises(TargetNotSupportedError, match=r"does not support trtllm at fp32; it supports onnx \(fp32, fp16, int8\); trtllm \(fp16, int8\)"):
+        run_export(request, StageReporter(quiet=True))
+    result = CliRunner().invoke(main, ["export", "--recipe", "gemma-7b-it", "--target", "trtllm", "--precision", "fp32"])
+    assert result.exit_code == 1 and "does not support trtllm at fp32" in result.output and "trtllm (fp16, int8)" in result.output
+    assert "Traceback" not in result.output

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.export.manifest import EngineDirError, load_manifest
+from toolkit.artifact.manifest import EngineDirError, load_manifest
 from toolkit.recipes import get_recipe
 
 RECIPE = "qwen2-7b-instruct"

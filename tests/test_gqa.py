@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from toolkit.cli import main
 from toolkit.export.gqa_export import GraphBuildError, builder_command
-from toolkit.export.manifest import load_manifest
+from toolkit.artifact.manifest import load_manifest
 from toolkit.recipes import get_recipe
 from toolkit.runtime.kv_cache import KVCacheManager, KvGeometry
 from toolkit.runtime.shared_kv import SharedKV

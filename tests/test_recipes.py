@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tiny_models import build_tokenizer, tiny_config
-from toolkit.recipes import UnknownRecipeError, all_recipes, get_recipe
+from toolkit.recipes import TargetNotSupportedError, UnknownRecipeError, all_recipes, get_recipe
 from toolkit.recipes.chat_format import ChatFormatError, render_chat
 
 EXPECTED_CONTEXT = {
@@ -81,3 +81,28 @@ def test_chatml_adds_default_system():
 def test_bad_messages_are_rejected(messages):
     with pytest.raises(ChatFormatError):
         render_chat("gemma", messages)
+
+
+@pytest.mark.parametrize("recipe", all_recipes(), ids=lambda r: r.name)
+def test_defaults_per_target(recipe):
+    assert recipe.default_precision_for("onnx") == recipe.default_precision
+    assert recipe.default_precision_for("trtllm") == "int8"  # no recipe says otherwise today
+    assert recipe.default_graph_for("onnx") == recipe.default_graph and recipe.default_graph_for("trtllm") == "optimum"
+    for target in ("onnx", "trtllm"):
+        assert recipe.supports(target, recipe.default_precision_for(target))
+    with pytest.raises(TargetNotSupportedError, match="does not support tpu"):
+        recipe.default_precision_for("tpu")
+
+
+def test_target_not_supported_error_names_target_and_supported_ones():
+    recipe = get_recipe("qwen2-7b-instruct")
+    recipe.check_supports("onnx", "fp32")
+    with pytest.raises(TargetNotSupportedError) as info:
+        recipe.check_supports("trtllm", "fp32")
+    assert str(info.value) == (
+        "recipe 'qwen2-7b-instruct' does not support trtllm at fp32; "
+        "it supports onnx (fp32, fp16, int8); trtllm (fp16, int8) (see `toolkit recipes`)"
+    )
+    assert (info.value.target, info.value.precision) == ("trtllm", "fp32") and isinstance(info.value, ValueError)
+    with pytest.raises(TargetNotSupportedError, match="does not support tpu;"):
+        recipe.check_supports("tpu", "int8")

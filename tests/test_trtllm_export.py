@@ -10,14 +10,9 @@ import pytest
 from fake_trtllm import FakeQuantAlgo, FakeTrtLlm
 from gpu_check import trtllm_gpu_skip_reason
 
+from toolkit.artifact.trtllm import TRTLLM_MISSING_MESSAGE, TrtLlmUnavailableError
 from toolkit.export import trtllm_export
-from toolkit.export.trtllm_export import (
-    TRTLLM_MISSING_MESSAGE,
-    TrtLlmUnavailableError,
-    build_trtllm_engine,
-    trtllm_build_plan,
-    trtllm_versions,
-)
+from toolkit.export.trtllm_export import build_trtllm_engine, trtllm_build_plan, trtllm_versions
 from toolkit.recipes import all_recipes
 
 PRECISIONS = ("fp16", "int8")

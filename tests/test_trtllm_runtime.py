@@ -15,8 +15,8 @@ import pytest
 from fake_trtllm import FakeLogprob, FakeTrtLlm
 from gpu_check import trtllm_gpu_skip_reason
 
-from toolkit.export.manifest import Manifest
-from toolkit.export.trtllm_export import TRTLLM_MISSING_MESSAGE, TrtLlmUnavailableError
+from toolkit.artifact.manifest import Manifest
+from toolkit.artifact.trtllm import TRTLLM_MISSING_MESSAGE, TrtLlmUnavailableError
 from toolkit.export.trtllm_runner import TrtLlmRunner
 from toolkit.recipes import all_recipes, get_recipe
 from toolkit.recipes.chat_format import render_chat

@@ -1,1 +1,29 @@
-"""Engines behind the runtime's ``Engine`` protocol: onnxruntime and TensorRT-LLM."""
+"""Engines behind the runtime's ``Engine`` protocol: onnxruntime and TensorRT-LLM.
+
+``load_engine`` opens an engine directory and picks the backend its manifest names; each backend
+module (and its heavy library) is imported only when its engine is made.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from toolkit.artifact.manifest import EngineDirError, load_manifest
+from toolkit.recipes import get_recipe
+
+
+def load_engine(engine_dir: str | Path, **options):
+    """An unstarted engine for ``engine_dir`` (``OnnxEngine`` or ``TrtLlmEngine``); ``await engine.start()``."""
+    engine_dir = Path(engine_dir)
+    manifest = load_manifest(engine_dir)
+    recipe = get_recipe(manifest.recipe)
+    if manifest.target == "onnx":
+        from toolkit.runtime.engines.onnx_engine import OnnxEngine
+
+        return OnnxEngine(engine_dir, manifest, recipe, **options)
+    if manifest.target == "trtllm":
+        from toolkit.runtime.engines.trtllm_engine import TrtLlmEngine
+
+        config = options.get("config")
+        return TrtLlmEngine(engine_dir, manifest, recipe, **({"max_waiting": config.max_waiting} if config else {}))
+    raise EngineDirError(f"{engine_dir}: unknown target {manifest.target!r}; re-export")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.export.manifest import Manifest
+from toolkit.artifact.manifest import Manifest
 from toolkit.recipes import Recipe
 from toolkit.runtime.errors import EngineFailureError, EngineStoppedError, OverloadedError, PromptTooLongError
 from toolkit.runtime.engines.common import ThroughputMeter, stream_outputs

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from toolkit.export.manifest import Manifest
-from toolkit.export.trtllm_export import import_tensorrt_llm
+from toolkit.artifact.manifest import Manifest
+from toolkit.artifact.trtllm import import_tensorrt_llm, read_engine_config
 from toolkit.recipes import Recipe
 from toolkit.runtime.detokenizer import IncrementalDetokenizer
 from toolkit.runtime.engines.common import ThroughputMeter, stream_outputs
@@ -40,15 +40,6 @@ PREFIX_TOKENS = 4  # prompt tokens the detokenizer decodes against (as in the ON
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort", "timeout": "abort"}
 STATS_TIMEOUT_S = 0.01
 STOP_DRAIN_S = 2.0
-
-
-def read_engine_config(engine_dir: Path) -> dict[str, Any]:
-    """TensorRT-LLM's ``config.json`` (``build_config``, ``pretrained_config``), or {} when unreadable."""
-    try:
-        config = json.loads((Path(engine_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
 
 
 def _logprob_value(entry: Any) -> float:

@@ -4,6 +4,9 @@ An engine directory is only usable when its manifest parses, names a known forma
 every artifact file it lists is present with the recorded size and SHA-256. Export writes into a
 temporary sibling directory and renames it into place (``publish``), so a killed export never
 leaves a directory that passes ``load_manifest``.
+
+Export writes the manifest once, after validation, with every file hashed once
+(``describe_files``); runtime and ``toolkit validate`` read it with ``load_manifest``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-MANIFEST_NAME = "toolkit.json"
+from toolkit.artifact.layout import MANIFEST_NAME
+
 FORMAT_VERSION = 1
 
 
@@ -78,8 +82,7 @@ def describe_files(root: Path, exclude: tuple[str, ...] = (MANIFEST_NAME,)) -> d
 
 
 def write_manifest(engine_dir: Path, manifest: Manifest) -> None:
-    """Record the directory's files in ``manifest`` and write ``toolkit.json`` atomically."""
-    manifest.files = describe_files(engine_dir)
+    """Write ``manifest`` as ``toolkit.json`` atomically (its ``files`` as given: see ``describe_files``)."""
     tmp = engine_dir / (MANIFEST_NAME + ".tmp")
     tmp.write_text(manifest.to_json())
     os.replace(tmp, engine_dir / MANIFEST_NAME)
@@ -131,9 +134,7 @@ def update_validation(engine_dir: Path, validation: dict[str, Any]) -> None:
     """Store a validation result in an existing, already verified manifest."""
     manifest = load_manifest(engine_dir, verify_hashes=False)
     manifest.validation = validation
-    tmp = engine_dir / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(manifest.to_json())
-    os.replace(tmp, engine_dir / MANIFEST_NAME)
+    write_manifest(engine_dir, manifest)
 
 
 def _pid_alive(pid: int) -> bool:
