@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 
@@ -101,6 +102,28 @@ def _engine_dir_or_default(engine_dir: Path | None) -> Path:
     return ensure_default_engine(StageReporter(Console(stderr=True)))
 
 
+async def _stream_once(engine_dir: Path, params, messages, prompt, raw) -> tuple[str, int, int]:
+    """Stream one request's text to stdout; returns (finish_reason, prompt_tokens, completion_tokens)."""
+    from toolkit.runtime import load_engine
+    from toolkit.runtime.types import GenerateRequest
+
+    engine = load_engine(engine_dir)
+    await engine.start()
+    reason, prompt_tokens, completion_tokens = "", 0, 0
+    try:
+        request = GenerateRequest(engine.prompts.encode(messages=messages, prompt=prompt, raw=raw), params)
+        async with await engine.generate(request) as stream:
+            async for output in stream:
+                for choice in output.choices:
+                    sys.stdout.write(choice.text)
+                    sys.stdout.flush()
+                    reason = choice.finish_reason or reason
+                prompt_tokens, completion_tokens = output.prompt_tokens, output.completion_tokens
+    finally:
+        await engine.stop()
+    return reason, prompt_tokens, completion_tokens
+
+
 @main.command()
 @click.argument("engine_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--prompt", help="Plain prompt (the recipe's BOS is added unless --raw).")
@@ -117,8 +140,7 @@ def _engine_dir_or_default(engine_dir: Path | None) -> Path:
 def generate(engine_dir: Path | None, prompt, messages, raw, max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop) -> None:
     """Stream one completion from ENGINE_DIR (default: the embedded default model)."""
     from toolkit.runtime.errors import EngineError
-    from toolkit.runtime.oneshot import build_request, generate_once
-    from toolkit.runtime.sampling_params import InvalidParameterError
+    from toolkit.runtime.sampling_params import InvalidParameterError, SamplingParams
 
     if bool(prompt) == bool(messages):
         raise click.UsageError("give exactly one of --prompt or --message")
@@ -131,11 +153,12 @@ def generate(engine_dir: Path | None, prompt, messages, raw, max_tokens, tempera
                 raise click.UsageError(f"--message must look like ROLE:TEXT, got {item!r}")
             chat.append({"role": role.strip(), "content": text})
     try:
-        request = build_request(
-            prompt, chat, raw, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        params = SamplingParams.with_defaults(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop) or None,
         )
-        reason, prompt_tokens, completion_tokens = generate_once(_engine_dir_or_default(engine_dir), request, sys.stdout)
+        reason, prompt_tokens, completion_tokens = asyncio.run(
+            _stream_once(_engine_dir_or_default(engine_dir), params, chat, prompt, raw))
     except (InvalidParameterError, EngineError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"\n[finish_reason={reason} prompt_tokens={prompt_tokens} completion_tokens={completion_tokens}]", err=True)
@@ -162,7 +185,6 @@ def bench(url, offline, engine_dir, model, schema, concurrency, rate, requests_p
 
     Prints a table and saves JSON and a PNG plot under --out.
     """
-    import asyncio
 
     from rich.console import Console
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from toolkit.runtime.sampling_params import SamplingParams
 from toolkit.runtime.scheduler import SchedulerConfig
-from toolkit.runtime.types import GenerateRequest
+from toolkit.runtime.types import Engine, GenerateRequest, StepTimings
 
 FILLER = "The quick brown fox jumps over the lazy dog while the engineers measure latency and throughput. "
 
@@ -72,24 +72,32 @@ def bench_prompt_ids(tokenizer, prompt_tokens: int) -> list[int]:
     return (bos + ids)[:prompt_tokens]
 
 
-async def _one(engine, prompt_ids: list[int], max_tokens: int) -> tuple[float, list[float]]:
+async def _one(engine: Engine, prompt_ids: list[int], max_tokens: int) -> tuple[float, list[float]]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     start, times = time.perf_counter(), []
-    async for output in await engine.generate(GenerateRequest(prompt_ids=prompt_ids, params=params)):
-        now = time.perf_counter()
-        times.extend(now for c in output.choices for _ in c.token_ids)
+    async with await engine.generate(GenerateRequest(prompt_ids, params)) as stream:
+        async for output in stream:
+            now = time.perf_counter()
+            times.extend(now for c in output.choices for _ in c.token_ids)
     return start, times
 
 
-async def run_level(engine, concurrency: int, prompt_ids: list[int], max_tokens: int) -> LevelResult:
+def _overhead_pct(before: StepTimings | None, after: StepTimings | None) -> float | None:
+    """Share of the engine loop spent outside the model between two snapshots (None without loop timings)."""
+    if before is None or after is None:
+        return None
+    loop = (after.step_s + after.schedule_s) - (before.step_s + before.schedule_s)
+    model = after.model_s - before.model_s
+    return 100.0 * (loop - model) / loop if loop else None
+
+
+async def run_level(engine: Engine, concurrency: int, prompt_ids: list[int], max_tokens: int) -> LevelResult:
     """Start ``concurrency`` identical-length requests together and measure them."""
-    before = dict(engine.timings)
+    before = engine.stats().step_timings
     started = time.perf_counter()
     results = await asyncio.gather(*[_one(engine, prompt_ids, max_tokens) for _ in range(concurrency)])
     result = summarize(concurrency, time.perf_counter() - started, [r[0] for r in results], [r[1] for r in results])
-    step = engine.timings["step_s"] + engine.timings["schedule_s"] - before["step_s"] - before["schedule_s"]
-    model = engine.timings["model_s"] - before["model_s"]
-    result.overhead_pct = 100.0 * (step - model) / step if step else None
+    result.overhead_pct = _overhead_pct(before, engine.stats().step_timings)
     return result
 
 

@@ -96,6 +96,10 @@ class StopStringMatcher:
         return len(text)
 
 
+#: Prompt tokens a detokenizer decodes against (for decoders that strip the first token's leading space).
+PREFIX_TOKENS = 4
+
+
 class IncrementalDetokenizer:
     """Turns the generated token ids of one sequence into safe text deltas."""
 

@@ -1,15 +1,15 @@
-"""Turn a ``GenerateRequest`` into prompt token ids: chat format from the recipe, tokenizer from the engine dir."""
+"""Prompt text → token ids, once per request: chat format from the recipe, tokenizer from the engine dir."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
 from toolkit.recipes import Recipe
 from toolkit.recipes.chat_format import ChatFormatError, render_chat, render_raw_prompt
 from toolkit.runtime.errors import InvalidRequestError
-from toolkit.runtime.types import GenerateRequest
 
 
 def load_tokenizer(engine_dir: Path):
@@ -32,28 +32,29 @@ class PromptBuilder:
         self.eos_ids = frozenset(ids)
         self.vocab_size = len(tokenizer)  # len() of a fast tokenizer rebuilds its vocabulary: ~130 ms at 262k tokens
 
-    def render(self, request: GenerateRequest) -> str:
-        """The prompt text for ``messages`` or ``prompt`` (``raw`` skips the BOS/template)."""
-        if request.messages is not None:
+    def render(self, messages: list[dict[str, str]] | None = None, prompt: str | None = None, raw: bool = False) -> str:
+        """The prompt text for chat ``messages`` or a plain ``prompt`` (``raw`` skips the BOS/template)."""
+        if messages is not None:
             try:
-                return render_chat(self.recipe.chat_format, request.messages)
+                return render_chat(self.recipe.chat_format, messages)
             except ChatFormatError as exc:
                 raise InvalidRequestError(str(exc), param="messages") from None
-        if request.prompt is None:
-            raise InvalidRequestError("one of messages, prompt or prompt_ids is required", param="prompt")
-        return request.prompt if request.raw else render_raw_prompt(self.recipe.chat_format, request.prompt)
+        if prompt is None:
+            raise InvalidRequestError("one of messages or prompt is required", param="prompt")
+        return prompt if raw else render_raw_prompt(self.recipe.chat_format, prompt)
 
-    def prompt_ids(self, request: GenerateRequest) -> list[int]:
-        """Token ids of the request's prompt."""
-        if request.prompt_ids is not None:
-            vocab_size = self.vocab_size
-            if not request.prompt_ids or any(not 0 <= int(t) < vocab_size for t in request.prompt_ids):
-                raise InvalidRequestError(f"prompt_ids must be non-empty ids in [0, {vocab_size})", param="prompt")
-            return [int(t) for t in request.prompt_ids]
-        ids = self.tokenizer(self.render(request), add_special_tokens=False)["input_ids"]
+    def encode(self, messages: list[dict[str, str]] | None = None, prompt: str | None = None,
+               raw: bool = False) -> list[int]:
+        """Render (chat format or plain prompt) and tokenize: the request's prompt ids, done once per request."""
+        ids = self.tokenizer(self.render(messages, prompt, raw), add_special_tokens=False)["input_ids"]
         if not ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         return list(ids)
+
+    def check_ids(self, prompt_ids: Sequence[int]) -> None:
+        """Refuse an empty prompt or an id outside the vocabulary (a bad id would fail the whole batch's step)."""
+        if not prompt_ids or min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
+            raise InvalidRequestError(f"prompt token ids must be non-empty ids in [0, {self.vocab_size})", param="prompt")
 
     def token_text(self, token_id: int) -> str:
         """Text of one token on its own (for logprobs)."""

@@ -1,4 +1,4 @@
-"""Per-request and per-choice state the engine loop works on."""
+"""Per-request and per-choice state the engine loop works on, and the factory that creates it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from toolkit.runtime.detokenizer import IncrementalDetokenizer
+from toolkit.runtime.detokenizer import PREFIX_TOKENS, IncrementalDetokenizer
 from toolkit.runtime.sampler import SequenceSampler
 from toolkit.runtime.types import ChoiceDelta, GenerateRequest
 
@@ -44,7 +44,6 @@ class SequenceGroup:
     """
 
     request: GenerateRequest
-    prompt_ids: list[int]
     sequences: list[Sequence]
     deliver: Callable[[Any], None]
     prefilled: int = 0
@@ -55,6 +54,10 @@ class SequenceGroup:
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def prompt_ids(self) -> tuple[int, ...]:
+        return self.request.prompt_ids
 
     @property
     def prefill_remaining(self) -> int:
@@ -68,3 +71,40 @@ class SequenceGroup:
     def reserved_tokens(self) -> int:
         """KV cache tokens one sequence of this request may need."""
         return len(self.prompt_ids) + self.request.params.max_tokens
+
+
+class SequenceFactory:
+    """Creates a request's group of ``params.n`` sequences; builds the JSON grammar tokenizer once, on first use."""
+
+    def __init__(self, prompts: Any, vocab_size: int = 0):
+        self.prompts = prompts
+        self.vocab_size = vocab_size or None
+        self._json_factory = None
+
+    def _constraints(self):
+        if self._json_factory is None:
+            from toolkit.runtime.json_constraint import JsonConstraintFactory
+
+            self._json_factory = JsonConstraintFactory(
+                self.prompts.tokenizer, eos_token_ids=sorted(self.prompts.eos_ids), vocab_size=self.vocab_size
+            )
+        return self._json_factory
+
+    def create(self, request: GenerateRequest, deliver: Callable[[Any], None]) -> SequenceGroup:
+        """A group of ``params.n`` fresh sequences for ``request``: one sampler and detokenizer per choice."""
+        params, prompt_ids = request.params, request.prompt_ids
+        factory = self._constraints() if params.needs_json else None
+        backend = self.prompts.tokenizer.backend_tokenizer
+        sequences = [
+            Sequence(
+                seq_id=f"{request.request_id}:{index}",
+                index=index,
+                sampler=SequenceSampler(params, prompt_ids, constraint_factory=factory, choice_index=index),
+                detok=IncrementalDetokenizer(backend, stop=params.stop, prefix_ids=prompt_ids[-PREFIX_TOKENS:]),
+            )
+            for index in range(params.n)
+        ]
+        group = SequenceGroup(request=request, sequences=sequences, deliver=deliver)
+        for seq in sequences:
+            seq.group = group
+        return group

@@ -1,32 +1,40 @@
-"""What goes into and comes out of an engine: ``GenerateRequest``, ``RequestOutput`` and live ``EngineStats``."""
+"""The engine boundary: ``GenerateRequest`` in, an ``OutputStream`` of ``RequestOutput`` out, live ``EngineStats``, the ``Engine`` protocol."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from toolkit.runtime.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from toolkit.recipes import Recipe
+    from toolkit.runtime.prompting import PromptBuilder
 
-@dataclass
+
+@dataclass(frozen=True)
 class GenerateRequest:
-    """One generation request. Exactly one of ``messages`` / ``prompt`` / ``prompt_ids`` is set.
+    """One generation request, built once by the caller (an API adapter, the bench, the CLI).
 
-    messages: chat messages, rendered with the recipe's chat format by the engine;
-    prompt: plain text (the recipe's BOS is added unless ``raw``);
-    prompt_ids: token ids, used as given.
+    The prompt arrives already rendered and tokenized (``PromptBuilder.encode``): engines take
+    ids and never re-render, so the serving layer tokenizes each request exactly once (as vLLM's
+    serving layer does) and can derive ``max_tokens`` from the prompt length before submitting.
+    ``arrival_time`` (``time.monotonic()``) is when the request reached the server: it orders
+    the engine's queue (first come, first served) and starts the time-to-first-token clock.
     """
 
+    prompt_ids: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
-    messages: list[dict[str, str]] | None = None
-    prompt: str | None = None
-    prompt_ids: list[int] | None = None
-    raw: bool = False
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     arrival_time: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt_ids, tuple):
+            object.__setattr__(self, "prompt_ids", tuple(self.prompt_ids))
 
 
 @dataclass
@@ -68,8 +76,26 @@ class RequestOutput:
 
 
 @dataclass
+class StepTimings:
+    """Cumulative engine-loop time, for the offline bench's overhead figure (seconds, since start).
+
+    ``model_s`` is time inside the model; ``step_s`` + ``schedule_s`` is the whole loop, so
+    ``(step_s + schedule_s - model_s)`` is what the engine spends around the model.
+    """
+
+    steps: int = 0
+    schedule_s: float = 0.0
+    step_s: float = 0.0
+    model_s: float = 0.0
+
+
+@dataclass
 class EngineStats:
-    """Live numbers for /metrics."""
+    """Live numbers for /metrics and the bench.
+
+    step_timings: the engine loop's cumulative timings, or None where the loop is not ours
+    (TensorRT-LLM batches inside its own executor).
+    """
 
     running: int
     waiting: int
@@ -77,25 +103,74 @@ class EngineStats:
     kv_cache_total_tokens: int
     generated_tokens_total: int
     tokens_per_second: float
+    step_timings: StepTimings | None = None
 
     @property
     def kv_cache_usage(self) -> float:
         return self.kv_cache_used_tokens / self.kv_cache_total_tokens if self.kv_cache_total_tokens else 0.0
 
 
+class OutputStream:
+    """One request's outputs, read from the queue the engine fills; closing it early aborts the request.
+
+    This is the one place where leaving a request early (a client disconnect, a timeout, an
+    error in the consumer) turns into ``engine.abort``: every consumer closes the stream
+    (``aclose()`` or ``async with``) and the stream knows whether the request already finished.
+    An exception put in the queue ends the stream by being raised to the consumer.
+    """
+
+    def __init__(self, queue: asyncio.Queue, abort: Callable[[], Awaitable[None]]) -> None:
+        self._queue = queue
+        self._abort = abort
+        self.finished = False
+
+    def __aiter__(self) -> OutputStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        return item
+
+    async def aclose(self) -> None:
+        """Abort the request unless it already finished (idempotent)."""
+        if not self.finished:
+            self.finished = True
+            await self._abort()
+
+    async def __aenter__(self) -> OutputStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+@runtime_checkable
 class Engine(Protocol):
-    """The runtime's engine protocol (ONNX Runtime or TensorRT-LLM behind it).
+    """The runtime's engine protocol (ONNX Runtime or TensorRT-LLM behind it): the server and the bench use only this.
 
     ``await engine.generate(request)`` validates and queues the request — raising a
     ``toolkit.runtime.errors`` subclass when it is invalid, too long or the queue is full — and
-    returns the async iterator of its outputs; a model failure mid-way ends that iterator with
-    ``EngineFailureError``. Closing the iterator early aborts the request.
+    returns its :class:`OutputStream`; a model failure mid-way ends that stream with
+    ``EngineFailureError``. Closing the stream early aborts the request.
+
+    ``prompts`` (the recipe's chat format over the engine directory's tokenizer) is available
+    once ``start()`` returned; callers build ``GenerateRequest.prompt_ids`` with it.
     """
 
+    recipe: Recipe
     model_names: tuple[str, ...]
     context_length: int
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]: ...
+    @property
+    def prompts(self) -> PromptBuilder: ...
+
+    async def generate(self, request: GenerateRequest) -> OutputStream: ...
 
     async def abort(self, request_id: str) -> None: ...
 
@@ -104,5 +179,3 @@ class Engine(Protocol):
     async def stop(self, grace_s: float = 0.0) -> None: ...
 
     def stats(self) -> EngineStats: ...
-
-    def count_tokens(self, request: GenerateRequest) -> int: ...

@@ -1,21 +1,22 @@
 """Drive one engine request for a handler: prime, stream or collect, and always clean up.
 
-Whatever way a request ends early (client disconnect, an error, the response task cancelled),
-:meth:`Generation.close` calls ``engine.abort(request_id)`` once, shielded from cancellation,
-so the engine frees the sequence's batch slot and KV cache.
+Whatever way a request ends early (client disconnect, an error, the response task cancelled,
+the request timeout), :meth:`Generation.close` closes the engine's ``OutputStream``, shielded
+from cancellation; the stream is the one place that turns an early close into
+``engine.abort(request_id)``, so the engine frees the sequence's batch slot and KV cache.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 from toolkit.runtime.errors import PromptTooLongError
-from toolkit.runtime.types import ChoiceDelta, GenerateRequest, RequestOutput
+from toolkit.runtime.types import ChoiceDelta, GenerateRequest, OutputStream, RequestOutput
 from toolkit.server.errors import ApiError, ClientDisconnected
 from toolkit.server.metrics import Metrics
 from toolkit.server.registry import ModelEntry
@@ -42,24 +43,19 @@ class Generation:
         self.finished = False
         self.prompt_tokens = 0
         self.completion_tokens = 0
-        self._agen: AsyncIterator[RequestOutput] | None = None
+        self._stream: OutputStream | None = None
         self._first: RequestOutput | None = None
         self._closed = False
         self._last_time: float | None = None
         self._model = entry.names[0]
 
     async def start(self) -> None:
-        """Open the engine stream and get the first output, so up-front errors reach the handler.
-
-        Engines implement ``generate`` either as an async generator or (like ``OnnxEngine``) as a
-        coroutine that validates the request and returns the stream; both are accepted.
-        """
+        """Submit the request and get the first output, so up-front errors reach the handler."""
         try:
             if self.zero_tokens:
-                self._agen = self._zero_output()
+                self._stream = self._zero_output()
             else:
-                stream = self.entry.engine.generate(self.request)
-                self._agen = await stream if inspect.isawaitable(stream) else stream
+                self._stream = await self.entry.engine.generate(self.request)
             self._first = await self._next()
         except StopAsyncIteration:
             self._first = None
@@ -68,7 +64,7 @@ class Generation:
             self.finished = True  # rejected or failed: the engine's stream has ended on its own
             await self.close()
             raise
-        except BaseException:  # cancelled while queued: abort
+        except BaseException:  # cancelled while queued: close (aborts)
             await self.close()
             raise
         if self._first is not None:
@@ -76,7 +72,7 @@ class Generation:
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         """Every output from the first on; on early exit the request is aborted."""
-        if self._agen is None:
+        if self._stream is None:
             await self.start()
         try:
             if self._first is not None:
@@ -99,9 +95,9 @@ class Generation:
     async def _next(self) -> RequestOutput:
         """The engine's next output; past the deadline the request is aborted and ``timeout`` raised."""
         if self.deadline is None:
-            return await self._agen.__anext__()  # type: ignore[union-attr]
+            return await self._stream.__anext__()  # type: ignore[union-attr]
         with anyio.move_on_after(self.deadline - time.monotonic()):
-            return await self._agen.__anext__()  # type: ignore[union-attr]
+            return await self._stream.__anext__()  # type: ignore[union-attr]
         log.warning("request %s: no result within the %g s request timeout, aborted",
                     self.request.request_id, self.timeout_s)
         await self.close()  # not finished: aborts the engine request and frees its KV cache
@@ -140,22 +136,16 @@ class Generation:
         return outputs
 
     async def close(self) -> None:
-        """Abort the engine request unless it finished; idempotent and safe under cancellation."""
+        """Close the engine stream (which aborts an unfinished request); idempotent and safe under cancellation."""
         if self._closed:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
-            if not self.finished and not self.zero_tokens:
+            if self._stream is not None:
                 try:
-                    await self.entry.engine.abort(self.request.request_id)
+                    await self._stream.aclose()
                 except Exception:  # noqa: BLE001 - cleanup must not raise
-                    log.warning("abort(%s) failed", self.request.request_id, exc_info=True)
-            aclose = getattr(self._agen, "aclose", None)
-            if aclose is not None:
-                try:
-                    await aclose()
-                except (RuntimeError, Exception):  # noqa: BLE001 - generator already running/closed
-                    log.debug("closing the engine stream of %s failed", self.request.request_id, exc_info=True)
+                    log.warning("aborting %s failed", self.request.request_id, exc_info=True)
             self._record_tokens()
 
     def _observe(self, output: RequestOutput) -> None:
@@ -181,11 +171,18 @@ class Generation:
         self.metrics.prompt_tokens.labels(self._model).inc(self.prompt_tokens)
         self.metrics.completion_tokens.labels(self._model).inc(self.completion_tokens)
 
-    async def _zero_output(self) -> AsyncIterator[RequestOutput]:
-        prompt_tokens = self.entry.engine.count_tokens(self.request)
+    def _zero_output(self) -> OutputStream:
+        """max_tokens 0: one finished output that counts the prompt (an over-long prompt is still refused)."""
+        prompt_tokens = len(self.request.prompt_ids)
         limit = self.entry.context_length
         if limit and prompt_tokens > limit:
             raise PromptTooLongError(prompt_tokens, 0, limit)
         choices = [ChoiceDelta(index=i, text="", token_ids=[], finish_reason="length")
                    for i in range(self.request.params.n)]
-        yield RequestOutput(self.request.request_id, choices, prompt_tokens, 0, True)
+        queue: asyncio.Queue = asyncio.Queue()
+        queue.put_nowait(RequestOutput(self.request.request_id, choices, prompt_tokens, 0, True))
+        return OutputStream(queue, _nothing_to_abort)
+
+
+async def _nothing_to_abort() -> None:
+    """The zero-token answer never reached an engine."""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from toolkit.recipes.registry import Recipe, UnknownRecipeError, get_recipe
+from toolkit.recipes.registry import Recipe
+from toolkit.runtime.types import Engine
 
 log = logging.getLogger(__name__)
 
@@ -17,48 +18,32 @@ class ModelEntry:
     """One served engine with its recipe and every name clients may use for it."""
 
     key: str
-    engine: Any
-    recipe: Recipe | None
+    engine: Engine
     names: tuple[str, ...]
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.engine.recipe
 
     @property
     def context_length(self) -> int:
         """Maximum prompt + output tokens of this engine."""
-        length = getattr(self.engine, "context_length", None)
-        if length:
-            return int(length)
-        return self.recipe.context_window if self.recipe else 0
+        return self.engine.context_length
 
     def defaults(self, api: str) -> dict[str, Any]:
         """The recipe's default sampling for ``api`` ("openai" or "workers_ai")."""
-        return dict(self.recipe.defaults.get(api, {})) if self.recipe else {}
+        return dict(self.recipe.defaults.get(api, {}))
 
     def estimated_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        """Dollar cost at the recipe's prices (0 without a recipe), rounded to 10 decimals."""
-        if self.recipe is None:
-            return 0.0
+        """Dollar cost at the recipe's prices, rounded to 10 decimals."""
         return round(self.recipe.estimated_cost(prompt_tokens, completion_tokens), 10)
 
 
-def _recipe_of(key: str, engine: Any) -> Recipe | None:
-    recipe = getattr(engine, "recipe", None)
-    if recipe is not None:
-        return recipe
-    try:
-        return get_recipe(key)
-    except UnknownRecipeError:
-        return None
-
-
-def _names_of(key: str, engine: Any, recipe: Recipe | None) -> tuple[str, ...]:
+def _names_of(key: str, engine: Engine) -> tuple[str, ...]:
+    """Hugging Face id first, then the key (usually the recipe name) and the recipe's aliases, without repeats."""
     names: list[str] = []
-    candidates: Iterable[str] = (
-        *((recipe.hf_id,) if recipe else ()), key,
-        *tuple(getattr(engine, "model_names", ()) or ()),
-        *(recipe.model_names if recipe else ()),
-    )
-    for name in candidates:
-        if isinstance(name, str) and name and name not in names:
+    for name in (engine.recipe.hf_id, key, *engine.model_names, *engine.recipe.model_names):
+        if name and name not in names:
             names.append(name)
     return tuple(names)
 
@@ -66,13 +51,12 @@ def _names_of(key: str, engine: Any, recipe: Recipe | None) -> tuple[str, ...]:
 class ModelRegistry:
     """Every served model under all its names (recipe name, Hugging Face id, aliases)."""
 
-    def __init__(self, engines: Mapping[str, Any]) -> None:
-        """``engines`` maps a name (usually the recipe name) to an Engine-like object."""
+    def __init__(self, engines: Mapping[str, Engine]) -> None:
+        """``engines`` maps a name (usually the recipe name) to an engine."""
         self._entries: list[ModelEntry] = []
         self._by_name: dict[str, ModelEntry] = {}
         for key, engine in engines.items():
-            recipe = _recipe_of(key, engine)
-            entry = ModelEntry(key, engine, recipe, _names_of(key, engine, recipe))
+            entry = ModelEntry(key, engine, _names_of(key, engine))
             self._entries.append(entry)
             for name in entry.names:
                 self._add(name, entry)

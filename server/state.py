@@ -1,20 +1,13 @@
 """The application's state (:class:`AppState`): served models, metrics, API keys, readiness and
-engine start/stop, shared by every handler of one app and stored as ``app.state.ctx``.
-
-Two per-request helpers (:func:`stamp_arrival`, :func:`request_id_of`) read what the
-request-context middleware put in the ASGI scope; they sit here until request building moves.
-"""
+engine start/stop, shared by every handler of one app and stored as ``app.state.ctx``."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from dataclasses import dataclass, field
 
-from litestar import Request
 from litestar.connection import ASGIConnection
-from toolkit.runtime.types import GenerateRequest
 from toolkit.server.errors import ApiError
 from toolkit.server.metrics import Metrics
 from toolkit.server.registry import ModelEntry, ModelRegistry
@@ -80,17 +73,3 @@ class AppState:
 def state_of(connection: ASGIConnection) -> AppState:
     """The app's :class:`AppState`."""
     return connection.app.state.ctx
-
-
-def stamp_arrival(request: Request, generate_request: GenerateRequest) -> GenerateRequest:
-    """Date the engine request from the HTTP arrival (FCFS order and time to first token)."""
-    arrival = (request.scope.get("state") or {}).get("arrival_time")
-    if arrival is not None:
-        generate_request.arrival_time = arrival
-    return generate_request
-
-
-def request_id_of(request: Request) -> str:
-    """The id the request-context middleware gave this request (a fresh one otherwise)."""
-    state = request.scope.get("state") or {}
-    return state.get("request_id") or uuid.uuid4().hex

@@ -24,11 +24,12 @@ from typing import Any
 
 import httpx
 import uvicorn
-from toolkit.runtime.errors import EngineStoppedError, PromptTooLongError
+from toolkit.runtime.errors import EngineStoppedError, InvalidRequestError, PromptTooLongError
 from toolkit.runtime.types import (
     ChoiceDelta,
     EngineStats,
     GenerateRequest,
+    OutputStream,
     RequestOutput,
     TokenLogprob,
 )
@@ -115,6 +116,80 @@ class _Choice:
 
 
 @dataclass
+class Rendered:
+    """A fake prompt decoded back: chat ``messages``, or a plain ``prompt`` (``raw``: without BOS)."""
+
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    raw: bool = False
+
+
+class FakePrompts:
+    """The fake's tokenizer: ids that count like words and give back the exact text.
+
+    A chat is ``[BOS] + per message ([ROLE] + text ids + [SEP, SEP])``, a plain prompt is
+    ``[BOS]`` (unless raw) ``+ text ids``, where a text of k words is its own id followed by
+    k - 1 padding ids: so a message costs its word count + 3 tokens, and :meth:`key_of` can
+    recover the last user message (or the prompt) from the ids alone.
+    """
+
+    BOS, SEP, PAD, ROLE = 1, 2, 3, {"system": 4, "user": 5, "assistant": 6}
+    FIRST_TEXT_ID = 100_000
+    vocab_size = 1 << 30
+    eos_ids = frozenset({SEP})
+
+    def __init__(self) -> None:
+        self._ids: dict[str, int] = {}
+        self._texts: dict[int, str] = {}
+
+    def _text(self, text: str) -> list[int]:
+        words = len(text.split())
+        if not words:
+            return []
+        text_id = self._ids.setdefault(text, self.FIRST_TEXT_ID + len(self._ids))
+        self._texts[text_id] = text
+        return [text_id] + [self.PAD] * (words - 1)
+
+    def encode(self, messages: list[dict[str, str]] | None = None, prompt: str | None = None,
+               raw: bool = False) -> list[int]:
+        if messages is not None:
+            ids = [self.BOS]
+            for m in messages:
+                ids += [self.ROLE.get(m["role"], 7), *self._text(m["content"]), self.SEP, self.SEP]
+            return ids
+        ids = ([] if raw else [self.BOS]) + self._text(prompt or "")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        return ids
+
+    def check_ids(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids or min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
+            raise InvalidRequestError("prompt token ids must be non-empty ids in the vocabulary", param="prompt")
+
+    def decode(self, prompt_ids: tuple[int, ...]) -> Rendered:
+        """What :meth:`encode` was given: the chat messages, or the plain prompt and whether it was raw."""
+        roles = {v: k for k, v in self.ROLE.items()}
+        if len(prompt_ids) > 1 and prompt_ids[0] == self.BOS and prompt_ids[1] in roles:
+            messages, i = [], 1
+            while i < len(prompt_ids):
+                role, i = roles.get(prompt_ids[i], "tool"), i + 1
+                content = self._texts.get(prompt_ids[i], "") if prompt_ids[i] != self.SEP else ""
+                while prompt_ids[i] != self.SEP:
+                    i += 1
+                messages.append({"role": role, "content": content})
+                i += 2
+            return Rendered(messages=messages)
+        text = next((self._texts[t] for t in prompt_ids if t in self._texts), None)
+        return Rendered(prompt=text, raw=bool(prompt_ids) and prompt_ids[0] != self.BOS)
+
+    def key_of(self, prompt_ids: tuple[int, ...]) -> str:
+        """The last user message of a chat, or the text of a plain prompt ("" for other ids)."""
+        rendered = self.decode(prompt_ids)
+        users = [m["content"] for m in rendered.messages or () if m["role"] == "user"]
+        return users[-1] if users else (rendered.prompt or "")
+
+
+@dataclass
 class FakeEngine:
     """Engine protocol fake; see the module docstring."""
 
@@ -129,7 +204,9 @@ class FakeEngine:
     started: bool = False
     stopped_with: float | None = None
     generated_total: int = 0
+    prompts: FakePrompts = field(default_factory=FakePrompts)
     _running: dict[str, int] = field(default_factory=dict)
+    _tasks: dict[str, asyncio.Task] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.model_names = tuple(self.recipe.model_names)
@@ -141,13 +218,13 @@ class FakeEngine:
         self.scripts[key] = Script(**kwargs)
         return self.scripts[key]
 
-    @staticmethod
-    def key_of(request: GenerateRequest) -> str:
+    def key_of(self, request: GenerateRequest) -> str:
         """The last user message, or the prompt."""
-        for message in reversed(request.messages or []):
-            if message["role"] == "user":
-                return message["content"]
-        return request.prompt or ""
+        return self.prompts.key_of(request.prompt_ids)
+
+    def rendered(self, request: GenerateRequest) -> Rendered:
+        """The messages or prompt the adapter encoded into ``request.prompt_ids``."""
+        return self.prompts.decode(request.prompt_ids)
 
     def requests_for(self, key: str) -> list[GenerateRequest]:
         """Every request seen with this key, oldest first."""
@@ -167,34 +244,33 @@ class FakeEngine:
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
         self._running.pop(request_id, None)
+        task = self._tasks.pop(request_id, None)
+        if task is not None:
+            task.cancel()
 
     def stats(self) -> EngineStats:
         return EngineStats(running=len(self._running), waiting=0, kv_cache_used_tokens=sum(self._running.values()),
                            kv_cache_total_tokens=self.kv_total, generated_tokens_total=self.generated_total,
                            tokens_per_second=0.0)
 
-    def count_tokens(self, request: GenerateRequest) -> int:
-        if request.prompt_ids is not None:
-            return len(request.prompt_ids)
-        if request.messages is not None:
-            return sum(len(m["content"].split()) + 3 for m in request.messages) + 1
-        return len((request.prompt or "").split()) + (0 if request.raw else 1)
-
-    async def generate(self, request: GenerateRequest):
-        """Like ``OnnxEngine.generate``: validate (raising up front), then return the output stream."""
+    async def generate(self, request: GenerateRequest) -> OutputStream:
+        """Like the real engines: validate (raising up front), then return the request's output stream."""
         if not self.started:
             raise EngineStoppedError("the fake engine is not started")
         self.requests.append(request)
         script = self.scripts.get(self.key_of(request), Script())
         if script.fail_before is not None:
             raise script.fail_before
-        prompt_tokens = self.count_tokens(request)
+        self.prompts.check_ids(request.prompt_ids)
+        prompt_tokens = len(request.prompt_ids)
         if prompt_tokens + request.params.max_tokens > self.context_length:
             raise PromptTooLongError(prompt_tokens, request.params.max_tokens, self.context_length)
         self._running[request.request_id] = prompt_tokens
-        return self._stream(request, script, prompt_tokens)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._tasks[request.request_id] = asyncio.create_task(self._produce(request, script, prompt_tokens, queue))
+        return OutputStream(queue, lambda: self.abort(request.request_id))
 
-    async def _stream(self, request: GenerateRequest, script: Script, prompt_tokens: int):
+    async def _produce(self, request: GenerateRequest, script: Script, prompt_tokens: int, queue: asyncio.Queue) -> None:
         rid = request.request_id
         choices = [_Choice(i, self._pieces(script, request, i), request) for i in range(request.params.n)]
         completion, outputs = 0, 0
@@ -203,7 +279,8 @@ class FakeEngine:
                 if script.delay_s:
                     await asyncio.sleep(script.delay_s)
                 if script.fail_after is not None and outputs >= script.fail_after:
-                    raise script.failure
+                    queue.put_nowait(script.failure)
+                    return
                 if rid not in self._running:
                     return
                 deltas = [c.step() for c in choices if not c.done]
@@ -211,9 +288,10 @@ class FakeEngine:
                 self.generated_total += len(deltas)
                 self._running[rid] += len(deltas)
                 outputs += 1
-                yield RequestOutput(rid, deltas, prompt_tokens, completion, all(c.done for c in choices))
+                queue.put_nowait(RequestOutput(rid, deltas, prompt_tokens, completion, all(c.done for c in choices)))
         finally:
             self._running.pop(rid, None)
+            self._tasks.pop(rid, None)
 
     def _pieces(self, script: Script, request: GenerateRequest, index: int) -> list[str | bytes]:
         params = request.params

@@ -72,17 +72,17 @@ def test_batched_staggered_greedy_equals_reference(recipe_name, graph, tiny_engi
 def test_seed_reproducible_alone_and_in_busy_batch(tiny_engine):
     engine_dir = tiny_engine(get_recipe("qwen2-7b-instruct"), "fp32")
     params = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
-    request = lambda: GenerateRequest(prompt="Tell me a joke", params=params)  # noqa: E731
 
     async def main():
         engine = await started(engine_dir)
+        request = lambda: GenerateRequest(engine.prompts.encode(prompt="Tell me a joke"), params)  # noqa: E731
         alone = (await collect(engine, request()))[0][0]
         noise = [
-            GenerateRequest(prompt=f"noise {i}", params=SamplingParams(max_tokens=30, temperature=1.2, ignore_eos=True))
+            GenerateRequest(engine.prompts.encode(prompt=f"noise {i}"), params=SamplingParams(max_tokens=30, temperature=1.2, ignore_eos=True))
             for i in range(5)
         ]
         results = await asyncio.gather(*[collect(engine, r) for r in noise[:3]], collect(engine, request()), *[collect(engine, r) for r in noise[3:]])
-        other_seed = (await collect(engine, GenerateRequest(prompt="Tell me a joke", params=params.replace(seed=99))))[0][0]
+        other_seed = (await collect(engine, GenerateRequest(engine.prompts.encode(prompt="Tell me a joke"), params=params.replace(seed=99))))[0][0]
         await engine.stop()
         return alone, results[3][0][0], other_seed
 
@@ -101,7 +101,7 @@ def test_n_choices_share_one_prefill(graph, tiny_engine):
         original = engine.runner.prefill
         engine.runner.prefill = lambda ids, past, start: calls.append(len(ids)) or original(ids, past, start)
         params = SamplingParams(max_tokens=16, temperature=1.0, n=3, seed=7, ignore_eos=True)
-        tokens, _, reasons = await collect(engine, GenerateRequest(prompt="Hello there", params=params))
+        tokens, _, reasons = await collect(engine, GenerateRequest(engine.prompts.encode(prompt="Hello there"), params=params))
         await engine.stop()
         return calls, tokens, reasons
 
@@ -118,12 +118,12 @@ def test_stop_string_across_tokens_is_never_emitted(tiny_engine):
     async def main():
         engine = await started(engine_dir)
         base = SamplingParams(max_tokens=32, **GREEDY)
-        tokens, texts, _ = await collect(engine, GenerateRequest(prompt="What is the capital of France?", params=base))
+        tokens, texts, _ = await collect(engine, GenerateRequest(engine.prompts.encode(prompt="What is the capital of France?"), params=base))
         full = texts[0]
         stop = full[10:14]
         pieces = []
         async for out in await engine.generate(
-            GenerateRequest(prompt="What is the capital of France?", params=base.replace(stop=(stop,)))
+            GenerateRequest(engine.prompts.encode(prompt="What is the capital of France?"), params=base.replace(stop=(stop,)))
         ):
             pieces.extend((c.text, c.finish_reason) for c in out.choices)
         await engine.stop()
@@ -166,7 +166,7 @@ def test_abort_mid_generation_frees_cache(graph, tiny_engine):
 
     async def main():
         engine = await started(engine_dir)
-        stream = await engine.generate(GenerateRequest(prompt="Hi", params=SamplingParams(max_tokens=400, **GREEDY)))
+        stream = await engine.generate(GenerateRequest(engine.prompts.encode(prompt="Hi"), params=SamplingParams(max_tokens=400, **GREEDY)))
         await stream.__anext__()
         busy = engine.stats()
         await stream.aclose()
@@ -186,13 +186,13 @@ def test_overload_raises_and_too_long_prompt_names_limits(graph, tiny_engine):
     async def main():
         engine = await started(engine_dir, config=SchedulerConfig(max_batch_size=1, max_num_tokens=64, max_waiting=2))
         long = SamplingParams(max_tokens=300, **GREEDY)
-        streams = [await engine.generate(GenerateRequest(prompt="a", params=long))]
+        streams = [await engine.generate(GenerateRequest(engine.prompts.encode(prompt="a"), params=long))]
         await streams[0].__anext__()
-        streams += [await engine.generate(GenerateRequest(prompt="b", params=long)) for _ in range(2)]
+        streams += [await engine.generate(GenerateRequest(engine.prompts.encode(prompt="b"), params=long)) for _ in range(2)]
         with pytest.raises(OverloadedError):
-            await engine.generate(GenerateRequest(prompt="c", params=long))
+            await engine.generate(GenerateRequest(engine.prompts.encode(prompt="c"), params=long))
         with pytest.raises(PromptTooLongError, match="context window is 512"):
-            await engine.generate(GenerateRequest(prompt="x " * 400, params=SamplingParams(max_tokens=200)))
+            await engine.generate(GenerateRequest(engine.prompts.encode(prompt="x " * 400), params=SamplingParams(max_tokens=200)))
         for s in streams:
             await s.aclose()
         idle = await until_idle(engine)
@@ -216,8 +216,8 @@ def test_failed_step_fails_only_its_requests(tiny_engine):
 
         engine.fault_hook = hook
         with pytest.raises(EngineFailureError, match="injected"):
-            await collect(engine, GenerateRequest(prompt="Hi", params=SamplingParams(max_tokens=8, **GREEDY)))
-        ok = await collect(engine, GenerateRequest(prompt="Hi", params=SamplingParams(max_tokens=8, **GREEDY)))
+            await collect(engine, GenerateRequest(engine.prompts.encode(prompt="Hi"), params=SamplingParams(max_tokens=8, **GREEDY)))
+        ok = await collect(engine, GenerateRequest(engine.prompts.encode(prompt="Hi"), params=SamplingParams(max_tokens=8, **GREEDY)))
         idle = await until_idle(engine)
         await engine.stop()
         return ok, idle

@@ -58,7 +58,7 @@ def test_completions_and_echo(client, served):
     assert reply.object == "text_completion"
     assert reply.choices[0].text == "Once upon" + "".join(DEFAULT_PIECES[:3])
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 3
-    assert served.default.requests_for("Once upon")[-1].prompt == "Once upon"
+    assert served.default.rendered(served.default.requests_for("Once upon")[-1]).prompt == "Once upon"
 
 
 def test_chat_stream_exact_bytes(served):
@@ -124,7 +124,7 @@ def test_tool_choice_auto_returns_a_parsed_tool_call(client, served):
     call = choice.message.tool_calls[0]
     assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
     assert json.loads(call.function.arguments) == {"city": "Paris"}
-    system = served.gemma.requests_for("weather?")[-1].messages[0]
+    system = served.gemma.rendered(served.gemma.requests_for("weather?")[-1]).messages[0]
     assert system["role"] == "system" and '"get_weather"' in system["content"]
 
 
@@ -169,7 +169,7 @@ def test_tool_choice_none_renders_and_parses_nothing(client, served):
     reply = client.chat.completions.create(model=MODEL, messages=user("no tools"), tools=[WEATHER_TOOL],
                                            tool_choice="none")
     assert reply.choices[0].message.tool_calls is None and reply.choices[0].finish_reason == "stop"
-    assert [m["role"] for m in served.gemma.requests_for("no tools")[-1].messages] == ["user"]
+    assert [m["role"] for m in served.gemma.rendered(served.gemma.requests_for("no tools")[-1]).messages] == ["user"]
 
 
 def test_tool_history_is_rendered(client, served):
@@ -180,7 +180,7 @@ def test_tool_history_is_rendered(client, served):
                 {"role": "tool", "tool_call_id": "call_1", "content": "-3C"},
                 {"role": "user", "content": "history"}]
     client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL])
-    turns = served.gemma.requests_for("history")[-1].messages
+    turns = served.gemma.rendered(served.gemma.requests_for("history")[-1]).messages
     assert turns[2] == {"role": "assistant", "content": '{"name": "get_weather", "arguments": {"city": "Oslo"}}'}
     assert turns[3] == {"role": "user", "content": "Tool result (get_weather): -3C"}
 
@@ -256,7 +256,7 @@ def test_defaults_and_length(client, served):
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 2
     client.chat.completions.create(model="google/codegemma-7b-it", messages=user("defaults"))
     params = served.small.requests_for("defaults")[-1].params
-    prompt_tokens = served.small.count_tokens(served.small.requests_for("defaults")[-1])
+    prompt_tokens = len(served.small.requests_for("defaults")[-1].prompt_ids)
     assert params.temperature == 1.0 and params.max_tokens == 64 - prompt_tokens  # recipe 512, clamped
 
 

@@ -22,7 +22,7 @@ def test_sdk_prompt_with_percent_encoded_model(cf, served):
     assert result["response"] == DEFAULT_TEXT
     assert result["usage"]["completion_tokens"] == len(DEFAULT_PIECES)
     assert result["usage"]["total_tokens"] == result["usage"]["prompt_tokens"] + len(DEFAULT_PIECES)
-    request = served.gemma.requests_for("sdk prompt")[-1]
+    request = served.gemma.rendered(served.gemma.requests_for("sdk prompt")[-1])
     assert request.messages == [{"role": "user", "content": "sdk prompt"}]  # chat template applied
 
 
@@ -40,7 +40,7 @@ def test_sdk_messages(cf, served):
     messages = [{"role": "system", "content": "You are a friendly assistant"},
                 {"role": "user", "content": "sdk messages"}]
     assert cf.ai.run(MODEL, account_id="a", messages=messages)["response"] == DEFAULT_TEXT
-    assert served.gemma.requests_for("sdk messages")[-1].messages == messages
+    assert served.gemma.rendered(served.gemma.requests_for("sdk messages")[-1]).messages == messages
 
 
 def test_workers_ai_defaults_and_ranges(served):
@@ -56,14 +56,14 @@ def test_workers_ai_defaults_and_ranges(served):
 
 def test_raw_prompt_skips_the_template(served):
     served.post(RUN, json={"prompt": "<start_of_turn>user\nraw", "raw": True})
-    request = served.gemma.requests_for("<start_of_turn>user\nraw")[-1]
+    request = served.gemma.rendered(served.gemma.requests_for("<start_of_turn>user\nraw")[-1])
     assert request.raw is True and request.messages is None
 
 
 def test_stream_exact_bytes(served):
     r = served.post(RUN, json={"prompt": "wa stream", "stream": True, "max_tokens": 3})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    prompt_tokens = served.gemma.count_tokens(served.gemma.requests_for("wa stream")[-1])
+    prompt_tokens = len(served.gemma.requests_for("wa stream")[-1].prompt_ids)
     expected = "".join(f'data: {{"response": "{p}"}}\n\n' for p in DEFAULT_PIECES[:3])
     expected += (f'data: {{"response": "", "usage": {{"prompt_tokens": {prompt_tokens}, "completion_tokens": 3, '
                  f'"total_tokens": {prompt_tokens + 3}}}}}\n\ndata: [DONE]\n\n')
@@ -103,7 +103,7 @@ def test_tools_both_forms(cf, served, tool):
     result = cf.ai.run(MODEL, account_id="a", messages=[{"role": "user", "content": "wa tools"}], tools=[tool])
     assert result["tool_calls"] == [{"name": "get_weather", "arguments": {"city": "Lisbon"}}]
     assert result["response"] == ""
-    assert '"get_weather"' in served.gemma.requests_for("wa tools")[-1].messages[0]["content"]
+    assert '"get_weather"' in served.gemma.rendered(served.gemma.requests_for("wa tools")[-1]).messages[0]["content"]
 
 
 def test_tools_stream(served):
@@ -129,7 +129,7 @@ def test_tool_turns_in_history(served):
                 {"role": "tool", "name": "get_weather", "content": "sunny"},
                 {"role": "user", "content": "wa history"}]
     served.post(RUN, json={"messages": messages, "tools": [FLAT_TOOL]})
-    turns = served.gemma.requests_for("wa history")[-1].messages
+    turns = served.gemma.rendered(served.gemma.requests_for("wa history")[-1]).messages
     assert turns[2]["content"] == '{"name": "get_weather", "arguments": {"city": "X"}}'
     assert turns[3] == {"role": "user", "content": "Tool result (get_weather): sunny"}
 

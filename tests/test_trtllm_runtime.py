@@ -227,10 +227,10 @@ def test_streams_token_by_token_and_maps_everything(fake_trtllm: FakeTrtLlm, tmp
     reply = _ids(tokenizer, REPLY)
     fake_trtllm.scripts.append([{0: ([t], None)} for t in reply] + [{0: ([_im_end(tokenizer)], "stop")}])
     engine = _engine(tmp_path, tokenizer_dir)
-    request = GenerateRequest(SamplingParams(max_tokens=40, temperature=0.7, seed=3), messages=MESSAGES)
 
     async def scenario():
         await engine.start()
+        request = GenerateRequest(engine.prompts.encode(messages=MESSAGES), SamplingParams(max_tokens=40, temperature=0.7, seed=3))
         outputs = await _collect(engine, request)
         await engine.stop()
         return outputs
@@ -260,7 +260,7 @@ def test_trtllm_finish_reasons_are_mapped(fake_trtllm, tmp_path, tokenizer_dir, 
 
     async def scenario():
         await engine.start()
-        return await _collect(engine, GenerateRequest(SamplingParams(max_tokens=30), prompt="Hi"))
+        return await _collect(engine, GenerateRequest(engine.prompts.encode(prompt="Hi"), SamplingParams(max_tokens=30)))
 
     outputs = _run(scenario())
     assert _text(outputs) == "Hello!" and _finish(outputs) == ours and outputs[-1].finished
@@ -273,7 +273,7 @@ def test_max_tokens_ends_with_length_even_if_trtllm_keeps_going(fake_trtllm, tmp
 
     async def scenario():
         await engine.start()
-        return await _collect(engine, GenerateRequest(SamplingParams(max_tokens=3), prompt="Hi"))
+        return await _collect(engine, GenerateRequest(engine.prompts.encode(prompt="Hi"), SamplingParams(max_tokens=3)))
 
     outputs = _run(scenario())
     assert [c.token_ids for o in outputs for c in o.choices] == [reply[:3]]
@@ -287,7 +287,7 @@ def test_stop_string_is_cut_by_the_toolkit_and_aborts_trtllm(fake_trtllm, tmp_pa
 
     async def scenario():
         await engine.start()
-        return await _collect(engine, GenerateRequest(params, prompt="Hi"))
+        return await _collect(engine, GenerateRequest(engine.prompts.encode(prompt="Hi"), params))
 
     outputs = _run(scenario())
     assert _text(outputs) == "Hello! How " and _finish(outputs) == "stop"
@@ -298,10 +298,10 @@ def test_stop_string_is_cut_by_the_toolkit_and_aborts_trtllm(fake_trtllm, tmp_pa
 def test_abort_reaches_trtllm_and_ends_the_stream(fake_trtllm, tmp_path, tokenizer_dir, tokenizer):
     fake_trtllm.scripts.append([{0: (_ids(tokenizer, "Hello"), None)}])  # then waits until aborted
     engine = _engine(tmp_path, tokenizer_dir)
-    request = GenerateRequest(SamplingParams(max_tokens=30), prompt="Hi")
 
     async def scenario():
         await engine.start()
+        request = GenerateRequest(engine.prompts.encode(prompt="Hi"), SamplingParams(max_tokens=30))
         stream = await engine.generate(request)
         first = await anext(stream)
         await engine.abort(request.request_id)
@@ -318,7 +318,7 @@ def test_closing_the_stream_early_aborts(fake_trtllm, tmp_path, tokenizer_dir, t
 
     async def scenario():
         await engine.start()
-        stream = await engine.generate(GenerateRequest(SamplingParams(max_tokens=30), prompt="Hi"))
+        stream = await engine.generate(GenerateRequest(engine.prompts.encode(prompt="Hi"), SamplingParams(max_tokens=30)))
         await anext(stream)
         await stream.aclose()
         for _ in range(20):
@@ -336,7 +336,7 @@ def test_n2_sampling_streams_each_choice(fake_trtllm, tmp_path, tokenizer_dir, t
 
     async def scenario():
         await engine.start()
-        return await _collect(engine, GenerateRequest(SamplingParams(n=2, max_tokens=30), prompt="Hi"))
+        return await _collect(engine, GenerateRequest(engine.prompts.encode(prompt="Hi"), SamplingParams(n=2, max_tokens=30)))
 
     outputs = _run(scenario())
     assert fake_trtllm.llms[0].calls[0][1].kwargs["n"] == 2
@@ -352,7 +352,7 @@ def test_greedy_n2_runs_once_and_copies_the_choice(fake_trtllm, tmp_path, tokeni
 
     async def scenario():
         await engine.start()
-        return await _collect(engine, GenerateRequest(SamplingParams(n=2, temperature=0, max_tokens=30), prompt="Hi"))
+        return await _collect(engine, GenerateRequest(engine.prompts.encode(prompt="Hi"), SamplingParams(n=2, temperature=0, max_tokens=30)))
 
     outputs = _run(scenario())
     assert fake_trtllm.llms[0].calls[0][1].kwargs["n"] == 1
@@ -371,7 +371,7 @@ def test_logprobs_and_top_logprobs(fake_trtllm, tmp_path, tokenizer_dir, tokeniz
 
     async def scenario():
         await engine.start()
-        return await _collect(engine, GenerateRequest(params, prompt="Hi"))
+        return await _collect(engine, GenerateRequest(engine.prompts.encode(prompt="Hi"), params))
 
     outputs = _run(scenario())
     assert fake_trtllm.llms[0].calls[0][1].kwargs["logprobs"] == 2
@@ -395,10 +395,10 @@ def test_prompt_too_long_uses_the_engines_max_seq_len(fake_trtllm, tmp_path, tok
 
     async def scenario():
         await engine.start()
-        prompt_len = engine.count_tokens(GenerateRequest(prompt="Hi"))
+        prompt_len = len(engine.prompts.encode(prompt="Hi"))
         with pytest.raises(PromptTooLongError):
-            await engine.generate(GenerateRequest(SamplingParams(max_tokens=21 - prompt_len), prompt="Hi"))
-        stream = await engine.generate(GenerateRequest(SamplingParams(max_tokens=20 - prompt_len), prompt="Hi"))
+            await engine.generate(GenerateRequest(engine.prompts.encode(prompt="Hi"), SamplingParams(max_tokens=21 - prompt_len)))
+        stream = await engine.generate(GenerateRequest(engine.prompts.encode(prompt="Hi"), SamplingParams(max_tokens=20 - prompt_len)))
         await stream.aclose()
 
     _run(scenario())
@@ -412,10 +412,10 @@ def test_overload_and_stats(fake_trtllm, tmp_path, tokenizer_dir):
     async def scenario():
         await engine.start()
         assert engine.stats().kv_cache_total_tokens == 320
-        streams = [await engine.generate(GenerateRequest(SamplingParams(max_tokens=8), prompt="Hi")) for _ in range(2)]
+        streams = [await engine.generate(GenerateRequest(engine.prompts.encode(prompt="Hi"), SamplingParams(max_tokens=8))) for _ in range(2)]
         stats = engine.stats()
         with pytest.raises(OverloadedError):
-            await engine.generate(GenerateRequest(SamplingParams(max_tokens=8), prompt="Hi"))
+            await engine.generate(GenerateRequest(engine.prompts.encode(prompt="Hi"), SamplingParams(max_tokens=8)))
         await engine.stop()
         return stats, [[o async for o in s] for s in streams]
 
@@ -433,7 +433,7 @@ def test_rejected_request_is_invalid(fake_trtllm, tmp_path, tokenizer_dir):
     async def scenario():
         await engine.start()
         with pytest.raises(InvalidRequestError, match="max_batch_size"):
-            await engine.generate(GenerateRequest(SamplingParams(n=4, max_tokens=8), prompt="Hi"))
+            await engine.generate(GenerateRequest(engine.prompts.encode(prompt="Hi"), SamplingParams(n=4, max_tokens=8)))
 
     _run(scenario())
 
@@ -445,7 +445,7 @@ def test_failure_mid_stream_ends_with_engine_failure(fake_trtllm, tmp_path, toke
 
     async def scenario():
         await engine.start()
-        stream = await engine.generate(GenerateRequest(SamplingParams(max_tokens=30), prompt="Hi"))
+        stream = await engine.generate(GenerateRequest(engine.prompts.encode(prompt="Hi"), SamplingParams(max_tokens=30)))
         assert (await anext(stream)).choices[0].text == "Hello"
         with pytest.raises(EngineFailureError, match="executor died"):
             await anext(stream)
@@ -458,11 +458,11 @@ def test_not_started_or_stopped_engine_refuses(fake_trtllm, tmp_path, tokenizer_
 
     async def scenario():
         with pytest.raises(EngineStoppedError):
-            await engine.generate(GenerateRequest(prompt="Hi"))
+            await engine.generate(GenerateRequest(engine.prompts.encode(prompt="Hi")))
         await engine.start()
         await engine.stop()
         with pytest.raises(EngineStoppedError):
-            await engine.generate(GenerateRequest(prompt="Hi"))
+            await engine.generate(GenerateRequest(engine.prompts.encode(prompt="Hi")))
 
     _run(scenario())
     assert engine.stats().kv_cache_total_tokens == 0
@@ -588,11 +588,10 @@ def test_real_engine_exports_validates_and_streams(tmp_path: Path) -> None:
     async def scenario():
         await engine.start()
         try:
-            greedy = await _collect(engine, GenerateRequest(SamplingParams(max_tokens=12, temperature=0),
-                                                            messages=MESSAGES))
+            prompt_ids = engine.prompts.encode(messages=MESSAGES)
+            greedy = await _collect(engine, GenerateRequest(prompt_ids, SamplingParams(max_tokens=12, temperature=0)))
             sampled = await _collect(engine, GenerateRequest(
-                SamplingParams(max_tokens=8, temperature=0.8, n=2, seed=1, logprobs=True, top_logprobs=3),
-                messages=MESSAGES))
+                prompt_ids, SamplingParams(max_tokens=8, temperature=0.8, n=2, seed=1, logprobs=True, top_logprobs=3)))
             return greedy, sampled, engine.stats()
         finally:
             await engine.stop()
@@ -608,3 +607,28 @@ def test_real_engine_exports_validates_and_streams(tmp_path: Path) -> None:
         assert len(logprobs) == sum(len(c.token_ids) for c in deltas)
         assert all(lp.logprob <= 0 and len(lp.top) == 3 for lp in logprobs)
     assert stats.running == 0
+
+
+# ---- the Engine protocol and the offline bench ------------------------------------------------------
+
+
+def test_trtllm_engine_is_an_engine(fake_trtllm, tmp_path, tokenizer_dir):
+    from toolkit.runtime.types import Engine
+
+    engine = _engine(tmp_path, tokenizer_dir)
+    _run(engine.start())
+    assert isinstance(engine, Engine) and engine.recipe is RECIPE and engine.prompts.vocab_size > 0
+    assert engine.stats().step_timings is None  # TensorRT-LLM batches inside its own executor
+    _run(engine.stop())
+
+
+def test_offline_bench_runs_on_a_trtllm_engine_directory(fake_trtllm, tmp_path, tokenizer_dir):
+    from toolkit.artifact.manifest import describe_files, write_manifest
+    from toolkit.bench.offline import bench_offline
+
+    engine_dir = _engine_dir(tmp_path, tokenizer_dir)
+    write_manifest(engine_dir, dataclasses.replace(_manifest(), files=describe_files(engine_dir)))
+    fake_trtllm.scripts.extend([[{0: ([5], None)} for _ in range(6)] for _ in range(4)])  # warm-up + 1 + 2
+    results = _run(bench_offline(engine_dir, [1, 2], prompt_tokens=8, max_tokens=4, threads=None))
+    assert [(r["concurrency"], r["output_tokens"], r["overhead_pct"]) for r in results] == [(1, 4, None), (2, 8, None)]
+    assert [len(inputs) for inputs, _, _ in fake_trtllm.llms[0].calls] == [8, 8, 8, 8]

@@ -1,35 +1,12 @@
-"""Pieces both engines share: the per-request output stream and the tokens/s meter."""
+"""The tokens/s meter both engines share (the per-request output stream is ``runtime.types.OutputStream``)."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-
-from toolkit.runtime.types import RequestOutput
 
 RATE_WINDOW_S = 5.0
-
-
-async def stream_outputs(queue: asyncio.Queue, abort: Callable[[], Awaitable[None]]) -> AsyncIterator[RequestOutput]:
-    """Yield a request's outputs from ``queue`` until it finishes; an exception in the queue is raised.
-
-    Leaving early (the consumer closed the iterator, or was cancelled) calls ``abort()``.
-    """
-    finished = False
-    try:
-        while not finished:
-            item = await queue.get()
-            if isinstance(item, BaseException):
-                finished = True
-                raise item
-            finished = item.finished
-            yield item
-    finally:
-        if not finished:
-            await abort()
 
 
 class ThroughputMeter:

@@ -8,10 +8,11 @@ keeps serving. Outputs travel back through a per-request asyncio queue.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +20,12 @@ import numpy as np
 from toolkit.artifact.manifest import Manifest
 from toolkit.recipes import Recipe
 from toolkit.runtime.errors import EngineFailureError, EngineStoppedError, OverloadedError, PromptTooLongError
-from toolkit.runtime.engines.common import ThroughputMeter, stream_outputs
+from toolkit.runtime.engines.common import ThroughputMeter
 from toolkit.runtime.kv_cache import KVCacheManager, KvGeometry
 from toolkit.runtime.postprocess import TokenProcessor, collect_output
 from toolkit.runtime.scheduler import Scheduler, SchedulerConfig, StepPlan
-from toolkit.runtime.sequence import SequenceGroup
-from toolkit.runtime.sequence_factory import SequenceFactory
-from toolkit.runtime.types import EngineStats, GenerateRequest, RequestOutput
+from toolkit.runtime.sequence import SequenceFactory, SequenceGroup
+from toolkit.runtime.types import EngineStats, GenerateRequest, OutputStream, StepTimings
 
 DEFAULT_KV_BUDGET_BYTES = 2 << 30
 
@@ -51,6 +51,7 @@ class OnnxEngine:
         self.graph = manifest.export_options.get("graph", "optimum")
         self.kv = KVCacheManager(KvGeometry(**_geometry(manifest)), kv_budget_bytes, rectangular=self.graph == "gqa")
         self.threads = threads
+        self.scheduler = Scheduler(self.config, self.kv)
         self.fault_hook: Callable[[StepPlan], None] | None = None  # test hook: raise to fail a step
         self._submissions: queue.SimpleQueue[SequenceGroup] = queue.SimpleQueue()
         self._aborts: set[str] = set()
@@ -60,7 +61,8 @@ class OnnxEngine:
         self._accepting = False
         self._stopping = False
         self.throughput = ThroughputMeter()
-        self.timings = {"steps": 0, "schedule_s": 0.0, "step_s": 0.0, "model_s": 0.0}  # for profiling overhead
+        self.timings = StepTimings()  # cumulative loop time, reported by stats() for the bench
+        self._prompts = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -77,10 +79,9 @@ class OnnxEngine:
         from toolkit.runtime.prompting import PromptBuilder, load_tokenizer
 
         self.runner = _create_runner(self.graph, self.engine_dir / "model.onnx", self.threads, self.context_length)
-        self.prompts = PromptBuilder(load_tokenizer(self.engine_dir), self.recipe)
-        self.sequences = SequenceFactory(self.prompts, vocab_size=int(self.runner.session.get_outputs()[0].shape[-1] or 0))
-        self.processor = TokenProcessor(self.prompts, self.context_length)
-        self.scheduler = Scheduler(self.config, self.kv)
+        self._prompts = PromptBuilder(load_tokenizer(self.engine_dir), self.recipe)
+        self.sequences = SequenceFactory(self._prompts, vocab_size=int(self.runner.session.get_outputs()[0].shape[-1] or 0))
+        self.processor = TokenProcessor(self._prompts, self.context_length)
         self.batch = self.runner.new_batch()
 
     async def stop(self, grace_s: float = 0.0) -> None:
@@ -100,33 +101,36 @@ class OnnxEngine:
         s = self.scheduler
         return bool(s.running or s.prefilling or s.waiting or not self._submissions.empty())
 
-    # ---- requests ----------------------------------------------------------------------------
-    def count_tokens(self, request: GenerateRequest) -> int:
-        """Prompt tokens of ``request`` after templating."""
-        return len(self.prompts.prompt_ids(request))
+    @property
+    def prompts(self):
+        """The recipe's chat format over this engine's tokenizer (after ``start()``)."""
+        if self._prompts is None:
+            raise EngineStoppedError("the engine is not started")
+        return self._prompts
 
-    def _check_fits(self, prompt_len: int, request: GenerateRequest) -> None:
-        params = request.params
+    # ---- requests ----------------------------------------------------------------------------
+    def _check_fits(self, request: GenerateRequest) -> None:
+        params, prompt_len = request.params, len(request.prompt_ids)
+        self._prompts.check_ids(request.prompt_ids)
         if prompt_len + params.max_tokens > self.context_length:
             raise PromptTooLongError(prompt_len, params.max_tokens, self.context_length)
         if not self.kv.can_ever_fit(params.n * (prompt_len + params.max_tokens)):
             raise PromptTooLongError(prompt_len, params.max_tokens, self.kv.total_tokens // params.n, "KV cache budget")
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        """Stream the outputs of ``request``; closing the iterator early aborts it and frees its cache."""
+    async def generate(self, request: GenerateRequest) -> OutputStream:
+        """Queue ``request`` and return its output stream; closing the stream early aborts it and frees its cache."""
         if not self._accepting:
             raise EngineStoppedError("the engine is not running")
-        prompt_ids = self.prompts.prompt_ids(request)
-        self._check_fits(len(prompt_ids), request)
+        self._check_fits(request)
         waiting = len(self.scheduler.waiting) + self._submissions.qsize()
         if waiting >= self.config.max_waiting:
             raise OverloadedError(waiting, self.config.max_waiting)
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         deliver = lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item)  # noqa: E731
-        self._submissions.put(self.sequences.create(request, prompt_ids, deliver))
+        self._submissions.put(self.sequences.create(request, deliver))
         self._wake.set()
-        return stream_outputs(outputs, lambda: self.abort(request.request_id))
+        return OutputStream(outputs, lambda: self.abort(request.request_id))
 
     async def abort(self, request_id: str) -> None:
         """Stop a request wherever it is; its rows leave the batch and its cache is freed."""
@@ -136,14 +140,15 @@ class OnnxEngine:
 
     def stats(self) -> EngineStats:
         """Live counters for /metrics."""
-        scheduler = getattr(self, "scheduler", None)
+        scheduler = self.scheduler
         return EngineStats(
-            running=len(scheduler.running) + len(scheduler.prefilling) if scheduler else 0,
-            waiting=(len(scheduler.waiting) if scheduler else 0) + self._submissions.qsize(),
+            running=len(scheduler.running) + len(scheduler.prefilling),
+            waiting=len(scheduler.waiting) + self._submissions.qsize(),
             kv_cache_used_tokens=self.kv.used_tokens,
             kv_cache_total_tokens=self.kv.total_tokens,
             generated_tokens_total=self.throughput.total,
             tokens_per_second=self.throughput.rate(),
+            step_timings=dataclasses.replace(self.timings),
         )
 
     # ---- the engine loop (background thread) -----------------------------------------------
@@ -153,7 +158,7 @@ class OnnxEngine:
             self._drain_submissions()
             self._apply_aborts()
             plan = self.scheduler.schedule()
-            self.timings["schedule_s"] += time.perf_counter() - started
+            self.timings.schedule_s += time.perf_counter() - started
             if plan.empty:
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -173,9 +178,9 @@ class OnnxEngine:
             return
         model_done = time.perf_counter()
         self._postprocess(prefilled, logits)
-        self.timings["steps"] += 1
-        self.timings["model_s"] += model_done - started
-        self.timings["step_s"] += time.perf_counter() - started
+        self.timings.steps += 1
+        self.timings.model_s += model_done - started
+        self.timings.step_s += time.perf_counter() - started
 
     def _run_prefill(self, plan: StepPlan) -> list[SequenceGroup]:
         done = []
@@ -261,7 +266,7 @@ class OnnxEngine:
         self._fail_groups([g for g, _, _ in plan.prefill], error)
 
     def _fail_all(self, error: Exception) -> None:
-        if not hasattr(self, "scheduler"):
+        if self._prompts is None:  # never loaded: nothing was ever accepted
             return
         self._drain_submissions()
         self._fail_groups([*self.scheduler.waiting, *self.scheduler.prefilling], error)

@@ -21,7 +21,6 @@ import importlib
 import json
 import math
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,14 +28,13 @@ from typing import Any
 from toolkit.artifact.manifest import Manifest
 from toolkit.artifact.trtllm import import_tensorrt_llm, read_engine_config
 from toolkit.recipes import Recipe
-from toolkit.runtime.detokenizer import IncrementalDetokenizer
-from toolkit.runtime.engines.common import ThroughputMeter, stream_outputs
+from toolkit.runtime.detokenizer import PREFIX_TOKENS, IncrementalDetokenizer
+from toolkit.runtime.engines.common import ThroughputMeter
 from toolkit.runtime.engines.trtllm_sampling import build_trtllm_sampling_params, is_greedy
 from toolkit.runtime.errors import (EngineFailureError, EngineStoppedError, InvalidRequestError,
                                     OverloadedError, PromptTooLongError)
-from toolkit.runtime.types import ChoiceDelta, EngineStats, GenerateRequest, RequestOutput, TokenLogprob
+from toolkit.runtime.types import ChoiceDelta, EngineStats, GenerateRequest, OutputStream, RequestOutput, TokenLogprob
 
-PREFIX_TOKENS = 4  # prompt tokens the detokenizer decodes against (as in the ONNX engine)
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort", "timeout": "abort"}
 STATS_TIMEOUT_S = 0.01
 STOP_DRAIN_S = 2.0
@@ -66,13 +64,13 @@ class StreamConverter:
     context length); a greedy request with ``n > 1`` runs as one sequence copied ``n`` times.
     """
 
-    def __init__(self, request: GenerateRequest, prompt_ids: list[int], prompts: Any, context_length: int):
+    def __init__(self, request: GenerateRequest, prompts: Any, context_length: int):
         self.request, self.params = request, request.params
-        self.prompt_ids, self.prompts, self.context_length = prompt_ids, prompts, context_length
+        self.prompt_ids, self.prompts, self.context_length = request.prompt_ids, prompts, context_length
         self.copies = self.params.n if is_greedy(self.params) else 1
         backend = prompts.tokenizer.backend_tokenizer
         self.choices = [
-            _Choice(i, IncrementalDetokenizer(backend, stop=self.params.stop, prefix_ids=prompt_ids[-PREFIX_TOKENS:]))
+            _Choice(i, IncrementalDetokenizer(backend, stop=self.params.stop, prefix_ids=self.prompt_ids[-PREFIX_TOKENS:]))
             for i in range(self.params.n // self.copies)
         ]
         stops = set(self.params.stop_token_ids)
@@ -184,7 +182,7 @@ class TrtLlmEngine:
         self.context_length = min(manifest.context_length, int(build.get("max_seq_len") or manifest.context_length))
         self.max_batch_size = int(build.get("max_batch_size") or recipe.trtllm.max_batch_size)
         self.llm: Any = None
-        self.prompts: Any = None
+        self._prompts: Any = None
         self._llmapi: Any = None
         self._active: dict[str, _Active] = {}
         self._accepting = False
@@ -206,7 +204,7 @@ class TrtLlmEngine:
 
         api = import_tensorrt_llm()
         self._llmapi = importlib.import_module("tensorrt_llm.llmapi")
-        self.prompts = PromptBuilder(load_tokenizer(self.engine_dir), self.recipe)
+        self._prompts = PromptBuilder(load_tokenizer(self.engine_dir), self.recipe)
         self.llm = api.LLM(**self.llm_kwargs())
 
     async def stop(self, grace_s: float = 0.0) -> None:
@@ -230,31 +228,34 @@ class TrtLlmEngine:
         while self._active and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
-    def count_tokens(self, request: GenerateRequest) -> int:
-        """Prompt tokens of ``request`` after templating."""
-        if self.prompts is None:
-            raise EngineStoppedError("the engine is not running")
-        return len(self.prompts.prompt_ids(request))
+    @property
+    def prompts(self) -> Any:
+        """The recipe's chat format over this engine's tokenizer (after ``start()``)."""
+        if self._prompts is None:
+            raise EngineStoppedError("the engine is not started")
+        return self._prompts
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        """Stream the outputs of ``request``; closing the iterator early aborts it."""
+    async def generate(self, request: GenerateRequest) -> OutputStream:
+        """Submit ``request`` and return its output stream; closing the stream early aborts it."""
         if not self._accepting or self.llm is None:
             raise EngineStoppedError("the engine is not running")
-        prompt_ids = self.prompts.prompt_ids(request)
+        prompt_ids = request.prompt_ids
+        self._prompts.check_ids(prompt_ids)
         if len(prompt_ids) + request.params.max_tokens > self.context_length:
             raise PromptTooLongError(len(prompt_ids), request.params.max_tokens, self.context_length)
         waiting = self._counts()[1]
         if waiting >= self.max_waiting:
             raise OverloadedError(waiting, self.max_waiting)
-        result = self._submit(prompt_ids, request)
-        active = _Active(StreamConverter(request, prompt_ids, self.prompts, self.context_length), result)
+        result = self._submit(request)
+        active = _Active(StreamConverter(request, self._prompts, self.context_length), result)
         self._active[request.request_id] = active
         active.task = asyncio.create_task(self._pump(request.request_id, active))
-        return stream_outputs(active.queue, lambda: self.abort(request.request_id))
+        return OutputStream(active.queue, lambda: self.abort(request.request_id))
 
-    def _submit(self, prompt_ids: list[int], request: GenerateRequest) -> Any:
+    def _submit(self, request: GenerateRequest) -> Any:
+        prompt_ids = list(request.prompt_ids)
         try:
-            sampling = build_trtllm_sampling_params(self._llmapi, request.params, self.prompts.eos_ids, len(prompt_ids))
+            sampling = build_trtllm_sampling_params(self._llmapi, request.params, self._prompts.eos_ids, len(prompt_ids))
             return self.llm.generate_async(prompt_ids, sampling_params=sampling, streaming=True)
         except (ValueError, TypeError) as exc:
             raise InvalidRequestError(f"TensorRT-LLM rejected the request: {exc}") from exc

@@ -17,7 +17,7 @@ from toolkit.server.openai.schemas import (
     SamplingFields,
 )
 from toolkit.server.registry import ModelEntry
-from toolkit.server.sampling import build_params, resolve_max_tokens
+from toolkit.server.engine_request import Origin, build_params, resolve_max_tokens
 from toolkit.server.tools import ToolPlan, ToolSpec, make_plan, tool_call_text, tool_result_text
 
 DEFAULT_MAX_TOKENS = 512
@@ -35,8 +35,8 @@ class Prepared:
     echo: str | None = None
 
 
-def prepare_chat(req: ChatCompletionRequest, entry: ModelEntry, request_id: str) -> Prepared:
-    """Validate and map a chat completion request; raises ApiError / InvalidParameterError."""
+def prepare_chat(req: ChatCompletionRequest, entry: ModelEntry, origin: Origin) -> Prepared:
+    """Validate and map a chat completion request (rendered and tokenized once); raises ApiError / InvalidParameterError."""
     messages = chat_messages(req.messages)
     plan = tool_plan(req)
     messages = plan.apply(messages)
@@ -47,26 +47,30 @@ def prepare_chat(req: ChatCompletionRequest, entry: ModelEntry, request_id: str)
             raise invalid("response_format cannot be combined with a required or named tool_choice",
                           "response_format")
         json_fields = {"json_schema": schema}
-    probe = GenerateRequest(messages=messages, request_id=request_id)
+    prompt_ids = entry.engine.prompts.encode(messages=messages)
     max_tokens, zero = _max_tokens(req.max_completion_tokens if req.max_tokens is None else req.max_tokens,
-                                   entry, probe)
+                                   entry, len(prompt_ids))
     params = _params(req, entry, max_tokens, logprobs=bool(req.logprobs),
                      top_logprobs=req.top_logprobs or 0, **json_fields)
-    request = GenerateRequest(params=params, messages=messages, request_id=request_id)
-    return Prepared(request, plan, zero, _include_usage(req), bool(req.logprobs))
+    return Prepared(origin.request(prompt_ids, params), plan, zero, _include_usage(req), bool(req.logprobs))
 
 
-def prepare_completion(req: CompletionRequest, entry: ModelEntry, request_id: str) -> Prepared:
-    """Validate and map a (legacy) completion request."""
-    prompt, prompt_ids = completion_prompt(req.prompt)
-    probe = GenerateRequest(prompt=prompt, prompt_ids=prompt_ids, request_id=request_id)
-    max_tokens, zero = _max_tokens(req.max_tokens, entry, probe)
+def prepare_completion(req: CompletionRequest, entry: ModelEntry, origin: Origin) -> Prepared:
+    """Validate and map a (legacy) completion request (a text prompt is tokenized once, token ids are used as given)."""
+    prompt, given_ids = completion_prompt(req.prompt)
+    prompts = entry.engine.prompts
+    if given_ids is not None:
+        prompts.check_ids(given_ids)
+        prompt_ids = given_ids
+    else:
+        prompt_ids = prompts.encode(prompt=prompt)
+    max_tokens, zero = _max_tokens(req.max_tokens, entry, len(prompt_ids))
     top = req.logprobs or 0
     params = _params(req, entry, max_tokens, logprobs=req.logprobs is not None, top_logprobs=top,
                      **response_format_fields(req.response_format))
-    request = GenerateRequest(params=params, prompt=prompt, prompt_ids=prompt_ids, request_id=request_id)
     echo = (prompt or "") if req.echo else None
-    return Prepared(request, ToolPlan(), zero, _include_usage(req), req.logprobs is not None, echo)
+    return Prepared(origin.request(prompt_ids, params), ToolPlan(), zero, _include_usage(req),
+                    req.logprobs is not None, echo)
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
@@ -163,10 +167,9 @@ def _assistant_text(message: ChatMessage, i: int, text: str | None, names_by_id:
     return f"{text}\n{rendered}" if text else rendered
 
 
-def _max_tokens(given: int | None, entry: ModelEntry, probe: GenerateRequest) -> tuple[int, bool]:
+def _max_tokens(given: int | None, entry: ModelEntry, prompt_tokens: int) -> tuple[int, bool]:
     default = int(entry.defaults("openai").get("max_tokens", DEFAULT_MAX_TOKENS))
-    return resolve_max_tokens(given, default, entry.context_length,
-                              lambda: entry.engine.count_tokens(probe))
+    return resolve_max_tokens(given, default, entry.context_length, prompt_tokens)
 
 
 def _params(req: SamplingFields, entry: ModelEntry, max_tokens: int, **extra: Any) -> SamplingParams:

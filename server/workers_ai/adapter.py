@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+from toolkit.runtime.prompting import PromptBuilder
 from toolkit.runtime.types import GenerateRequest
 from toolkit.server.body import validation_error
 from toolkit.server.errors import ApiError, invalid
 from toolkit.server.registry import ModelEntry
-from toolkit.server.sampling import build_params, resolve_max_tokens
+from toolkit.server.engine_request import Origin, build_params, resolve_max_tokens
 from toolkit.server.tools import ToolPlan, ToolSpec, make_plan, tool_call_text, tool_result_text
 from toolkit.server.workers_ai.schemas import FlatTool, FunctionTool, Message, ResponseFormat, RunRequest
 
@@ -29,8 +30,8 @@ class Prepared:
     json_mode: bool
 
 
-def prepare_run(req: RunRequest, entry: ModelEntry, request_id: str) -> Prepared:
-    """Validate and map a run request; raises ApiError / InvalidParameterError."""
+def prepare_run(req: RunRequest, entry: ModelEntry, origin: Origin) -> Prepared:
+    """Validate and map a run request (rendered and tokenized once); raises ApiError / InvalidParameterError."""
     if req.lora:
         raise ApiError("lora_unsupported", f"LoRA adapter {req.lora!r} is not available: this server serves "
                        "base models only; remove 'lora'", "lora")
@@ -41,27 +42,26 @@ def prepare_run(req: RunRequest, entry: ModelEntry, request_id: str) -> Prepared
         raise invalid("JSON mode (response_format) cannot be combined with stream; set stream to false",
                       "response_format")
     plan = make_plan(tool_specs(req), None)
-    base = _base_request(req, plan, request_id)
+    prompt_ids = _prompt_ids(req, plan, entry.engine.prompts)
     defaults = {**WORKERS_AI_DEFAULTS, **entry.defaults("workers_ai")}
     max_tokens, zero = resolve_max_tokens(req.max_tokens, int(defaults["max_tokens"]), entry.context_length,
-                                          lambda: entry.engine.count_tokens(base))
+                                          len(prompt_ids))
     params = build_params(
         defaults, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
         seed=req.seed, repetition_penalty=repetition_penalty(req.repetition_penalty),
         frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty, **json_fields)
-    request = GenerateRequest(params=params, messages=base.messages, prompt=base.prompt, raw=base.raw,
-                              request_id=request_id)
-    return Prepared(request, plan, zero, bool(json_fields))
+    return Prepared(origin.request(prompt_ids, params), plan, zero, bool(json_fields))
 
 
-def _base_request(req: RunRequest, plan: ToolPlan, request_id: str) -> GenerateRequest:
+def _prompt_ids(req: RunRequest, plan: ToolPlan, prompts: PromptBuilder) -> list[int]:
+    """The prompt's token ids: ``prompt`` as a user turn (as is with ``raw``), or the ``messages``."""
     if req.prompt is not None:
         if plan.active:
             raise invalid("tools and functions need the messages form", "tools")
         if req.raw:
-            return GenerateRequest(prompt=req.prompt, raw=True, request_id=request_id)
-        return GenerateRequest(messages=[{"role": "user", "content": req.prompt}], request_id=request_id)
-    return GenerateRequest(messages=plan.apply(messages_to_turns(req.messages or [])), request_id=request_id)
+            return prompts.encode(prompt=req.prompt, raw=True)
+        return prompts.encode(messages=[{"role": "user", "content": req.prompt}])
+    return prompts.encode(messages=plan.apply(messages_to_turns(req.messages or [])))
 
 
 def repetition_penalty(value: float | None) -> float | None:

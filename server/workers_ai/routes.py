@@ -8,15 +8,18 @@ model registry (it is never used as a filesystem path).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from litestar import Controller, Request, Response, post
 from litestar.exceptions import HTTPException
+from toolkit.runtime.types import RequestOutput
 from toolkit.server.auth import api_key_guard
-from toolkit.server.body import decode_body, json_response
+from toolkit.server.engine_request import origin_of
 from toolkit.server.generation import Generation
 from toolkit.server.openapi import json_body_operation
-from toolkit.server.state import request_id_of, stamp_arrival, state_of
-from toolkit.server.streaming import sse_response
-from toolkit.server.workers_ai.adapter import prepare_run
+from toolkit.server.respond import accept, respond
+from toolkit.server.workers_ai.adapter import Prepared, prepare_run
 from toolkit.server.workers_ai.errors import error_body, exception_handler
 from toolkit.server.workers_ai.responses import RunStream, envelope, run_result, usage
 from toolkit.server.workers_ai.schemas import RunRequest
@@ -27,6 +30,26 @@ RUN_MARKER = "/ai/run/"
 def model_from_path(path: str) -> str:
     """The model name: everything after ``/ai/run/`` in the decoded request path."""
     return path.split(RUN_MARKER, 1)[1] if RUN_MARKER in path else ""
+
+
+@dataclass
+class _Reply:
+    """Workers AI's shapes: ``{"response"}`` chunks, or the enveloped result (text, tool calls or a JSON object)."""
+
+    prepared: Prepared
+    stream: RunStream
+
+    def chunks(self, output: RequestOutput) -> list[dict[str, Any]]:
+        return self.stream.chunks(output)
+
+    def final(self, generation: Generation) -> list[dict[str, Any]]:
+        return self.stream.final(usage(generation.prompt_tokens, generation.completion_tokens))
+
+    def body(self, outputs: list[RequestOutput], generation: Generation) -> dict[str, Any]:
+        text = "".join(d.text for out in outputs for d in out.choices)
+        result = run_result(text, self.prepared.tools, self.prepared.json_mode,
+                            usage(generation.prompt_tokens, generation.completion_tokens))
+        return envelope(result)
 
 
 class WorkersAIController(Controller):
@@ -41,20 +64,7 @@ class WorkersAIController(Controller):
           summary="Run a text generation model")
     async def run(self, request: Request) -> Response:
         """Generate text (or tool calls, or a JSON object); SSE when ``stream`` is true."""
-        ctx = state_of(request)
-        body = await decode_body(request, RunRequest)
-        entry = ctx.resolve(model_from_path(request.scope["path"]))
-        ctx.require_ready()
-        prepared = prepare_run(body, entry, request_id_of(request))
-        generation = Generation(entry, stamp_arrival(request, prepared.request), ctx.metrics, prepared.zero_tokens,
-                                timeout_s=ctx.request_timeout_s)
-        await generation.start()
-        if body.stream:
-            stream = RunStream(prepared.tools)
-            return sse_response(generation, stream.chunks,
-                                lambda g: stream.final(usage(g.prompt_tokens, g.completion_tokens)), error_body)
-        outputs = await generation.collect(request.receive)
-        text = "".join(d.text for out in outputs for d in out.choices)
-        result = run_result(text, prepared.tools, prepared.json_mode,
-                            usage(generation.prompt_tokens, generation.completion_tokens))
-        return json_response(envelope(result))
+        body, entry = await accept(request, RunRequest, lambda _: model_from_path(request.scope["path"]))
+        prepared = prepare_run(body, entry, origin_of(request))
+        reply = _Reply(prepared, RunStream(prepared.tools))
+        return await respond(request, entry, prepared.request, prepared.zero_tokens, reply, body.stream, error_body)
