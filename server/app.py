@@ -16,6 +16,7 @@ from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 from toolkit import __version__
+from toolkit.runtime.types import Engine
 from toolkit.server import openai as openai_api
 from toolkit.server import workers_ai as workers_ai_api
 from toolkit.server.auth import api_key_guard
@@ -79,7 +80,7 @@ def _fallback_handler(request: Request, exc: Exception) -> Response:
     return openai_api.errors.error_response(exc)
 
 
-def create_app(engines: Mapping[str, Any], api_keys: Sequence[str] | None = None, *,
+def create_app(engines: Mapping[str, Engine], api_keys: Sequence[str] | None = None, *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, shutdown_grace_s: float = 5.0,
                request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S, public_metrics: bool = False,
                cors_origins: Sequence[str] = (), debug: bool = False) -> Litestar:

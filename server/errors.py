@@ -90,7 +90,7 @@ def _classify_engine_error(exc: EngineError) -> ApiError:
     if isinstance(exc, InvalidRequestError):
         return ApiError("invalid", exc.message, exc.param)
     if isinstance(exc, OverloadedError):
-        return ApiError("overloaded", exc.message, retry_after_s=int(getattr(exc, "retry_after_s", 1) or 1))
+        return ApiError("overloaded", exc.message, retry_after_s=exc.retry_after_s)
     if isinstance(exc, EngineStoppedError):
         return ApiError("unavailable", exc.message, retry_after_s=1)
     if isinstance(exc, EngineFailureError):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.artifact.layout import MANIFEST_NAME
+from toolkit.runtime.types import Engine
 from toolkit.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT_S, create_app
 
 log = logging.getLogger(__name__)
@@ -46,15 +47,14 @@ def engine_dirs_to_serve(engine_dirs: Sequence[str | Path], models_dir: str | Pa
     return dirs
 
 
-def load_engines(dirs: Sequence[Path]) -> dict[str, Any]:
+def load_engines(dirs: Sequence[Path]) -> dict[str, Engine]:
     """``{recipe name: unstarted engine}`` for each directory (one engine per recipe)."""
     from toolkit.runtime import load_engine
 
-    engines: dict[str, Any] = {}
+    engines: dict[str, Engine] = {}
     for engine_dir in dirs:
         engine = load_engine(engine_dir)
-        recipe = getattr(engine, "recipe", None)
-        key = recipe.name if recipe is not None else engine_dir.name
+        key = engine.recipe.name
         if key in engines:
             raise ValueError(f"{engine_dir}: recipe {key!r} is already served by another engine directory; "
                              "serve one engine per model")
