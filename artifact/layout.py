@@ -30,7 +30,6 @@ REFERENCE_NAME = "reference.json"
 """The fp32 reference outputs every artifact is validated against (``toolkit.export.golden``)."""
 
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-KV_LAYOUT_KEYS = ("num_layers", "num_kv_heads", "head_dim", "dtype")
 
 
 @dataclass(frozen=True)
@@ -59,11 +58,6 @@ class KvSpec:
             "dtype": np.dtype(self.dtype).name,
             "layout": layout,
         }
-
-
-def kv_geometry(kv_layout: dict[str, Any]) -> dict[str, Any]:
-    """The numeric part of a manifest's ``kv_layout``: layers, KV heads, head size and dtype name."""
-    return {k: kv_layout[k] for k in KV_LAYOUT_KEYS}
 
 
 def kv_spec(session: Any, model_path: Path | None = None) -> KvSpec:
