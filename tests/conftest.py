@@ -97,3 +97,38 @@ def cf(served):
     from fake_engine import Served
 
     return cloudflare.Cloudflare(api_token=Served.API_KEY, base_url=f"{served.base_url}/client/v4", max_retries=0)
+
+
+def _http_status_counts(served) -> dict[str, float]:
+    """``toolkit_http_requests_total`` from ``served``'s /metrics, summed by status code."""
+    import httpx
+
+    text = httpx.get(served.base_url + "/metrics", headers=served.headers, timeout=10).text
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("toolkit_http_requests_total{"):
+            status = line.split('status="', 1)[1].split('"', 1)[0]
+            counts[status] = counts.get(status, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+@pytest.fixture
+def http_status_counts():
+    """``counts(served) -> {status: n}``: the HTTP answers ``served``'s /metrics has counted so far."""
+    return _http_status_counts
+
+
+@pytest.fixture
+def no_server_errors(served):
+    """After the test: no 5xx answer was counted while it ran, and every fake engine is idle with its
+    cache freed. Makes each test of a module that uses it check the server's health on its own."""
+    from fake_engine import wait_until
+
+    before = _http_status_counts(served)
+    yield
+    after = _http_status_counts(served)
+    new_5xx = {s: n - before.get(s, 0.0) for s, n in after.items() if s.startswith("5") and n > before.get(s, 0.0)}
+    assert not new_5xx, f"5xx answers during the test: {new_5xx}"
+    engines = (served.gemma, served.default, served.small)
+    idle = lambda: all(e.stats().running == 0 and e.stats().kv_cache_used_tokens == 0 for e in engines)  # noqa: E731
+    assert wait_until(idle), [e.stats() for e in engines]
