@@ -22,7 +22,7 @@ from toolkit.runtime.sampling_params import SamplingParams
 from toolkit.runtime.types import GenerateRequest
 
 pytestmark = pytest.mark.slow
-# Copied from ../shared/reference/default-model-vectors.json (PyTorch fp32, transformers 5.23).
+# The default model's reference vectors (PyTorch fp32, transformers 5.23), kept in tests/data.
 VECTORS = json.loads((Path(__file__).resolve().parent / "data" / "default-model-vectors.json").read_text())
 
 
@@ -80,7 +80,10 @@ async def _run(engine, request):
 
 
 async def _batched_greedy(engine_dir, cases, extra=None):
-    """Greedy 32-token continuations of ``cases`` submitted at staggered times to one engine."""
+    """Greedy 32-token continuations of ``cases`` submitted at staggered times to one engine.
+
+    ``extra(engine)``: one more request, built with the started engine's prompts, run after them.
+    """
     engine = load_engine(engine_dir)
     await engine.start()
 
@@ -93,7 +96,7 @@ async def _batched_greedy(engine_dir, cases, extra=None):
         return ids
 
     batched = await asyncio.gather(*[one(c, 0.05 * i) for i, c in enumerate(cases)])
-    extra_out = await _run(engine, extra) if extra is not None else None
+    extra_out = await _run(engine, extra(engine)) if extra is not None else None
     await engine.stop()
     return batched, extra_out
 
@@ -119,9 +122,9 @@ def test_int8_engine_batched_close_to_alone_and_utf8_safe(int8_dir):
     from toolkit.export.ort_runner import OrtCausalLM
 
     reference = Reference.load(int8_dir)
-    japanese = GenerateRequest(
-        messages=[{"role": "user", "content": "Write 'good morning' in Japanese, Chinese and as an emoji."}],
-        params=SamplingParams(max_tokens=48, temperature=0),
+    japanese = lambda engine: GenerateRequest(  # noqa: E731
+        engine.prompts.encode(messages=[{"role": "user", "content": "Write 'good morning' in Japanese, Chinese and as an emoji."}]),
+        SamplingParams(max_tokens=48, temperature=0),
     )
     batched, (deltas, _) = asyncio.run(_batched_greedy(int8_dir, reference.cases, japanese))
     runner = OrtCausalLM(int8_dir / "model.onnx")
@@ -142,8 +145,8 @@ def test_int8_engine_json_mode_parses(int8_dir):
         out = await _run(
             engine,
             GenerateRequest(
-                messages=[{"role": "user", "content": "Give me a JSON object describing a person."}],
-                params=SamplingParams(max_tokens=64, temperature=0.7, seed=3, json_schema=schema),
+                engine.prompts.encode(messages=[{"role": "user", "content": "Give me a JSON object describing a person."}]),
+                SamplingParams(max_tokens=64, temperature=0.7, seed=3, json_schema=schema),
             ),
         )
         await engine.stop()

@@ -2,16 +2,13 @@
 
 import json
 
+import jsonschema
 import numpy as np
 import pytest
 from tiny_models import build_byte_fallback_tokenizer
-
-jsonschema = pytest.importorskip("jsonschema")
-pytest.importorskip("llguidance")
-
-from toolkit.runtime.json_constraint import JsonConstraint, JsonConstraintFactory  # noqa: E402
-from toolkit.runtime.sampler import SequenceSampler  # noqa: E402
-from toolkit.runtime.sampling_params import InvalidParameterError, SamplingParams  # noqa: E402
+from toolkit.runtime.json_constraint import JsonConstraint, JsonConstraintFactory
+from toolkit.runtime.sampler import SequenceSampler
+from toolkit.runtime.sampling_params import InvalidParameterError, SamplingParams
 
 EOS = 1
 MERGES = [("{", "\""), ("\"", ":"), ("t", "r"), ("tr", "u"), ("tru", "e"), ("n", "a"),
