@@ -19,26 +19,37 @@ class TokenProcessor:
     def advance(self, group: SequenceGroup, seq: Sequence, logits_row: np.ndarray) -> None:
         """Sample the next token of ``seq`` from ``logits_row`` and apply the stop rules."""
         params = group.request.params
-        result = seq.sampler.sample(logits_row, seq.output_ids)
+        banned = self.stop_ids(params) if len(seq.output_ids) < params.min_tokens else ()
+        result = seq.sampler.sample(logits_row, seq.output_ids, banned)
         token = result.token_id
         seq.output_ids.append(token)
-        group.completion_tokens += 1
+        group.completion_tokens += 1  # the stop token counts: the model generated it (OpenAI, vLLM)
         delta = seq.delta()
         delta.token_ids.append(token)
-        if params.logprobs:
+        stop_token = (token in self.prompts.eos_ids and not params.ignore_eos) or token in params.stop_token_ids
+        if params.logprobs and (not stop_token or params.include_stop_str_in_output):
             delta.logprobs = delta.logprobs or []
             delta.logprobs.append(self._logprob(token, result))
-        if (token in self.prompts.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+        if stop_token:
+            if params.include_stop_str_in_output:
+                delta.text += seq.detok.push(token).text_delta
             return self.finish(seq, "stop")
         out = seq.detok.push(token)
         delta.text += out.text_delta
         if out.stopped:
+            if params.include_stop_str_in_output and out.stop_reason:
+                delta.text += out.stop_reason
             return self.finish(seq, "stop")
         if len(seq.output_ids) >= params.max_tokens or len(group.prompt_ids) + len(seq.output_ids) >= self.context_length:
             return self.finish(seq, "length")
         constraint = seq.sampler.constraint
         if constraint is not None and constraint.is_finished():
             return self.finish(seq, "stop")
+
+    def stop_ids(self, params) -> tuple[int, ...]:
+        """The token ids that end a sequence of ``params``: EOS (unless ignore_eos) and ``stop_token_ids``."""
+        eos = () if params.ignore_eos else tuple(self.prompts.eos_ids)
+        return eos + tuple(params.stop_token_ids)
 
     def _logprob(self, token: int, result) -> TokenLogprob:
         text = self.prompts.token_text

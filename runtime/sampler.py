@@ -1,7 +1,7 @@
 """Per-sequence token sampling on one numpy logits row.
 
 Processing order for one step (the order of the public APIs and vLLM):
-repetition penalty over prompt+output tokens and presence/frequency penalties over output
+min_tokens ban of the stop tokens and ``logit_bias`` (added to the raw logits) -> repetition penalty over prompt+output tokens and presence/frequency penalties over output
 tokens -> JSON grammar mask (if any) -> temperature -> top_k -> top_p -> min_p -> draw.
 top_k is applied on the unscaled logits, which selects the same tokens because a positive
 temperature does not change their order; top_p and min_p see the temperature-scaled
@@ -115,6 +115,9 @@ class SequenceSampler:
         self._prompt_ids = np.unique(np.fromiter(prompt_ids, dtype=np.int64))
         self._counts = _OutputCounts()
         self._rep_ids = self._prompt_ids
+        bias = params.logit_bias or {}
+        self._bias_ids = np.fromiter((int(t) for t in bias), dtype=np.int64, count=len(bias))
+        self._bias_vals = np.fromiter((float(v) for v in bias.values()), dtype=np.float32, count=len(bias))
         self._rng = np.random.default_rng(
             np.random.SeedSequence(params.seed, spawn_key=(choice_index,)))
         self.constraint: LogitsConstraint | None = None
@@ -128,14 +131,15 @@ class SequenceSampler:
         """True when the token is just argmax of the raw row (see :func:`greedy_tokens`)."""
         p = self.params
         return (p.greedy and not p.logprobs and self.constraint is None
-                and not self._has_penalties())
+                and not self._has_penalties() and not self._bias_ids.size and not p.min_tokens)
 
-    def sample(self, logits: np.ndarray, output_ids: Sequence[int]) -> SampleResult:
+    def sample(self, logits: np.ndarray, output_ids: Sequence[int], banned: Iterable[int] = ()) -> SampleResult:
         """Pick the next token from a float32 ``[vocab]`` row; ``logits`` is not modified.
 
-        ``output_ids`` are the tokens generated so far (append-only between calls).
+        ``output_ids`` are the tokens generated so far (append-only between calls); ``banned``
+        token ids are not drawn this step (the stop tokens while ``min_tokens`` is not reached).
         """
-        x = self.process(logits, output_ids)
+        x = self.process(logits, output_ids, banned)
         p = self.params
         if p.greedy:
             token = int(np.argmax(x))
@@ -153,16 +157,22 @@ class SequenceSampler:
         return (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
                 or p.frequency_penalty != 0.0)
 
-    def process(self, logits: np.ndarray, output_ids: Sequence[int]) -> np.ndarray:
-        """Penalties then grammar mask: the logits that temperature and truncation will see.
+    def process(self, logits: np.ndarray, output_ids: Sequence[int], banned: Iterable[int] = ()) -> np.ndarray:
+        """Bans and logit bias, penalties, then grammar mask: the logits that temperature and truncation will see.
 
         Works on a copy, made only when something changes (else ``logits`` is returned).
         """
         self._counts.sync(output_ids)
-        if not self._has_penalties() and self.constraint is None:
+        banned_ids = np.fromiter(banned, dtype=np.int64)
+        if not self._has_penalties() and self.constraint is None and not self._bias_ids.size and not banned_ids.size:
             return logits
         x = np.array(logits, dtype=np.float32, copy=True)
         p = self.params
+        if self._bias_ids.size:
+            inside = self._bias_ids < x.size
+            x[self._bias_ids[inside]] += self._bias_vals[inside]
+        if banned_ids.size:
+            x[banned_ids[banned_ids < x.size]] = -np.inf
         if p.repetition_penalty != 1.0:
             ids = self._repetition_ids()
             vals = x[ids]

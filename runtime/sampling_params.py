@@ -40,8 +40,10 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "top_k": (0, None),
     "n": (1, 4),
     "top_logprobs": (0, 20),
+    "min_tokens": (0, None),
 }
-_BOOL_FIELDS = ("ignore_eos", "logprobs", "json_object")
+_BOOL_FIELDS = ("ignore_eos", "logprobs", "json_object", "include_stop_str_in_output", "skip_special_tokens")
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,15 @@ class SamplingParams:
     """Constrain the output to JSON valid against this schema."""
     json_object: bool = False
     """Constrain the output to any JSON object."""
+    logit_bias: Mapping[int, float] | None = None
+    """Token id -> bias in [-100, 100] added to the raw logits before penalties and sampling
+    (OpenAI's semantics: -100 bans a token, +100 all but forces it)."""
+    min_tokens: int = 0
+    """EOS and ``stop_token_ids`` are banned until this many tokens were generated (vLLM)."""
+    include_stop_str_in_output: bool = False
+    """Keep the stop string (or the stop token's text) that ended the sequence in the text (vLLM)."""
+    skip_special_tokens: bool = True
+    """Leave special tokens out of the text (vLLM; False shows e.g. ``<start_of_turn>``)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -91,6 +102,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
         if isinstance(self.stop_token_ids, list):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if self.logit_bias is not None and not self.logit_bias:
+            object.__setattr__(self, "logit_bias", None)
         self.validate()
 
     @classmethod
@@ -130,6 +143,7 @@ class SamplingParams:
                 raise InvalidParameterError(name, f"{name} must be a boolean")
         self._validate_seed()
         self._validate_stops()
+        self._validate_logit_bias()
         self._validate_cross_field()
 
     def _validate_seed(self) -> None:
@@ -148,6 +162,16 @@ class SamplingParams:
             raise InvalidParameterError("stop_token_ids", "stop_token_ids must be a list of integers")
         for tok in self.stop_token_ids:
             _check_int("stop_token_ids", tok, 0, None)
+
+    def _validate_logit_bias(self) -> None:
+        if self.logit_bias is None:
+            return
+        if not isinstance(self.logit_bias, Mapping):
+            raise InvalidParameterError("logit_bias", "logit_bias must be an object of token id -> bias")
+        low, high = LOGIT_BIAS_RANGE
+        for token, bias in self.logit_bias.items():
+            _check_int("logit_bias", token, 0, None)
+            _check_float("logit_bias", bias, low, high, True, True)
 
     def _validate_cross_field(self) -> None:
         if self.top_logprobs > 0 and not self.logprobs:

@@ -100,7 +100,8 @@ class SequenceFactory:
                 seq_id=f"{request.request_id}:{index}",
                 index=index,
                 sampler=SequenceSampler(params, prompt_ids, constraint_factory=factory, choice_index=index),
-                detok=IncrementalDetokenizer(backend, stop=params.stop, prefix_ids=prompt_ids[-PREFIX_TOKENS:]),
+                detok=IncrementalDetokenizer(backend, stop=params.stop, skip_special_tokens=params.skip_special_tokens,
+                                             prefix_ids=prompt_ids[-PREFIX_TOKENS:]),
             )
             for index in range(params.n)
         ]

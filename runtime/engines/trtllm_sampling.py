@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import random
 from typing import Any, Iterable
 
-from toolkit.runtime.sampling_params import SamplingParams
+from toolkit.runtime.sampling_params import InvalidParameterError, SamplingParams
 
 SUPPORT_TABLE: list[tuple[str, str, str]] = [
     ("max_tokens", "max_tokens", "supported; prompt + max_tokens must fit the engine's max_seq_len "
@@ -42,7 +43,8 @@ SUPPORT_TABLE: list[tuple[str, str, str]] = [
      "SamplingParams has prompt_ignore_length (newer releases), which the toolkit then sets to the prompt length"),
     ("frequency_penalty", "frequency_penalty", "partial: as presence_penalty"),
     ("seed", "seed", "supported (per-request RNG seed); a seeded request repeats on TensorRT-LLM, "
-     "but not token-for-token with the ONNX engine (different RNG and kernels)"),
+     "but not token-for-token with the ONNX engine (different RNG and kernels); an unseeded sampled request "
+     "gets a fresh random seed (TensorRT-LLM's unset seed is 0, which would repeat the same text)"),
     ("stop", "stop + include_stop_str_in_output=True", "supported; TensorRT-LLM ends on the tokenized stop "
      "strings, the toolkit's detokenizer cuts the text before the first stop string (never emitting part "
      "of it) and aborts the request if TensorRT-LLM has not stopped"),
@@ -61,8 +63,20 @@ SUPPORT_TABLE: list[tuple[str, str, str]] = [
      "(LLM(guided_decoding_backend='xgrammar')); schema keywords outside xgrammar's subset are rejected or ignored by it"),
     ("json_object", "guided_decoding = GuidedDecodingParams(json_object=True)", "partial: xgrammar's "
      "built-in JSON grammar, which may also admit a top-level JSON array (not verified on a GPU)"),
+    ("logit_bias", "embedding_bias (a dense [vocab] torch tensor)", "supported when the engine passes its "
+     "vocabulary size to build_trtllm_sampling_params; otherwise refused with a 400 naming logit_bias"),
+    ("min_tokens", "min_tokens", "supported; sent when > 0 (TensorRT-LLM bans its end_id and stop tokens until then)"),
+    ("include_stop_str_in_output", "(none; always True upstream)", "refused with a 400 when true: the "
+     "TensorRT-LLM stream converter drops the stop string/token from the text"),
+    ("skip_special_tokens", "(none; detokenize=False)", "refused with a 400 when false: the TensorRT-LLM stream "
+     "converter's detokenizer skips special tokens"),
 ]
 """(toolkit field, TensorRT-LLM field, support) for every toolkit sampling parameter (README table)."""
+
+SEED_BITS = 63
+"""Unseeded sampled requests get a random seed below 2**63 (TensorRT-LLM's seed is a uint64)."""
+
+_SEEDS = random.SystemRandom()
 
 FIXED_KWARGS: dict[str, Any] = {"include_stop_str_in_output": True, "detokenize": False}
 """Sent with every request: the toolkit detokenizes and applies stop strings itself."""
@@ -133,12 +147,27 @@ def to_trtllm_sampling_kwargs(params: SamplingParams, eos_ids: Iterable[int] = (
     if stops := stop_token_ids(params, eos_ids):
         kwargs["stop_token_ids"] = stops
     kwargs["ignore_eos"] = bool(params.ignore_eos)
+    if params.min_tokens:
+        kwargs["min_tokens"] = int(params.min_tokens)
+    if params.logit_bias:
+        kwargs["embedding_bias"] = {int(t): float(b) for t, b in params.logit_bias.items()}
+    if params.include_stop_str_in_output:
+        raise InvalidParameterError("include_stop_str_in_output",
+                                    "include_stop_str_in_output is not supported on TensorRT-LLM engines")
+    if not params.skip_special_tokens:
+        raise InvalidParameterError("skip_special_tokens",
+                                    "skip_special_tokens=false is not supported on TensorRT-LLM engines")
     if params.logprobs:
         kwargs["logprobs"] = max(1, int(params.top_logprobs))
     if (guided := guided_decoding_kwargs(params)) is not None:
         kwargs["guided_decoding"] = guided
     kwargs.update(FIXED_KWARGS)
     return kwargs
+
+
+def draw_seed() -> int:
+    """A fresh random per-request seed for an unseeded sampled request."""
+    return _SEEDS.getrandbits(SEED_BITS)
 
 
 def _field_names(cls: Any) -> frozenset[str]:
@@ -151,17 +180,39 @@ def _field_names(cls: Any) -> frozenset[str]:
 
 
 def build_trtllm_sampling_params(trtllm_module: Any, params: SamplingParams, eos_ids: Iterable[int] = (),
-                                 prompt_len: int = 0) -> Any:
+                                 prompt_len: int = 0, vocab_size: int = 0) -> Any:
     """A ``trtllm_module.SamplingParams`` for ``params`` (``trtllm_module``: ``tensorrt_llm.llmapi``).
 
+    ``logit_bias`` becomes ``embedding_bias``, a dense ``[vocab_size]`` float tensor; without
+    ``vocab_size`` it is refused (``InvalidParameterError`` naming ``logit_bias``).
+
+    An unseeded sampled request gets a fresh random ``seed`` (``draw_seed``): TensorRT-LLM treats an
+    unset seed as 0, so without one identical requests at temperature > 0 return identical text.
     When the installed release has ``prompt_ignore_length`` and the request uses presence or
     frequency penalties, it is set to ``prompt_len`` so that those penalties see output tokens only.
     """
     kwargs = to_trtllm_sampling_kwargs(params, eos_ids)
+    if "seed" not in kwargs and not is_greedy(params):
+        kwargs["seed"] = draw_seed()
     guided = kwargs.pop("guided_decoding", None)
+    if (bias := kwargs.pop("embedding_bias", None)) is not None:
+        kwargs["embedding_bias"] = _dense_bias(bias, vocab_size)
     if guided is not None:
         kwargs["guided_decoding"] = trtllm_module.GuidedDecodingParams(**guided)
     uses_additive = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
     if uses_additive and prompt_len > 0 and "prompt_ignore_length" in _field_names(trtllm_module.SamplingParams):
         kwargs["prompt_ignore_length"] = int(prompt_len)
     return trtllm_module.SamplingParams(**kwargs)
+
+
+def _dense_bias(bias: dict[int, float], vocab_size: int) -> Any:
+    """``{token: bias}`` as TensorRT-LLM's ``embedding_bias``: a float32 tensor over the vocabulary."""
+    if vocab_size <= 0:
+        raise InvalidParameterError("logit_bias", "logit_bias is not supported on this TensorRT-LLM engine")
+    if max(bias) >= vocab_size:
+        raise InvalidParameterError("logit_bias", f"logit_bias token ids must be below the vocabulary size {vocab_size}")
+    import torch
+
+    dense = torch.zeros(vocab_size, dtype=torch.float32)
+    dense[list(bias)] = torch.tensor(list(bias.values()), dtype=torch.float32)
+    return dense
