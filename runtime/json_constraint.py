@@ -6,6 +6,18 @@ for ``json_schema`` / ``json_object`` gets its own :class:`JsonConstraint`.
 
 EOS is allowed by the grammar only where the JSON document is complete; once it cannot be
 extended any further, EOS is the only allowed token.
+
+**Budget steering** (:meth:`JsonConstraint.fit_budget`): the sampler passes each step's budget,
+the tokens still allowed by ``max_tokens`` and the context. The closing cost of a grammar state
+is the length of a short path to an accepting state, found greedily on a copy of the matcher:
+take the forced (fast-forward) tokens, else the first valid token of a fixed list of closers
+(``"}``, ``"``, ``}``, ``]``, ``0``, ``[]``, ...). The sampled token is kept when the cost of the
+state it leads to still fits in the budget left after it; otherwise it is replaced by the most
+likely (by the processed logits) of the closers, forced tokens and model's top choices that do
+fit, and the constraint records that it was ``steered``. So the value is complete JSON, valid
+against the schema, when the budget ends, provided the budget at the first step covers the
+shortest document (a schema whose required properties need more tokens than ``max_tokens``
+cannot be closed in time).
 """
 
 from __future__ import annotations
@@ -20,6 +32,17 @@ from toolkit.runtime.sampling_params import InvalidParameterError, SamplingParam
 log = logging.getLogger(__name__)
 
 ANY_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
+# Tried in this order when looking for a short way to close a JSON value (only strings that
+# are one token are used). Inside a string: close it (and its container if possible) before
+# anything else, since every other character would only extend it. Elsewhere: closers of
+# containers, the shortest values, separators, then openers and characters that satisfy
+# minLength/minimum-style constraints.
+IN_STRING_CLOSERS = ('"}', '"]', '"', '}', ']', '0', 'a', '1', ' ', 'A', '_', '.', '-', 'e')
+STRUCTURE_CLOSERS = ('}}', ']}', '}]', '}', ']', '""', '0', '[]', '{}', 'true', 'null', ',', ':',
+                     ' ', '"', '1', '2', '3', '4', '5', '6', '7', '8', '9', '[', '{', '-', '.',
+                     'e', 'a', 'A', '_')
+MAX_CLOSING_TOKENS = 256  # a closing path longer than this counts as "cannot close"
+_TOP_CHOICES = 8  # the model's best tokens also offered when steering
 
 
 def _llguidance():
@@ -69,6 +92,8 @@ class JsonConstraintFactory:
         self.ll_tokenizer = llg.LLTokenizer(backend.to_str(), n_vocab=vocab_size,
                                             eos_token=self.eos_token_ids,
                                             slices=llg.LLTokenizer.json_slices())
+        self.closing_tokens = (_single_tokens(self.ll_tokenizer, IN_STRING_CLOSERS),
+                               _single_tokens(self.ll_tokenizer, STRUCTURE_CLOSERS))
         self.compile_options: dict[str, Any] = (
             {"whitespace_flexible": True} if whitespace_flexible else
             {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "})
@@ -85,16 +110,55 @@ class JsonConstraintFactory:
 
     def __call__(self, params: SamplingParams) -> "JsonConstraint":
         """The constraint for one sequence of a request with ``params.needs_json``."""
-        return JsonConstraint(self.ll_tokenizer, self.grammar(params.json_schema))
+        return JsonConstraint(self.ll_tokenizer, self.grammar(params.json_schema), self.closing_tokens)
+
+
+def _single_tokens(ll_tokenizer: Any, strings: Iterable[str]) -> tuple[int, ...]:
+    """The ids of those ``strings`` that are one token, in order, without repeats."""
+    out: list[int] = []
+    for text in strings:
+        ids = ll_tokenizer.tokenize_str(text)
+        if len(ids) == 1 and ids[0] not in out:
+            out.append(ids[0])
+    return tuple(out)
+
+
+class _StringState:
+    """Whether a JSON text so far ends inside a string (and after a backslash), fed by bytes."""
+
+    __slots__ = ("in_string", "escape")
+
+    def __init__(self, in_string: bool = False, escape: bool = False) -> None:
+        self.in_string, self.escape = in_string, escape
+
+    def copy(self) -> "_StringState":
+        return _StringState(self.in_string, self.escape)
+
+    def feed(self, data: bytes) -> None:
+        for byte in data:
+            if self.escape:
+                self.escape = False
+            elif byte == 0x5C and self.in_string:  # backslash
+                self.escape = True
+            elif byte == 0x22:  # quote
+                self.in_string = not self.in_string
 
 
 class JsonConstraint:
     """Grammar state of one sequence: masks logits and follows the chosen tokens."""
 
-    def __init__(self, ll_tokenizer: Any, grammar: str) -> None:
-        """``ll_tokenizer``: a ``llguidance.LLTokenizer``; ``grammar``: an llguidance grammar."""
+    def __init__(self, ll_tokenizer: Any, grammar: str,
+                 closing_tokens: tuple[Iterable[int], Iterable[int]] = ((), ())) -> None:
+        """``ll_tokenizer``: a ``llguidance.LLTokenizer``; ``grammar``: an llguidance grammar;
+        ``closing_tokens``: ids tried in order to close the value inside a string and elsewhere
+        (see :meth:`closing_path`)."""
         llg = _llguidance()
         self._llg = llg
+        self._tokenizer = ll_tokenizer
+        self._closing = (tuple(int(t) for t in closing_tokens[0]), tuple(int(t) for t in closing_tokens[1]))
+        self._token_bytes: dict[int, bytes] = {}
+        self._strings = _StringState()
+        self.steered = False  # True once the token budget replaced a sampled token
         self._matcher = llg.LLMatcher(ll_tokenizer, grammar, log_level=0)
         if self._matcher.is_error():
             raise InvalidParameterError(
@@ -104,11 +168,14 @@ class JsonConstraint:
 
     def allowed_tokens(self) -> np.ndarray:
         """Boolean vector over the tokenizer vocabulary: which tokens may come next."""
-        if self._matcher.is_error():
+        return self._allowed(self._matcher)
+
+    def _allowed(self, matcher: Any) -> np.ndarray:
+        if matcher.is_error():
             allowed = np.zeros(self._bitmask.size * 32, dtype=bool)
             allowed[self._eos] = True
             return allowed
-        self._llg.numpy.fill_next_token_bitmask(self._matcher, self._bitmask)
+        self._llg.numpy.fill_next_token_bitmask(matcher, self._bitmask)
         return np.unpackbits(self._bitmask.view(np.uint8).ravel(), bitorder="little").view(bool)
 
     def mask_logits(self, logits: np.ndarray) -> None:
@@ -124,6 +191,8 @@ class JsonConstraint:
         if not ok:
             log.warning("JSON constraint rejected token %d: %s", token_id,
                         self._matcher.get_error())
+        elif int(token_id) not in self._eos:
+            self._strings.feed(self._bytes(int(token_id)))
         return ok
 
     def is_finished(self) -> bool:
@@ -133,6 +202,80 @@ class JsonConstraint:
     def is_accepting(self) -> bool:
         """True when the text so far is a complete document (EOS is allowed now)."""
         return self._matcher.is_accepting()
+
+    # -- budget steering ----------------------------------------------------------------------
+    def _bytes(self, token: int) -> bytes:
+        data = self._token_bytes.get(token)
+        if data is None:
+            data = self._token_bytes[token] = self._tokenizer.decode_bytes([token])
+        return data
+
+    def closing_path(self, limit: int = MAX_CLOSING_TOKENS, after: int | None = None) -> list[int] | None:
+        """A short token path from the current state (or the state after token ``after``) to a
+        complete document: the forced tokens, else the first valid closing token for the place
+        (inside a string or not), else the shortest allowed token. None when ``after`` is not
+        allowed or no path of at most ``limit`` tokens was found."""
+        m, strings = self._matcher.deep_copy(), self._strings.copy()
+        if after is not None:
+            if m.validate_tokens([after]) != 1:
+                return None
+            m.consume_token(after)
+            strings.feed(self._bytes(after))
+        path: list[int] = []
+        while not m.is_accepting():
+            if m.is_error() or len(path) >= limit:
+                return None
+            forced = m.compute_ff_tokens()
+            token = forced[0] if forced else self._first_valid(m, strings.in_string)
+            if token is None or not m.consume_token(token):
+                return None
+            strings.feed(self._bytes(token))
+            path.append(token)
+        return path
+
+    def _first_valid(self, m: Any, in_string: bool) -> int | None:
+        for token in self._closing[0 if in_string else 1]:
+            if m.validate_tokens([token]) == 1:
+                return token
+        allowed = [int(t) for t in np.flatnonzero(self._allowed(m))[:4096] if int(t) not in self._eos]
+        return min(allowed, key=lambda t: (len(self._bytes(t)), t)) if allowed else None
+
+    def closing_cost(self, after: int | None = None) -> int | None:
+        """Length of :meth:`closing_path` (None when there is none)."""
+        path = self.closing_path(after=after)
+        return None if path is None else len(path)
+
+    def fit_budget(self, token: int, logits: np.ndarray, budget: int | None) -> int:
+        """``token`` if the document can still be completed within ``budget`` tokens (this one
+        included) after it; else the most likely token (by the masked ``logits``) among the
+        closers, the forced token and the model's best choices that keeps it completable, and
+        :attr:`steered` becomes True. EOS passes unchanged (it is allowed only when complete)."""
+        if budget is None or self._matcher.is_error() or token in self._eos:
+            return token
+        left = budget - 1
+        cost = self.closing_cost(after=token)
+        if cost is not None and cost <= left:
+            return token
+        path = self.closing_path()
+        n = logits.shape[-1]
+        options = {*self._closing[0], *self._closing[1], *path[:1]} if path else {*self._closing[0], *self._closing[1]}
+        if n > _TOP_CHOICES:
+            options.update(int(t) for t in np.argpartition(logits, n - _TOP_CHOICES)[n - _TOP_CHOICES:])
+        fitting = []
+        for option in options:
+            if option < n and np.isfinite(logits[option]) and option not in self._eos:
+                c = self.closing_cost(after=option)
+                if c is not None and c <= left:
+                    fitting.append(option)
+        if fitting:
+            choice = max(fitting, key=lambda t: (float(logits[t]), -t))
+        elif path:
+            choice = path[0]  # the budget is below the shortest document: close as fast as possible
+        else:
+            return token
+        if choice != token:
+            self.steered = True
+        return int(choice)
 
     @property
     def error(self) -> str:

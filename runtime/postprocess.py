@@ -20,7 +20,8 @@ class TokenProcessor:
         """Sample the next token of ``seq`` from ``logits_row`` and apply the stop rules."""
         params = group.request.params
         banned = self.stop_ids(params) if len(seq.output_ids) < params.min_tokens else ()
-        result = seq.sampler.sample(logits_row, seq.output_ids, banned)
+        budget = min(params.max_tokens, self.context_length - len(group.prompt_ids)) - len(seq.output_ids)
+        result = seq.sampler.sample(logits_row, seq.output_ids, banned, budget=budget)
         token = result.token_id
         seq.output_ids.append(token)
         group.completion_tokens += 1  # the stop token counts: the model generated it (OpenAI, vLLM)
@@ -62,7 +63,13 @@ class TokenProcessor:
 
     @staticmethod
     def finish(seq: Sequence, reason: str) -> None:
-        """End ``seq`` with ``reason``, releasing text held back for stop strings."""
+        """End ``seq`` with ``reason``, releasing text held back for stop strings.
+
+        A JSON value that the token budget had to close early (``constraint.steered``) ends
+        with "length" even though it is complete: the budget, not the model, ended it.
+        """
+        if getattr(seq.sampler.constraint, "steered", False):
+            reason = "length"
         delta = seq.delta()
         delta.text += seq.detok.flush().text_delta
         delta.finish_reason = reason

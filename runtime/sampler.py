@@ -57,6 +57,10 @@ class LogitsConstraint(Protocol):
     def is_finished(self) -> bool:
         """True once the grammar is complete and only EOS is allowed."""
 
+    def fit_budget(self, token: int, logits: np.ndarray, budget: int | None) -> int:
+        """``token``, or a replacement that still lets the grammar complete within ``budget``
+        tokens (this one included); see ``JsonConstraint.fit_budget``."""
+
 
 ConstraintFactory = Callable[[SamplingParams], LogitsConstraint]
 
@@ -133,11 +137,14 @@ class SequenceSampler:
         return (p.greedy and not p.logprobs and self.constraint is None
                 and not self._has_penalties() and not self._bias_ids.size and not p.min_tokens)
 
-    def sample(self, logits: np.ndarray, output_ids: Sequence[int], banned: Iterable[int] = ()) -> SampleResult:
+    def sample(self, logits: np.ndarray, output_ids: Sequence[int], banned: Iterable[int] = (),
+               budget: int | None = None) -> SampleResult:
         """Pick the next token from a float32 ``[vocab]`` row; ``logits`` is not modified.
 
         ``output_ids`` are the tokens generated so far (append-only between calls); ``banned``
         token ids are not drawn this step (the stop tokens while ``min_tokens`` is not reached).
+        ``budget``: the tokens this sequence may still generate, this one included (max_tokens
+        and context); a JSON constraint steers toward closing the value when it runs short.
         """
         x = self.process(logits, output_ids, banned)
         p = self.params
@@ -146,6 +153,7 @@ class SequenceSampler:
         else:
             token = sample_token(x, p.temperature, p.top_k, p.top_p, p.min_p, self._rng.random())
         if self.constraint is not None:
+            token = self.constraint.fit_budget(token, x, budget)
             self.constraint.accept(token)
         if not p.logprobs:
             return SampleResult(token)
