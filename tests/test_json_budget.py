@@ -184,3 +184,68 @@ def test_tiny_engine_reply_that_ends_itself_is_stop(qwen_dir):
     text, reasons = asyncio.run(main())
     assert json.loads(text) in ({"ok": True}, {"ok": False})
     assert reasons == ["stop"]
+
+
+# -- the real default model (Gemma 3 270M int8) ----------------------------------------------------
+
+DEFAULT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "year": {"type": "integer"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "author": {"type": "object", "properties": {"name": {"type": "string"}, "born": {"type": "integer"}},
+                   "required": ["name"], "additionalProperties": False},
+        "chapters": {"type": "array", "items": {
+            "type": "object", "properties": {"title": {"type": "string"}, "pages": {"type": "integer"}},
+            "required": ["title", "pages"], "additionalProperties": False}},
+    },
+    "required": ["title", "tags"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.slow
+def test_default_model_200_budgets_all_parse_and_validate():
+    """200 requests, max_tokens drawn from 12-64 (seeded), 16 at a time through one engine:
+    every reply parses and validates against a schema with nested objects, arrays, strings
+    and integers."""
+    import time
+
+    from toolkit.export.pipeline import ensure_default_engine
+    from toolkit.export.progress import StageReporter
+
+    engine_dir = ensure_default_engine(StageReporter(quiet=True))
+    rng = random.Random(2024)
+    budgets = [rng.randint(12, 64) for _ in range(200)]
+
+    async def main():
+        engine = load_engine(engine_dir)
+        await engine.start()
+        try:
+            prompt = ("Describe a book as a JSON object with its title, year, tags, author (name, born) "
+                      "and chapters (title, pages).")
+            ids = engine.prompts.encode(messages=[{"role": "user", "content": prompt}])
+            gate = asyncio.Semaphore(16)
+
+            async def one(i, max_tokens):
+                params = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=i, json_schema=DEFAULT_SCHEMA)
+                async with gate:
+                    return await _collect(engine, GenerateRequest(ids, params))
+
+            started = time.monotonic()
+            results = await asyncio.gather(*[one(i, m) for i, m in enumerate(budgets)])
+            return results, time.monotonic() - started
+        finally:
+            await engine.stop()
+
+    results, seconds = asyncio.run(main())
+    print(f"200 JSON requests, max_tokens 12-64, 16 concurrent: {seconds:.1f} s")
+    bad = []
+    for max_tokens, (text, reasons) in zip(budgets, results):
+        try:
+            jsonschema.validate(json.loads(text), DEFAULT_SCHEMA)
+        except (ValueError, jsonschema.ValidationError) as exc:
+            bad.append((max_tokens, text, reasons, str(exc)[:80]))
+    assert not bad, f"{len(bad)} of 200 did not parse/validate: {bad[:5]}"
+    assert sum(r == ["length"] for _, r in results) >= 100, "most of these budgets should have cut the reply"
