@@ -91,3 +91,13 @@ def render_chat(chat_format: str, messages: Sequence[Message]) -> str:
 def render_raw_prompt(chat_format: str, prompt: str) -> str:
     """A plain (non-chat) prompt with the format's BOS marker in front."""
     return BOS_TEXT.get(chat_format, "") + prompt
+
+
+def render_fim(chat_format: str, template: str, prefix: str, suffix: str) -> str:
+    """A fill-in-the-middle prompt: the format's BOS marker, then ``template`` with ``{prefix}`` and ``{suffix}``.
+
+    Raises ``ChatFormatError`` when the recipe has no FIM template.
+    """
+    if not template:
+        raise ChatFormatError("this model has no fill-in-the-middle prompt format")
+    return BOS_TEXT.get(chat_format, "") + template.replace("{prefix}", prefix, 1).replace("{suffix}", suffix, 1)

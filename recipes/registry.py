@@ -52,6 +52,7 @@ class Recipe:
     context_window: maximum prompt + output tokens.
     chat_format: key into ``toolkit.recipes.chat_format.FORMATS``.
     stop_tokens: token strings that end a turn (added to the model's EOS ids).
+    fim: the fill-in-the-middle prompt template (``{prefix}`` and ``{suffix}``), "" when the model has none.
     price_per_million_tokens: ``{"input": $, "output": $}`` used for ``estimated_cost``.
     defaults: per-API default sampling, ``{"openai": {...}, "workers_ai": {...}}``.
     onnx_precisions / trtllm: what each export target supports.
@@ -77,6 +78,7 @@ class Recipe:
     default_precision: str = "int8"
     default_graph: str = "optimum"
     model_names: tuple[str, ...] = field(default=())
+    fim: str = ""
 
     def supported_targets(self) -> dict[str, tuple[str, ...]]:
         """``{target: precisions}`` this recipe can be exported to."""
@@ -141,6 +143,7 @@ def _parse(path: Path) -> Recipe:
         default_precision=onnx.get("default_precision", "int8"),
         default_graph=onnx.get("default_graph", "optimum"),
         model_names=(data["name"], data["hf_id"], *aliases),
+        fim=data.get("fim", ""),
     )
 
 

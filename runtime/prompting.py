@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from toolkit.recipes import Recipe
-from toolkit.recipes.chat_format import ChatFormatError, render_chat, render_raw_prompt
+from toolkit.recipes.chat_format import ChatFormatError, render_chat, render_fim, render_raw_prompt
 from toolkit.runtime.errors import InvalidRequestError
 
 
@@ -50,6 +50,18 @@ class PromptBuilder:
         if not ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         return list(ids)
+
+    def encode_fim(self, prefix: str, suffix: str) -> list[int]:
+        """The ids of the recipe's fill-in-the-middle prompt (``InvalidRequestError`` naming ``suffix`` without one)."""
+        if not self.recipe.fim:
+            raise InvalidRequestError(f"suffix (fill-in-the-middle) is not supported by {self.recipe.hf_id}: "
+                                      "its recipe has no FIM prompt format", param="suffix")
+        text = render_fim(self.recipe.chat_format, self.recipe.fim, prefix, suffix)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def detokenize(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """The text of token ids (special tokens kept unless asked), e.g. to echo a token-id prompt."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def check_ids(self, prompt_ids: Sequence[int]) -> None:
         """Refuse an empty prompt or an id outside the vocabulary (a bad id would fail the whole batch's step)."""

@@ -138,9 +138,10 @@ class FakePrompts:
     vocab_size = 1 << 30
     eos_ids = frozenset({SEP})
 
-    def __init__(self) -> None:
+    def __init__(self, recipe_fim: str = "") -> None:
         self._ids: dict[str, int] = {}
         self._texts: dict[int, str] = {}
+        self.recipe_fim = recipe_fim
 
     def _text(self, text: str) -> list[int]:
         words = len(text.split())
@@ -161,6 +162,16 @@ class FakePrompts:
         if not ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         return ids
+
+    def encode_fim(self, prefix: str, suffix: str) -> list[int]:
+        """FIM like the real builder: refused (naming ``suffix``) unless the recipe has a template."""
+        if not self.recipe_fim:
+            raise InvalidRequestError("suffix is not supported by this model", param="suffix")
+        return self.encode(prompt=self.recipe_fim.replace("{prefix}", prefix).replace("{suffix}", suffix))
+
+    def detokenize(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """Text ids back to their text (special ids as ``<id>``), like ``PromptBuilder.detokenize``."""
+        return " ".join(self._texts.get(t, f"<{t}>") for t in ids if t != self.PAD)
 
     def check_ids(self, prompt_ids: list[int]) -> None:
         if not prompt_ids or min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
@@ -209,6 +220,7 @@ class FakeEngine:
     _tasks: dict[str, asyncio.Task] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.prompts.recipe_fim = self.recipe.fim
         self.model_names = tuple(self.recipe.model_names)
         self.context_length = self.context_length or self.recipe.context_window
 

@@ -237,7 +237,7 @@ def build_corpus() -> list[Entry]:
 
     # --- OpenAI completions ---------------------------------------------------------------------------
     for value, param in [(5, "prompt"), (None, "prompt"), ([], "prompt"), ([-1], "prompt"), ([1.5], "prompt"),
-                         ([[1]], "prompt"), (["a", "b"], "prompt"), ("", "prompt"), ({"text": "x"}, "prompt")]:
+                         ([[1], ["a"]], "prompt"), (["a", ""], "prompt"), ("", "prompt"), ({"text": "x"}, "prompt")]:
         c.append(oc("prompt", value, param))
     for name_, value in [("echo", "yes"), ("logprobs", 6), ("logprobs", -1), ("logprobs", True), ("max_tokens", -1),
                          ("temperature", 2.5), ("n", 5), ("n", 0), ("stop", ["s"] * 17)]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from toolkit.runtime.sampling_params import SamplingParams
 from toolkit.runtime.types import GenerateRequest
+from toolkit.server.api_fields import OPENAI_FIELDS, refused_field
 from toolkit.server.errors import invalid
 from toolkit.server.openai.schemas import (
     ChatCompletionRequest,
@@ -18,7 +20,7 @@ from toolkit.server.openai.schemas import (
 )
 from toolkit.server.registry import ModelEntry
 from toolkit.server.engine_request import Origin, build_params, resolve_max_tokens
-from toolkit.server.tools import ToolPlan, ToolSpec, make_plan, tool_call_text, tool_result_text
+from toolkit.server.tools import ToolCall, ToolPlan, ToolSpec, make_plan, tool_call_text, tool_result_text
 
 DEFAULT_MAX_TOKENS = 512
 
@@ -33,10 +35,15 @@ class Prepared:
     include_usage: bool
     logprobs: bool
     echo: str | None = None
+    continuous_usage: bool = False
+    batch: list[GenerateRequest] = field(default_factory=list)
+    """Every prompt's request of a batched /v1/completions (``request`` is the first)."""
+    echoes: list[str | None] = field(default_factory=list)
 
 
 def prepare_chat(req: ChatCompletionRequest, entry: ModelEntry, origin: Origin) -> Prepared:
     """Validate and map a chat completion request (rendered and tokenized once); raises ApiError / InvalidParameterError."""
+    refuse_unsupported(req)
     messages = chat_messages(req.messages)
     plan = tool_plan(req)
     messages = plan.apply(messages)
@@ -52,25 +59,44 @@ def prepare_chat(req: ChatCompletionRequest, entry: ModelEntry, origin: Origin) 
                                    entry, len(prompt_ids))
     params = _params(req, entry, max_tokens, logprobs=bool(req.logprobs),
                      top_logprobs=req.top_logprobs or 0, **json_fields)
-    return Prepared(origin.request(prompt_ids, params), plan, zero, _include_usage(req), bool(req.logprobs))
+    return Prepared(origin.request(prompt_ids, params), plan, zero, _include_usage(req), bool(req.logprobs),
+                    continuous_usage=_continuous_usage(req))
 
 
 def prepare_completion(req: CompletionRequest, entry: ModelEntry, origin: Origin) -> Prepared:
-    """Validate and map a (legacy) completion request (a text prompt is tokenized once, token ids are used as given)."""
-    prompt, given_ids = completion_prompt(req.prompt)
+    """Validate and map a (legacy) completion request: one prompt or a batch (a list of strings or of
+    token-id lists), each a request of its own; text prompts are tokenized once, token ids used as given."""
+    refuse_unsupported(req)
+    if req.best_of is not None and req.best_of != (req.n or 1):
+        raise invalid(f"best_of must equal n ({req.n or 1}): this server returns every candidate it generates; "
+                      "use n", "best_of")
     prompts = entry.engine.prompts
-    if given_ids is not None:
-        prompts.check_ids(given_ids)
-        prompt_ids = given_ids
-    else:
-        prompt_ids = prompts.encode(prompt=prompt)
-    max_tokens, zero = _max_tokens(req.max_tokens, entry, len(prompt_ids))
-    top = req.logprobs or 0
-    params = _params(req, entry, max_tokens, logprobs=req.logprobs is not None, top_logprobs=top,
-                     **response_format_fields(req.response_format))
-    echo = (prompt or "") if req.echo else None
-    return Prepared(origin.request(prompt_ids, params), ToolPlan(), zero, _include_usage(req),
-                    req.logprobs is not None, echo)
+    requests, echoes, zero = [], [], False
+    for k, (prompt, given_ids) in enumerate(completion_prompts(req.prompt)):
+        if given_ids is not None:
+            if req.suffix is not None:
+                raise invalid("suffix needs a text prompt (the fill-in-the-middle prompt is built from text)", "suffix")
+            prompts.check_ids(given_ids)
+            prompt_ids = given_ids
+        elif req.suffix is not None:
+            prompt_ids = prompts.encode_fim(prompt or "", req.suffix)
+        else:
+            prompt_ids = prompts.encode(prompt=prompt)
+        max_tokens, zero = _max_tokens(req.max_tokens, entry, len(prompt_ids))
+        params = _params(req, entry, max_tokens, logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0,
+                         **response_format_fields(req.response_format))
+        one = origin.request(prompt_ids, params)
+        requests.append(one if k == 0 else dataclasses.replace(one, request_id=f"{one.request_id}-{k}"))
+        echoes.append((prompt if given_ids is None else prompts.detokenize(given_ids)) if req.echo else None)
+    return Prepared(requests[0], ToolPlan(), zero, _include_usage(req), req.logprobs is not None, echoes[0],
+                    _continuous_usage(req), requests, echoes)
+
+
+def refuse_unsupported(req: SamplingFields) -> None:
+    """A 400 naming the first field this server refuses (``server/api_fields.py``) when it is set."""
+    name = refused_field(req, OPENAI_FIELDS)
+    if name is not None:
+        raise invalid(f"{name} is not supported by this server (text generation only); remove it", name)
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
@@ -95,12 +121,34 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
 
 
 def tool_plan(req: ChatCompletionRequest) -> ToolPlan:
-    """The tools of the request and the resolved ``tool_choice``."""
-    tools = [ToolSpec(t.function.name, t.function.description, t.function.parameters) for t in req.tools or ()]
-    choice = req.tool_choice
+    """The tools of the request and the resolved ``tool_choice`` (the legacy ``functions`` /
+    ``function_call`` are the same thing); ``parallel_tool_calls: false`` keeps the first call only."""
+    if req.functions is not None and req.tools is not None:
+        raise invalid("send either tools or the deprecated functions, not both", "functions")
+    if req.function_call is not None and req.tool_choice is not None:
+        raise invalid("send either tool_choice or the deprecated function_call, not both", "function_call")
+    functions = req.functions if req.functions is not None else [t.function for t in req.tools or ()]
+    tools = [ToolSpec(f.name, f.description, f.parameters) for f in functions]
+    choice = req.tool_choice if req.tool_choice is not None else req.function_call
     if choice is None or isinstance(choice, str):
-        return make_plan(tools, choice)
-    return make_plan(tools, "named", choice.function.name)
+        plan = make_plan(tools, choice)
+    else:
+        name = choice.name if hasattr(choice, "name") else choice.function.name
+        plan = make_plan(tools, "named", name)
+    return SingleCallPlan(plan.tools, plan.mode, plan.forced) if req.parallel_tool_calls is False else plan
+
+
+@dataclass(frozen=True)
+class SingleCallPlan(ToolPlan):
+    """``parallel_tool_calls: false``: the model is told to call one tool, and only the first call is kept."""
+
+    def preamble(self) -> str:
+        return super().preamble().replace("; to call several tools, reply with a JSON array of such objects", "") \
+            + " Call at most one tool."
+
+    def parse(self, text: str) -> list[ToolCall] | None:
+        calls = super().parse(text)
+        return calls[:1] if calls else calls
 
 
 def response_format_fields(fmt: ResponseFormat | None) -> dict[str, Any]:
@@ -115,16 +163,27 @@ def response_format_fields(fmt: ResponseFormat | None) -> dict[str, Any]:
     return {"json_schema": fmt.json_schema.schema}
 
 
-def completion_prompt(prompt: str | list[Any]) -> tuple[str | None, list[int] | None]:
-    """A completion prompt: one string, a one-string list, or a list of token ids."""
+MAX_BATCH_PROMPTS = 16
+
+
+def completion_prompts(prompt: str | list[Any]) -> list[tuple[str | None, list[int] | None]]:
+    """The prompts of a completion request: a string, a list of token ids, or a list of either
+    (a batch, one choice set per prompt); each as ``(text, None)`` or ``(None, ids)``."""
     if isinstance(prompt, str):
-        return _non_empty(prompt), None
-    if len(prompt) == 1 and isinstance(prompt[0], str):
-        return _non_empty(prompt[0]), None
-    if prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
-        return None, list(prompt)
-    raise invalid("prompt must be a non-empty string, a list with one string, or a list of token ids; "
-                  "send one prompt per request", "prompt")
+        return [(_non_empty(prompt), None)]
+    if prompt and all(_is_id(t) for t in prompt):
+        return [(None, list(prompt))]
+    if prompt and len(prompt) <= MAX_BATCH_PROMPTS and all(isinstance(p, str) for p in prompt):
+        return [(_non_empty(p), None) for p in prompt]
+    if (prompt and len(prompt) <= MAX_BATCH_PROMPTS
+            and all(isinstance(p, list) and p and all(_is_id(t) for t in p) for p in prompt)):
+        return [(None, list(p)) for p in prompt]
+    raise invalid("prompt must be a non-empty string, a list of token ids, or a list of up to "
+                  f"{MAX_BATCH_PROMPTS} strings or of up to {MAX_BATCH_PROMPTS} token-id lists", "prompt")
+
+
+def _is_id(token: Any) -> bool:
+    return isinstance(token, int) and not isinstance(token, bool) and token >= 0
 
 
 def _non_empty(prompt: str) -> str:
@@ -178,8 +237,28 @@ def _params(req: SamplingFields, entry: ModelEntry, max_tokens: int, **extra: An
         entry.defaults("openai"), max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
         min_p=req.min_p, top_k=req.top_k, stop=tuple(stop) if stop else None, n=req.n,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-        repetition_penalty=req.repetition_penalty, seed=req.seed, **extra)
+        repetition_penalty=req.repetition_penalty, seed=req.seed,
+        logit_bias=logit_bias(req.logit_bias, entry.engine.prompts.vocab_size), min_tokens=req.min_tokens,
+        stop_token_ids=tuple(req.stop_token_ids) if req.stop_token_ids else None, ignore_eos=req.ignore_eos,
+        include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=req.skip_special_tokens,
+        **extra)
+
+
+def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's ``{"token id": bias}`` (JSON keys are strings) as ``{id: bias}``; ids must be in the vocabulary."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        if not key.strip().isdigit() or int(key) >= vocab_size:
+            raise invalid(f"logit_bias key {key[:32]!r} is not a token id in [0, {vocab_size})", "logit_bias")
+        out[int(key)] = float(value)
+    return out
 
 
 def _include_usage(req: SamplingFields) -> bool:
     return bool(req.stream and req.stream_options and req.stream_options.include_usage)
+
+
+def _continuous_usage(req: SamplingFields) -> bool:
+    return bool(req.stream and req.stream_options and req.stream_options.continuous_usage_stats)

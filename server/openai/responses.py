@@ -113,17 +113,26 @@ def chat_response(meta: ResponseMeta, choices: list[ChoiceText], tools: ToolPlan
 
 
 def completion_response(meta: ResponseMeta, choices: list[ChoiceText], want_logprobs: bool,
-                        echo: str | None, usage_body: dict[str, Any]) -> dict[str, Any]:
-    """The ``text_completion`` body."""
-    prefix = echo or ""
-    out = [{
-        "index": index,
-        "text": prefix + choice.text,
-        "logprobs": completion_logprobs(choice.logprobs, len(prefix)) if want_logprobs else None,
-        "finish_reason": finish_reason(choice.finish_reason),
-    } for index, choice in enumerate(choices)]
+                        echo: str | list[str | None] | None, usage_body: dict[str, Any]) -> dict[str, Any]:
+    """The ``text_completion`` body; ``echo``: the prompt text in front of every choice, or one per choice."""
+    out = []
+    for index, choice in enumerate(choices):
+        prefix = echo_of(echo, index)
+        out.append({
+            "index": index,
+            "text": prefix + choice.text,
+            "logprobs": completion_logprobs(choice.logprobs, len(prefix)) if want_logprobs else None,
+            "finish_reason": finish_reason(choice.finish_reason),
+        })
     return {"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
             "choices": out, "usage": usage_body}
+
+
+def echo_of(echo: str | list[str | None] | None, index: int) -> str:
+    """The echoed prompt of choice ``index``: one text for all choices, or a per-choice list."""
+    if isinstance(echo, list):
+        return echo[index] or "" if index < len(echo) else ""
+    return echo or ""
 
 
 def _raw(token_bytes: bytes | None, text: str) -> list[int]:

@@ -14,7 +14,8 @@ from toolkit.server.auth import api_key_guard
 from toolkit.server.body import json_response
 from toolkit.server.engine_request import origin_of
 from toolkit.server.generation import Generation
-from toolkit.server.openai.adapter import prepare_chat, prepare_completion
+from toolkit.server.openai.adapter import Prepared, prepare_chat, prepare_completion
+from toolkit.server.openai.batch import BatchGeneration
 from toolkit.server.openai.errors import error_body, exception_handler
 from toolkit.server.openai.responses import ChoiceText, ResponseMeta, chat_response, completion_response, gather, usage
 from toolkit.server.openai.schemas import ChatCompletionRequest, CompletionRequest
@@ -23,6 +24,8 @@ from toolkit.server.openapi import json_body_operation
 from toolkit.server.registry import ModelEntry
 from toolkit.server.respond import accept, respond
 from toolkit.server.state import state_of
+from toolkit.server.streaming import sse_response
+from toolkit.server.openai.tokenize import DetokenizeRequest, TokenizeRequest, detokenize_body, tokenize_body
 
 _STARTED = int(time.time())
 
@@ -35,12 +38,21 @@ class _Reply:
     n: int
     stream: ChatStream | CompletionStream
     build: Callable[[list[ChoiceText], dict[str, Any]], dict[str, Any]]
+    continuous_usage: bool = False
 
     def chunks(self, output: RequestOutput) -> list[dict[str, Any]]:
-        return self.stream.chunks(output)
+        chunks = self.stream.chunks(output)
+        if self.continuous_usage:  # vLLM's stream_options.continuous_usage_stats: the usage so far on every chunk
+            for chunk in chunks:
+                chunk["usage"] = usage(self.entry, output.prompt_tokens, output.completion_tokens)
+        return chunks
 
     def final(self, generation: Generation) -> list[dict[str, Any]]:
-        return self.stream.final(self._usage(generation))
+        chunks = self.stream.final(self._usage(generation))
+        if self.continuous_usage:
+            for chunk in chunks:
+                chunk["usage"] = self._usage(generation)
+        return chunks
 
     def body(self, outputs: list[RequestOutput], generation: Generation) -> dict[str, Any]:
         return self.build(gather(outputs, self.n), self._usage(generation))
@@ -65,7 +77,7 @@ class OpenAIController(Controller):
         p = prepare_chat(body, entry, origin_of(request))
         meta, n = ResponseMeta.new("chatcmpl", body.model), p.request.params.n
         reply = _Reply(entry, n, ChatStream(meta, n, p.tools, p.logprobs, p.include_usage),
-                       lambda choices, u: chat_response(meta, choices, p.tools, p.logprobs, u))
+                       lambda choices, u: chat_response(meta, choices, p.tools, p.logprobs, u), p.continuous_usage)
         return await respond(request, entry, p.request, p.zero_tokens, reply, body.stream, error_body)
 
     @post(["/v1/completions", "/v1/openai/completions"], status_code=200,
@@ -75,9 +87,26 @@ class OpenAIController(Controller):
         body, entry = await accept(request, CompletionRequest, lambda b: b.model)
         p = prepare_completion(body, entry, origin_of(request))
         meta, n = ResponseMeta.new("cmpl", body.model), p.request.params.n
+        if len(p.batch) > 1:
+            return await _respond_batch(request, entry, p, meta, body.stream)
         reply = _Reply(entry, n, CompletionStream(meta, n, p.logprobs, p.include_usage, p.echo),
-                       lambda choices, u: completion_response(meta, choices, p.logprobs, p.echo, u))
+                       lambda choices, u: completion_response(meta, choices, p.logprobs, p.echo, u),
+                       p.continuous_usage)
         return await respond(request, entry, p.request, p.zero_tokens, reply, body.stream, error_body)
+
+    @post(["/tokenize", "/v1/tokenize", "/v1/openai/tokenize"], status_code=200,
+          operation_class=json_body_operation(TokenizeRequest), summary="Tokenize a prompt or chat (vLLM)")
+    async def tokenize(self, request: Request) -> Response:
+        """``{model, prompt}`` or ``{model, messages}`` → ``{count, max_model_len, tokens}`` (the chat template applied)."""
+        body, entry = await accept(request, TokenizeRequest, lambda b: b.model)
+        return json_response(tokenize_body(body, entry))
+
+    @post(["/detokenize", "/v1/detokenize", "/v1/openai/detokenize"], status_code=200,
+          operation_class=json_body_operation(DetokenizeRequest), summary="Detokenize token ids (vLLM)")
+    async def detokenize(self, request: Request) -> Response:
+        """``{model, tokens}`` → ``{prompt}``."""
+        body, entry = await accept(request, DetokenizeRequest, lambda b: b.model)
+        return json_response(detokenize_body(body, entry))
 
     @get(["/v1/models", "/v1/openai/models"], summary="List the served models")
     async def models(self, request: Request) -> Response:
@@ -85,3 +114,26 @@ class OpenAIController(Controller):
         data = [{"id": name, "object": "model", "created": _STARTED, "owned_by": "toolkit", "root": entry.names[0]}
                 for entry in state_of(request).models.entries for name in entry.names]
         return json_response({"object": "list", "data": data})
+
+
+async def _respond_batch(request: Request, entry: ModelEntry, p: Prepared, meta: ResponseMeta, streaming: bool) -> Response:
+    """A list of prompts: one generation per prompt run concurrently, merged (choice ``i * n + j``)."""
+    state = state_of(request)
+    n = p.request.params.n
+    parts = [Generation(entry, one, state.metrics, p.zero_tokens, timeout_s=state.request_timeout_s)
+             for one in p.batch]
+    generation = BatchGeneration(parts, n)
+    total = n * len(p.batch)
+    reply = _Reply(entry, total, CompletionStream(meta, total, p.logprobs, p.include_usage, _per_choice(p.echoes, n)),
+                   lambda choices, u: completion_response(meta, choices, p.logprobs, _per_choice(p.echoes, n), u),
+                   p.continuous_usage)
+    await generation.start()
+    if streaming:
+        return sse_response(generation, reply.chunks, reply.final, error_body)  # type: ignore[arg-type]
+    outputs = await generation.collect(request.receive)
+    return json_response(reply.body(outputs, generation))  # type: ignore[arg-type]
+
+
+def _per_choice(echoes: list[str | None], n: int) -> list[str | None]:
+    """Each prompt's echo repeated for its ``n`` choices."""
+    return [echo for echo in echoes for _ in range(n)]

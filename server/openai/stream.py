@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from toolkit.runtime.types import RequestOutput, TokenLogprob
-from toolkit.server.openai.responses import ResponseMeta, chat_logprobs, completion_logprobs, finish_reason
+from toolkit.server.openai.responses import ResponseMeta, chat_logprobs, completion_logprobs, echo_of, finish_reason
 from toolkit.server.tools import HoldBack, ToolCall, ToolPlan
 
 ARGUMENT_FRAGMENT_CHARS = 16
@@ -127,9 +127,9 @@ class CompletionStream(_Stream):
     """``text_completion`` events of one request (``echo`` prefixes the first chunk)."""
 
     def __init__(self, meta: ResponseMeta, n: int, want_logprobs: bool, include_usage: bool,
-                 echo: str | None) -> None:
+                 echo: str | list[str | None] | None) -> None:
         super().__init__(meta, "text_completion", n, want_logprobs, include_usage)
-        self.echo = echo or ""
+        self.echo = echo  # one text, or one per choice (a batch of prompts)
 
     def chunks(self, output: RequestOutput) -> list[dict[str, Any]]:
         """The chunks one engine output produces."""
@@ -140,9 +140,10 @@ class CompletionStream(_Stream):
                 continue
             logprobs = list(delta.logprobs or ())
             first = not state.started
-            text = self.echo + delta.text if first else delta.text
+            echo = echo_of(self.echo, delta.index)
+            text = echo + delta.text if first else delta.text
             if text or logprobs or first:
-                chunks.append(self._text(delta.index, text, logprobs, len(self.echo) if first else 0))
+                chunks.append(self._text(delta.index, text, logprobs, len(echo) if first else 0))
             if delta.finish_reason:
                 chunks.extend(self._end(delta.index, delta.finish_reason))
         return chunks
@@ -156,7 +157,7 @@ class CompletionStream(_Stream):
 
     def _end(self, index: int, reason: str | None) -> list[dict[str, Any]]:
         state = self.states[index]
-        chunks = [] if state.started else [self._text(index, self.echo, [], 0)]
+        chunks = [] if state.started else [self._text(index, echo_of(self.echo, index), [], 0)]
         state.finished = True
         chunks.append(self._chunk([{"index": index, "text": "", "logprobs": None,
                                     "finish_reason": finish_reason(reason)}]))
