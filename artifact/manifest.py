@@ -38,7 +38,9 @@ class Manifest:
     ``fp32``/``fp16``/``int8``; context_length: max prompt+output tokens; kv_layout: layers,
     KV heads, head size and dtype of the cache; files: artifact path -> {"size", "sha256"};
     tokenizer_files: copied tokenizer files; tools: package -> version; build_key: hash of every
-    input that determines the artifact (reuse test); validation: last ``toolkit validate`` result.
+    input that determines the artifact (reuse test); validation: last ``toolkit validate`` result;
+    adapters: LoRA adapters added by ``toolkit export-lora`` (name -> directory, rank, modules, weights
+    SHA-256, validation; see ``toolkit.artifact.lora``).
     """
 
     recipe: str
@@ -54,6 +56,7 @@ class Manifest:
     tools: dict[str, str] = field(default_factory=dict)
     export_options: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] | None = None
+    adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
     export_seconds: float = 0.0
     created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     format_version: int = FORMAT_VERSION
