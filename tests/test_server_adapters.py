@@ -94,8 +94,10 @@ def test_holdback_passes_text_and_holds_json():
     calls, held, _ = call.finish()
     assert calls[0].name == "get_weather" and held == ""
     broken = HoldBack(plan)
-    broken.feed("{oops")
-    assert broken.finish()[:2] == (None, "{oops")
+    assert broken.feed("{") is None and broken.feed("oops") == ("{oops", [])  # text once it cannot be a call
+    assert broken.finish()[:2] == (None, "")
+    cut = HoldBack(plan)
+    assert cut.feed('{"na') is None and cut.finish()[:2] == (None, '{"na')
 
 
 def test_chat_stream_n2_ordering_and_usage():
@@ -116,12 +118,15 @@ def test_chat_stream_n2_ordering_and_usage():
 def test_chat_stream_logprobs_and_tool_fragments():
     stream = ChatStream(META, 1, make_plan([WEATHER], "auto"), want_logprobs=True, include_usage=False)
     lp = [TokenLogprob(5, "{", -0.5, [(5, "{", -0.5)])]
-    text = '{"name": "get_weather", "arguments": {"city": "a very long city name indeed"}}'
-    chunks = stream.chunks(output(ChoiceDelta(0, text, [5], lp, "stop"), finished=True))
+    pieces = ['{"name": "get_weather", "arguments": {"city": "a very', " long city", ' name indeed"}}']
+    chunks = stream.chunks(output(ChoiceDelta(0, pieces[0], [5], lp)))
+    chunks += stream.chunks(output(ChoiceDelta(0, pieces[1], [6], lp)))
+    chunks += stream.chunks(output(ChoiceDelta(0, pieces[2], [7], lp, "stop"), finished=True))
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert deltas[0]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
     fragments = [d["tool_calls"][0]["function"]["arguments"] for d in deltas[1:-1]]
-    assert len(fragments) > 2 and json.loads("".join(fragments)) == {"city": "a very long city name indeed"}
+    assert fragments == ['{"city": "a very', " long city", ' name indeed"}']  # one per decoded piece
+    assert json.loads("".join(fragments)) == {"city": "a very long city name indeed"}
     assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
 
 

@@ -4,9 +4,12 @@ Chat: every content delta carries ``{"role": "assistant", "content": ...}`` (as 
 stream does; the first one therefore opens with the role), then one chunk per choice with an
 empty delta and the ``finish_reason``. With ``stream_options.include_usage`` every chunk has
 ``"usage": null`` and one more chunk with ``"choices": []`` and the usage follows; without it
-no chunk has a ``usage`` key. When tools are active, a reply that starts like JSON is held back
-until the choice finishes, then sent as ``tool_calls`` deltas whose argument fragments join into
-the arguments JSON (or, if it did not parse, as text).
+no chunk has a ``usage`` key. When tools are active, a reply whose first non-space characters
+open JSON is held back only until its first key and tool name show whether it is a call
+(``server/tools.py`` ``ToolCallStreamer``); a call then leaves at once as OpenAI's deltas: first
+``{"index", "id", "type": "function", "function": {"name", "arguments": ""}}``, then
+``{"index", "function": {"arguments": fragment}}`` per decoded piece, the fragments joining into
+the arguments JSON, and the choice ends with ``finish_reason`` ``tool_calls``.
 """
 
 from __future__ import annotations
@@ -16,9 +19,7 @@ from typing import Any
 
 from toolkit.runtime.types import RequestOutput, TokenLogprob
 from toolkit.server.openai.responses import ResponseMeta, chat_logprobs, completion_logprobs, echo_of, finish_reason
-from toolkit.server.tools import HoldBack, ToolCall, ToolPlan
-
-ARGUMENT_FRAGMENT_CHARS = 16
+from toolkit.server.tools import ArgumentsFragment, StreamEvent, TextPiece, ToolCallStart, ToolCallStreamer, ToolPlan
 
 
 @dataclass
@@ -26,7 +27,7 @@ class _Choice:
     started: bool = False
     finished: bool = False
     offset: int = 0
-    holdback: HoldBack | None = None
+    calls: ToolCallStreamer | None = None
 
 
 class _Stream:
@@ -66,7 +67,7 @@ class ChatStream(_Stream):
                  include_usage: bool) -> None:
         super().__init__(meta, "chat.completion.chunk", n, want_logprobs, include_usage)
         for state in self.states:
-            state.holdback = HoldBack(tools)
+            state.calls = ToolCallStreamer(tools)
 
     def chunks(self, output: RequestOutput) -> list[dict[str, Any]]:
         """The chunks one engine output produces."""
@@ -75,11 +76,29 @@ class ChatStream(_Stream):
             state = self.states[delta.index]
             if state.finished:
                 continue
-            now = state.holdback.feed(delta.text, delta.logprobs or ())
-            if now is not None and (now[0] or now[1] or not state.started):
-                chunks.append(self._content(delta.index, *now))
+            chunks.extend(self._events(delta.index, state.calls.feed(delta.text, delta.logprobs or ())))
+            if not state.started and state.calls.mode == "text":
+                chunks.append(self._content(delta.index, "", []))
             if delta.finish_reason:
                 chunks.extend(self._end(delta.index, delta.finish_reason))
+        return chunks
+
+    def _events(self, index: int, events: list[StreamEvent]) -> list[dict[str, Any]]:
+        state, chunks = self.states[index], []
+        for event in events:
+            if isinstance(event, TextPiece):
+                chunks.append(self._content(index, event.text, event.extras))
+                continue
+            if isinstance(event, ToolCallStart):
+                call = {"index": event.index, "id": event.id, "type": "function",
+                        "function": {"name": event.name, "arguments": ""}}
+                delta: dict[str, Any] = {"tool_calls": [call]} if state.started else \
+                    {"role": "assistant", "content": None, "tool_calls": [call]}
+                state.started = True
+            else:
+                assert isinstance(event, ArgumentsFragment)
+                delta = {"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]}
+            chunks.append(self._chunk([{"index": index, "delta": delta, "finish_reason": None}]))
         return chunks
 
     def _content(self, index: int, text: str, logprobs: list[TokenLogprob]) -> dict[str, Any]:
@@ -93,33 +112,16 @@ class ChatStream(_Stream):
     def _end(self, index: int, reason: str | None) -> list[dict[str, Any]]:
         state = self.states[index]
         state.finished = True
-        chunks = []
-        calls, held, held_logprobs = state.holdback.finish()
-        if calls:
-            chunks.extend(self._tool_chunks(index, calls))
+        chunks = self._events(index, state.calls.finish())
+        if state.calls.is_call:
             reason = "tool_calls"
-        elif held or not state.started:
-            chunks.append(self._content(index, held, held_logprobs))
+        elif not state.started:
+            chunks.append(self._content(index, "", []))
         choice: dict[str, Any] = {"index": index, "delta": {}}
         if self.want_logprobs:
             choice["logprobs"] = None
         choice["finish_reason"] = finish_reason(reason)
         chunks.append(self._chunk([choice]))
-        return chunks
-
-    def _tool_chunks(self, index: int, calls: list[ToolCall]) -> list[dict[str, Any]]:
-        self.states[index].started = True
-        chunks = []
-        for k, call in enumerate(calls):
-            head = {"index": k, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
-            delta: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": [head]} if k == 0 \
-                else {"tool_calls": [head]}
-            chunks.append(self._chunk([{"index": index, "delta": delta, "finish_reason": None}]))
-            args = call.arguments_json
-            for start in range(0, len(args), ARGUMENT_FRAGMENT_CHARS):
-                fragment = {"index": k, "function": {"arguments": args[start:start + ARGUMENT_FRAGMENT_CHARS]}}
-                chunks.append(self._chunk([{"index": index, "delta": {"tool_calls": [fragment]},
-                                            "finish_reason": None}]))
         return chunks
 
 
