@@ -70,25 +70,44 @@ def _export_errors() -> tuple[type[Exception], ...]:
 
 @main.command()
 @click.argument("engine_dir", type=click.Path(path_type=Path))
-def validate(engine_dir: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the validation result as JSON on stdout.")
+def validate(engine_dir: Path, as_json: bool) -> None:
     """Compare ENGINE_DIR with its stored fp32 onnxruntime reference outputs (exit 1 on failure)."""
-    from rich.console import Console
-
     from toolkit.artifact.manifest import EngineDirError, load_manifest, update_validation
     from toolkit.artifact.trtllm import TrtLlmUnavailableError
     from toolkit.export.report import print_validation
     from toolkit.export.validate import validate_engine_dir
 
-    console = Console()
+    console = _console()
     try:
         manifest = load_manifest(engine_dir)
         result = validate_engine_dir(engine_dir, manifest)
     except (EngineDirError, TrtLlmUnavailableError) as exc:
-        console.print(f"[bold red]FAILED[/bold red]: {exc}")
+        if as_json:
+            _print_json({"engine_dir": str(engine_dir), "passed": False, "error": str(exc)})
+        else:
+            console.print(f"[bold red]FAILED[/bold red]: {exc}")
         sys.exit(1)
     update_validation(engine_dir, result)
-    print_validation(console, result)
+    if as_json:
+        _print_json({"engine_dir": str(engine_dir), **result})
+    else:
+        print_validation(console, result)
     sys.exit(0 if result["passed"] else 1)
+
+
+def _console():
+    """A rich console; piped into another program (not a TTY) it never cuts lines to 80 columns."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=100_000, soft_wrap=True)
+
+
+def _print_json(data) -> None:
+    """Machine-readable output: one JSON document on stdout."""
+    import json
+
+    click.echo(json.dumps(data, indent=2, default=str))
 
 
 def _engine_dir_or_default(engine_dir: Path | None) -> Path:
@@ -179,14 +198,13 @@ def generate(engine_dir: Path | None, prompt, messages, raw, max_tokens, tempera
 @click.option("--api-key", default=None, envvar="TOOLKIT_API_KEY")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads for --offline (default: all cores).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the saved JSON (meta + results) on stdout instead of the table.")
 def bench(url, offline, engine_dir, model, schema, concurrency, rate, requests_per_level, prompt_tokens, max_tokens,
-          ignore_eos, api_key, threads, out_dir) -> None:
+          ignore_eos, api_key, threads, out_dir, as_json) -> None:
     """Measure TTFT, inter-token latency and throughput of URL (any OpenAI-compatible server) or, with --offline, of an engine.
 
     Prints a table and saves JSON and a PNG plot under --out.
     """
-
-    from rich.console import Console
 
     from toolkit.bench.report import results_table, save_results
 
@@ -209,9 +227,13 @@ def bench(url, offline, engine_dir, model, schema, concurrency, rate, requests_p
             prompt_tokens=prompt_tokens, max_tokens=max_tokens, api_key=api_key, schema=schema, ignore_eos=ignore_eos,
         ))
         title, name, meta = f"HTTP benchmark: {url} ({model})", "http-" + model.replace("/", "_").replace("@", ""), {**meta, "url": url, "model": model, "schema": schema, "rate": rate}
-    console = Console()
-    console.print(results_table(title, results))
     json_path, png_path = save_results(out_dir, name, meta, results)
+    if as_json:
+        click.echo(json_path.read_text(), nl=False)
+        click.echo(f"saved {json_path} and {png_path}", err=True)
+        return
+    console = _console()
+    console.print(results_table(title, results))
     console.print(f"saved {json_path} and {png_path}")
 
 
@@ -260,13 +282,20 @@ def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, 
 
 
 @main.command()
-def recipes() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the recipes as JSON on stdout.")
+def recipes(as_json: bool) -> None:
     """List the recipes and what each supports."""
-    from rich.console import Console
     from rich.table import Table
 
     from toolkit.recipes import all_recipes
 
+    if as_json:
+        _print_json([{"name": r.name, "hf_id": r.hf_id, "aliases": list(r.aliases), "architecture": r.architecture,
+                      "context_window": r.context_window, "embedded": r.embedded, "fim": bool(r.fim),
+                      "targets": {t: list(p) for t, p in r.supported_targets().items()},
+                      "trtllm_tensor_parallel_size": r.trtllm.tensor_parallel_size,
+                      "price_per_million_tokens": r.price_per_million_tokens} for r in all_recipes()])
+        return
     table = Table(title="Recipes")
     for column in ("recipe", "Hugging Face id", "aliases", "arch", "context", "onnx", "trtllm (tp)", "$/M in/out"):
         table.add_column(column)
@@ -283,7 +312,7 @@ def recipes() -> None:
             tp,
             f"{price['input']}/{price['output']}",
         )
-    Console().print(table)
+    _console().print(table)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def request_body(spec: LoadSpec, prompt: str, max_tokens: int) -> dict[str, Any]
         body = {"model": spec.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
         if spec.include_usage:
             body["stream_options"] = {"include_usage": True}
-    if spec.ignore_eos:
+    if spec.ignore_eos:  # honoured by this server's OpenAI API (vLLM's field); Workers AI has none
         body["ignore_eos"] = True
     return {**body, **(spec.extra_body or {})}
 
@@ -229,11 +229,14 @@ async def run_http_bench(url: str, model: str, levels: list[int], mode: str = "c
     """Benchmark a server at each level; one result dict per level (see the module docstring).
 
     Lengths are fixed, or uniform in ``prompt_tokens..prompt_tokens_high`` / ``max_tokens..max_tokens_high``.
-    ``ignore_eos`` sends ``"ignore_eos": true`` (vLLM-style; not every server accepts it);
+    ``ignore_eos`` sends ``"ignore_eos": true`` (vLLM-style, honoured by this server's OpenAI API; refused
+    with the Workers AI schema, which has no such field);
     ``extra_body`` is merged into every request body; ``warmup`` requests run first, unmeasured.
     """
     if mode not in MODES or schema not in SCHEMAS:
         raise ValueError(f"mode must be one of {MODES} and schema one of {SCHEMAS}")
+    if ignore_eos and schema == "workers-ai":
+        raise ValueError("ignore_eos is an OpenAI-schema (vLLM) field; the Workers AI schema has none")
     if mode == "rate" and not (rate and rate > 0):
         raise ValueError("rate mode needs rate > 0 (requests per second)")
     spec = LoadSpec(url, model, schema, (prompt_tokens, max(prompt_tokens, prompt_tokens_high or 0)),

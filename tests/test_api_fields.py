@@ -278,3 +278,14 @@ def test_tokenize_errors_name_the_field(served, body, param):
 def test_detokenize_refuses_ids_outside_the_vocabulary(served):
     response = served.post("/detokenize", json={"model": GEMMA, "tokens": [1 << 31]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "tokens"
+
+
+def test_the_load_generators_ignore_eos_reaches_the_engine(served):
+    from toolkit.bench.loadgen import LoadSpec, request_body, run_http_bench
+    import asyncio
+
+    body = request_body(LoadSpec(served.base_url + "/v1", GEMMA, ignore_eos=True), "bench prompt", 4)
+    assert served.post("/v1/completions", json=body).status_code == 200
+    assert served.gemma.requests_for("bench prompt")[-1].params.ignore_eos is True
+    with pytest.raises(ValueError, match="ignore_eos"):
+        asyncio.run(run_http_bench(served.base_url, GEMMA, [1], schema="workers-ai", ignore_eos=True))

@@ -39,9 +39,12 @@ class _Reply:
     stream: ChatStream | CompletionStream
     build: Callable[[list[ChoiceText], dict[str, Any]], dict[str, Any]]
     continuous_usage: bool = False
+    single_call: bool = False
 
     def chunks(self, output: RequestOutput) -> list[dict[str, Any]]:
         chunks = self.stream.chunks(output)
+        if self.single_call:
+            chunks = first_call_only(chunks)
         if self.continuous_usage:  # vLLM's stream_options.continuous_usage_stats: the usage so far on every chunk
             for chunk in chunks:
                 chunk["usage"] = usage(self.entry, output.prompt_tokens, output.completion_tokens)
@@ -49,6 +52,8 @@ class _Reply:
 
     def final(self, generation: Generation) -> list[dict[str, Any]]:
         chunks = self.stream.final(self._usage(generation))
+        if self.single_call:
+            chunks = first_call_only(chunks)
         if self.continuous_usage:
             for chunk in chunks:
                 chunk["usage"] = self._usage(generation)
@@ -77,7 +82,8 @@ class OpenAIController(Controller):
         p = prepare_chat(body, entry, origin_of(request))
         meta, n = ResponseMeta.new("chatcmpl", body.model), p.request.params.n
         reply = _Reply(entry, n, ChatStream(meta, n, p.tools, p.logprobs, p.include_usage),
-                       lambda choices, u: chat_response(meta, choices, p.tools, p.logprobs, u), p.continuous_usage)
+                       lambda choices, u: chat_response(meta, choices, p.tools, p.logprobs, u), p.continuous_usage,
+                       body.parallel_tool_calls is False)
         return await respond(request, entry, p.request, p.zero_tokens, reply, body.stream, error_body)
 
     @post(["/v1/completions", "/v1/openai/completions"], status_code=200,
@@ -137,3 +143,26 @@ async def _respond_batch(request: Request, entry: ModelEntry, p: Prepared, meta:
 def _per_choice(echoes: list[str | None], n: int) -> list[str | None]:
     """Each prompt's echo repeated for its ``n`` choices."""
     return [echo for echo in echoes for _ in range(n)]
+
+
+def first_call_only(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``parallel_tool_calls: false`` on a stream: the tool-call deltas of calls after the first are dropped."""
+    out = []
+    for chunk in chunks:
+        dropped, choices = False, []
+        for choice in chunk["choices"]:
+            calls = (choice.get("delta") or {}).get("tool_calls")
+            if calls:
+                kept = [c for c in calls if c.get("index", 0) == 0]
+                dropped = dropped or len(kept) < len(calls)
+                delta = {k: v for k, v in choice["delta"].items() if k != "tool_calls" or kept}
+                if kept:
+                    delta["tool_calls"] = kept
+                if not kept and set(delta) <= {"role", "content"} and not delta.get("content"):
+                    continue
+                choice = {**choice, "delta": delta}
+            choices.append(choice)
+        if dropped and not choices:
+            continue
+        out.append({**chunk, "choices": choices})
+    return out
