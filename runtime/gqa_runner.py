@@ -33,10 +33,13 @@ class GqaModelRunner:
         """An empty decode batch of preallocated slots."""
         return SharedKV(self.past_names, self.spec.num_kv_heads, self.spec.head_dim, self.spec.dtype, self.max_length)
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, buffers: dict[str, np.ndarray]) -> np.ndarray:
+    def _run(self, ids: np.ndarray, mask: np.ndarray, buffers: dict[str, np.ndarray],
+             lora: dict[str, np.ndarray] | None = None) -> np.ndarray:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
+        for name, value in (lora or {}).items():  # LoRA graph inputs (toolkit.runtime.lora)
+            binding.bind_cpu_input(name, value)
         binding.bind_output("logits")
         for name, buffer in buffers.items():
             value = ort.OrtValue.ortvalue_from_numpy(buffer)  # wraps the numpy memory, no copy
@@ -55,16 +58,18 @@ class GqaModelRunner:
                 fresh[name][:, :, :start] = past[name][:, :, :start]
         return fresh
 
-    def prefill(self, ids: list[int], past: dict[str, np.ndarray] | None, start: int) -> tuple[np.ndarray, dict]:
+    def prefill(self, ids: list[int], past: dict[str, np.ndarray] | None, start: int,
+                lora: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
         """Run one prompt chunk of one sequence after ``start`` cached tokens; last-position logits + its buffers."""
         total = start + len(ids)
         buffers = self._prefill_buffers(past, start, total)
-        logits = self._run(np.asarray([ids], np.int64), np.ones((1, total), np.int64), buffers)
+        logits = self._run(np.asarray([ids], np.int64), np.ones((1, total), np.int64), buffers, lora)
         return logits[0, -1].astype(np.float32, copy=False), buffers
 
-    def decode(self, batch: SharedKV, last_tokens: list[int], positions: list[int]) -> np.ndarray:
+    def decode(self, batch: SharedKV, last_tokens: list[int], positions: list[int],
+               lora: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """One token for every row of ``batch`` (positions come from the rows' lengths); logits ``[rows, vocab]``."""
         buffers, mask = batch.step_views()
-        logits = self._run(np.asarray(last_tokens, np.int64)[:, None], mask, buffers)
+        logits = self._run(np.asarray(last_tokens, np.int64)[:, None], mask, buffers, lora)
         batch.accept_step()
         return logits[:, -1].astype(np.float32, copy=False)

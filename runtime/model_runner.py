@@ -31,16 +31,21 @@ class OnnxModelRunner:
         shape = (1, self.spec.num_kv_heads, 0, self.spec.head_dim)
         return {name: np.zeros(shape, self.spec.dtype) for name in self.past_names}
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: dict[str, np.ndarray]):
-        feeds = {"input_ids": ids, "attention_mask": mask, **past}
+    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: dict[str, np.ndarray],
+             lora: dict[str, np.ndarray] | None = None):
+        feeds = {"input_ids": ids, "attention_mask": mask, **past, **(lora or {})}
         if self.has_position_ids:
             feeds["position_ids"] = positions
         outputs = self.session.run(self.output_names, feeds)
         present = dict(zip(self.past_names, outputs[1:]))
         return outputs[0], present
 
-    def prefill(self, ids: list[int], past: dict[str, np.ndarray] | None, start: int) -> tuple[np.ndarray, dict]:
-        """Run one prompt chunk of one sequence after ``past`` (``start`` tokens); last-position logits + new past."""
+    def prefill(self, ids: list[int], past: dict[str, np.ndarray] | None, start: int,
+                lora: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
+        """Run one prompt chunk of one sequence after ``past`` (``start`` tokens); last-position logits + new past.
+
+        ``lora``: the LoRA graph's adapter inputs (``toolkit.runtime.lora``), when serving adapters.
+        """
         past = past if past is not None else self.empty_past()
         total = start + len(ids)
         logits, present = self._run(
@@ -48,10 +53,12 @@ class OnnxModelRunner:
             np.ones((1, total), np.int64),
             np.arange(start, total, dtype=np.int64)[None, :],
             past,
+            lora,
         )
         return logits[0, -1].astype(np.float32, copy=False), present
 
-    def decode(self, batch: BatchKV, last_tokens: list[int], positions: list[int]) -> np.ndarray:
+    def decode(self, batch: BatchKV, last_tokens: list[int], positions: list[int],
+               lora: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """One token for every row of ``batch``; returns logits ``[rows, vocab]`` and advances the cache."""
         past, mask = batch.step_inputs()
         logits, present = self._run(
@@ -59,6 +66,7 @@ class OnnxModelRunner:
             mask,
             np.asarray(positions, np.int64)[:, None],
             past,
+            lora,
         )
         batch.accept_step(present, mask)
         return logits[:, -1].astype(np.float32, copy=False)

@@ -31,6 +31,8 @@ class GenerateRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     arrival_time: float = field(default_factory=time.monotonic)
+    adapter: str | None = None
+    """The LoRA adapter to apply (its name in the engine's ``adapter_names``), or None for the base model."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt_ids, tuple):

@@ -19,7 +19,8 @@ import numpy as np
 
 from toolkit.artifact.manifest import Manifest
 from toolkit.recipes import Recipe
-from toolkit.runtime.errors import EngineFailureError, EngineStoppedError, OverloadedError, PromptTooLongError
+from toolkit.runtime.errors import (EngineFailureError, EngineStoppedError, InvalidRequestError, OverloadedError,
+                                    PromptTooLongError)
 from toolkit.runtime.engines.common import ThroughputMeter
 from toolkit.runtime.kv_cache import KVCacheManager, KvGeometry
 from toolkit.runtime.postprocess import TokenProcessor, collect_output
@@ -41,6 +42,8 @@ class OnnxEngine:
         config: SchedulerConfig | None = None,
         kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES,
         threads: int | None = None,
+        adapters: dict[str, Path] | None = None,
+        max_loras: int | None = None,
     ):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
@@ -63,6 +66,15 @@ class OnnxEngine:
         self.throughput = ThroughputMeter()
         self.timings = StepTimings()  # cumulative loop time, reported by stats() for the bench
         self._prompts = None
+        self.adapter_sources = {name: Path(path) for name, path in (adapters or {}).items()}  # LoRA: name -> dir
+        self.max_loras = max_loras
+        self.lora = None  # toolkit.runtime.lora.LoraAdapters once started with adapters
+        self._adapter_wait: list[SequenceGroup] = []  # requests whose adapter is loading
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The LoRA adapters this engine serves (``GenerateRequest.adapter``)."""
+        return tuple(self.adapter_sources)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -78,7 +90,19 @@ class OnnxEngine:
     def _load(self) -> None:
         from toolkit.runtime.prompting import PromptBuilder, load_tokenizer
 
-        self.runner = _create_runner(self.graph, self.engine_dir / "model.onnx", self.threads, self.context_length)
+        model = self.engine_dir / "model.onnx"
+        if self.adapter_sources:
+            from toolkit.artifact.lora import LORA_MODEL_FILE, graph_modules
+            from toolkit.runtime.lora import DEFAULT_MAX_LORAS, LoraAdapters
+
+            model = self.engine_dir / LORA_MODEL_FILE
+            if LORA_MODEL_FILE not in self.manifest.files:
+                raise EngineStoppedError(f"{self.engine_dir} has no LoRA graph; add an adapter with `toolkit export-lora`")
+        self.runner = _create_runner(self.graph, model, self.threads, self.context_length)
+        if self.adapter_sources:
+            self.lora = LoraAdapters(self.adapter_sources, graph_modules(self.runner.session),
+                                     self.manifest.source.get("sha256", ""), self.max_loras or DEFAULT_MAX_LORAS,
+                                     notify=self._wake.set)
         self._prompts = PromptBuilder(load_tokenizer(self.engine_dir), self.recipe)
         self.sequences = SequenceFactory(self._prompts, vocab_size=int(self.runner.session.get_outputs()[0].shape[-1] or 0))
         self.processor = TokenProcessor(self._prompts, self.context_length)
@@ -96,10 +120,12 @@ class OnnxEngine:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
         self._fail_all(EngineStoppedError("the engine is shutting down"))
+        if self.lora is not None:
+            self.lora.close()
 
     def _busy(self) -> bool:
         s = self.scheduler
-        return bool(s.running or s.prefilling or s.waiting or not self._submissions.empty())
+        return bool(s.running or s.prefilling or s.waiting or self._adapter_wait or not self._submissions.empty())
 
     @property
     def prompts(self):
@@ -111,6 +137,9 @@ class OnnxEngine:
     # ---- requests ----------------------------------------------------------------------------
     def _check_fits(self, request: GenerateRequest) -> None:
         params, prompt_len = request.params, len(request.prompt_ids)
+        if request.adapter is not None and request.adapter not in self.adapter_sources:
+            served = ", ".join(self.adapter_sources) or "none"
+            raise InvalidRequestError(f"this engine has no LoRA adapter {request.adapter!r} (served: {served})", param="lora")
         self._prompts.check_ids(request.prompt_ids)
         if prompt_len + params.max_tokens > self.context_length:
             raise PromptTooLongError(prompt_len, params.max_tokens, self.context_length)
@@ -122,7 +151,7 @@ class OnnxEngine:
         if not self._accepting:
             raise EngineStoppedError("the engine is not running")
         self._check_fits(request)
-        waiting = len(self.scheduler.waiting) + self._submissions.qsize()
+        waiting = len(self.scheduler.waiting) + len(self._adapter_wait) + self._submissions.qsize()
         if waiting >= self.config.max_waiting:
             raise OverloadedError(waiting, self.config.max_waiting)
         loop = asyncio.get_running_loop()
@@ -143,7 +172,7 @@ class OnnxEngine:
         scheduler = self.scheduler
         return EngineStats(
             running=len(scheduler.running) + len(scheduler.prefilling),
-            waiting=len(scheduler.waiting) + self._submissions.qsize(),
+            waiting=len(scheduler.waiting) + len(self._adapter_wait) + self._submissions.qsize(),
             kv_cache_used_tokens=self.kv.used_tokens,
             kv_cache_total_tokens=self.kv.total_tokens,
             generated_tokens_total=self.throughput.total,
@@ -185,7 +214,8 @@ class OnnxEngine:
     def _run_prefill(self, plan: StepPlan) -> list[SequenceGroup]:
         done = []
         for group, start, stop in plan.prefill:
-            logits, group.prefill_past = self.runner.prefill(group.prompt_ids[start:stop], group.prefill_past, start)
+            lora = {"lora": self.lora.single_feeds(group.request.adapter)} if self.lora is not None else {}
+            logits, group.prefill_past = self.runner.prefill(group.prompt_ids[start:stop], group.prefill_past, start, **lora)
             group.prefilled = stop
             if group.prefill_remaining == 0:
                 group.prefill_logits = logits
@@ -196,7 +226,8 @@ class OnnxEngine:
         running = self.scheduler.running
         last = [seq.output_ids[-1] for seq in running]
         positions = [len(seq.group.prompt_ids) + len(seq.output_ids) - 1 for seq in running]
-        return self.runner.decode(self.batch, last, positions)
+        lora = {"lora": self.lora.row_feeds(tuple(seq.group.request.adapter for seq in running))} if self.lora is not None else {}
+        return self.runner.decode(self.batch, last, positions, **lora)
 
     def _postprocess(self, prefilled: list[SequenceGroup], logits: np.ndarray | None) -> None:
         touched: dict[str, SequenceGroup] = {}
@@ -246,9 +277,39 @@ class OnnxEngine:
     def _drain_submissions(self) -> None:
         while True:
             try:
-                self.scheduler.waiting.append(self._submissions.get_nowait())
+                self._adapter_wait.append(self._submissions.get_nowait())
             except queue.Empty:
-                return
+                break
+        if self._adapter_wait:
+            self._admit_adapters()
+
+    def _admit_adapters(self) -> None:
+        """Queue the requests whose adapter is loaded (base requests at once); the others wait for theirs.
+
+        Loading runs in a worker thread, so a request for an unloaded adapter never holds up the batch.
+        """
+        in_use = None
+        still = []
+        for group in self._adapter_wait:
+            name = group.request.adapter
+            if name is None or self.lora is None:
+                self.scheduler.waiting.append(group)
+                continue
+            if in_use is None:
+                in_use = self._adapters_in_use()
+            state = self.lora.poll(name, in_use)
+            if state is True:
+                self.scheduler.waiting.append(group)
+            elif state is False:
+                still.append(group)
+            else:
+                group.deliver(EngineFailureError(f"LoRA adapter {name!r} could not be loaded: {state}"))
+        self._adapter_wait = still
+
+    def _adapters_in_use(self) -> set[str]:
+        s = self.scheduler
+        groups = [*s.waiting, *s.prefilling, *(seq.group for seq in s.running)]
+        return {g.request.adapter for g in groups if g.request.adapter is not None}
 
     def _apply_aborts(self) -> None:
         with self._lock:
@@ -257,6 +318,7 @@ class OnnxEngine:
             return
         for group in [g for g in (*self.scheduler.waiting, *self.scheduler.prefilling) if g.request_id in aborted]:
             self.scheduler.drop_group(group)
+        self._adapter_wait = [g for g in self._adapter_wait if g.request_id not in aborted]
         for seq in self.scheduler.running:
             if seq.group.request_id in aborted and not seq.finished:
                 TokenProcessor.finish(seq, "abort")
@@ -269,7 +331,8 @@ class OnnxEngine:
         if self._prompts is None:  # never loaded: nothing was ever accepted
             return
         self._drain_submissions()
-        self._fail_groups([*self.scheduler.waiting, *self.scheduler.prefilling], error)
+        self._fail_groups([*self.scheduler.waiting, *self.scheduler.prefilling, *self._adapter_wait], error)
+        self._adapter_wait = []
 
     def _fail_groups(self, groups: list[SequenceGroup], error: Exception) -> None:
         """Fail ``groups`` and every running request (the batch cache is gone with them)."""
