@@ -249,3 +249,22 @@ def test_default_model_200_budgets_all_parse_and_validate():
             bad.append((max_tokens, text, reasons, str(exc)[:80]))
     assert not bad, f"{len(bad)} of 200 did not parse/validate: {bad[:5]}"
     assert sum(r == ["length"] for _, r in results) >= 100, "most of these budgets should have cut the reply"
+
+
+# -- Workers AI: response_format answers an object, never a string ---------------------------------
+
+def test_workers_ai_json_reply_is_an_object_even_when_cut(cf, served):
+    """An engine without budget steering (the fake) cut the JSON at max_tokens: the result still
+    carries the value, completed with the shortest closing text, not the cut text as a string."""
+    served.gemma.script("cut json", pieces=['{"name": "Al', 'ice", "tags": ["a', '", "b"]}'])
+    result = cf.ai.run("@hf/google/gemma-7b-it", account_id="a", prompt="cut json", max_tokens=2,
+                       response_format={"type": "json_object"})
+    assert result["response"] == {"name": "Alice", "tags": ["a"]}
+
+
+def test_workers_ai_json_value_fallbacks():
+    from toolkit.server.workers_ai.responses import json_value
+
+    assert json_value('{"a": [1, 2') == {"a": [1, 2]}
+    assert json_value('{"a": 1,') == {} and json_value("not json") == {}
+    assert json_value(' {"a": "x"} ') == {"a": "x"}

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from toolkit.runtime.types import RequestOutput
-from toolkit.server.tools import HoldBack, ToolCall, ToolPlan
+from toolkit.server.tools import HoldBack, ToolCall, ToolPlan, complete_json
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +33,32 @@ def run_result(text: str, tools: ToolPlan, json_mode: bool, usage_body: dict[str
     calls = tools.parse(text)
     response: Any = "" if calls else text
     if json_mode:
-        try:
-            response = json.loads(text)
-        except ValueError:
-            log.warning("JSON mode output did not parse (cut at max_tokens?); returning it as text")
+        response = json_value(text)
     result: dict[str, Any] = {"response": response, "usage": usage_body}
     if calls:
         result["tool_calls"] = tool_calls_json(calls)
     return result
+
+
+def json_value(text: str) -> Any:
+    """The JSON value of a ``response_format`` reply: never a string standing for the object.
+
+    The ONNX engine closes the value before max_tokens ends it (see ``runtime/json_constraint.py``);
+    output that still does not parse (an engine without that steering, or a budget below the
+    schema's shortest document) is completed with the shortest closing text, else ``{}``.
+    """
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    closing = complete_json(text.strip())
+    if closing is not None:
+        try:
+            return json.loads(text.strip() + closing)
+        except ValueError:
+            pass
+    log.warning("JSON mode output did not parse or complete; answering an empty object")
+    return {}
 
 
 class RunStream:
