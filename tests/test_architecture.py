@@ -28,6 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "runtime": {"artifact", "recipes"},
     "server": {"runtime", "artifact", "recipes"},
     "bench": {"server", "runtime", "artifact", "recipes"},  # drives server/runtime from the outside
+    "scale": {"server", "runtime", "artifact", "recipes"},  # Ray Serve replicas of the server's app
 }
 
 # Modules that must not be loaded by importing the light layers (see ``test_light_modules_import_nothing_heavy``).

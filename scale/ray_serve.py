@@ -1,0 +1,209 @@
+"""The app as a Ray Serve deployment, and ``toolkit serve --ray``.
+
+Imports ``ray`` (the ``toolkit[ray]`` extra): only ``toolkit serve --ray`` and the Ray tests import
+this module.
+
+Each replica is one Ray actor running :class:`ToolkitReplica`: Ray Serve's ingress calls
+``__serve_build_asgi_app__``, which loads the engine directories (with the replica's
+onnxruntime thread count) and builds the same Litestar app plain ``toolkit serve`` runs; Ray Serve
+runs its lifespan (the engines start) and routes a replica no request until its
+``check_health`` (engines started) passes. Ray Serve's HTTP proxy is the one endpoint; it streams
+each ASGI message as the replica sends it, and on a client disconnect cancels the replica's
+request, which closes the stream's generator and aborts the engine request (KV cache freed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from toolkit.scale.metrics_merge import merge_expositions
+from toolkit.scale.options import ScaleOptions, replica_resources
+from toolkit.scale.proxy_errors import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+from toolkit.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT_S
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "toolkit"
+DEPLOYMENT_NAME = "toolkit-engine"
+
+
+class ToolkitReplica:
+    """One replica: its own engines behind the app (``spec`` is what :func:`build_application` packed)."""
+
+    async def __init__(self, spec: dict[str, Any]) -> None:
+        self._spec = spec
+        self._app: Any = None
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from toolkit.runtime import load_engine
+        from toolkit.server.app import create_app
+
+        spec = self._spec
+        logging.basicConfig(level=spec.get("log_level", "INFO").upper())
+        engines: dict[str, Any] = {}
+        for engine_dir in spec["engine_dirs"]:
+            options = {"threads": spec["threads"]} if spec.get("threads") and _is_onnx(engine_dir) else {}
+            if spec.get("scheduler") and _is_onnx(engine_dir):
+                from toolkit.runtime.scheduler import SchedulerConfig
+
+                options["config"] = SchedulerConfig(**spec["scheduler"])
+            engine = load_engine(engine_dir, **options)
+            engines[engine.recipe.name] = engine
+        self._app = create_app(engines, spec["api_keys"], **spec["app_options"])
+        return AllReplicasMetrics(self._app, self._all_metrics)
+
+    @property
+    def _ctx(self) -> Any:
+        return self._app.state.ctx
+
+    async def check_health(self) -> None:
+        """Healthy once every engine has started; Ray routes requests only to healthy replicas."""
+        task = self._ctx._start_task
+        if task is not None and not task.done():
+            await asyncio.shield(task)  # the first check waits for the engines (replica still "starting")
+        if self._ctx.start_error:
+            raise RuntimeError(f"engine start failed: {self._ctx.start_error}")
+        if not self._ctx.ready:
+            raise RuntimeError("engines not ready")
+
+    async def render_metrics(self) -> tuple[str, str]:
+        """(this replica's id, its own Prometheus exposition); called on every replica by ``/metrics``."""
+        body, _ = self._ctx.metrics.render()
+        return serve.get_replica_context().replica_id.unique_id, body.decode()
+
+    async def replica_info(self) -> dict[str, Any]:
+        """Replica id and process id (the tests use it to kill one replica)."""
+        import os
+
+        stats = {e.names[0]: e.engine.stats().__dict__ for e in self._ctx.models.entries}
+        return {"replica": serve.get_replica_context().replica_id.unique_id, "pid": os.getpid(), "stats": stats}
+
+    async def _all_metrics(self) -> tuple[bytes, str]:
+        context = serve.get_replica_context()
+        handle = serve.get_deployment_handle(context.deployment, context.app_name)
+        results = await handle.broadcast("render_metrics").results_async(timeout_s=10, return_exceptions=True)
+        good = [r for r in results if isinstance(r, tuple)]
+        if len(good) < len(results):
+            log.warning("/metrics: %d of %d replicas did not answer", len(results) - len(good), len(results))
+        return merge_expositions(good)
+
+
+def _is_onnx(engine_dir: str) -> bool:
+    from toolkit.artifact.manifest import load_manifest
+
+    return load_manifest(engine_dir, verify_hashes=False).target == "onnx"
+
+
+class AllReplicasMetrics:
+    """ASGI wrapper of the app: a ``GET /metrics`` the app allows (API key, see ``--public-metrics``)
+    answers with every replica's metrics, each sample labelled ``replica="<id>"``."""
+
+    def __init__(self, app: Any, gather: Any) -> None:
+        self.app = app
+        self._gather = gather
+
+    def __getattr__(self, name: str) -> Any:  # Ray Serve looks for FastAPI attributes on the app
+        return getattr(self.app, name)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or scope.get("path") != "/metrics" or scope.get("method") != "GET":
+            await self.app(scope, receive, send)
+            return
+        messages: list[dict] = []
+
+        async def capture(message: dict) -> None:
+            messages.append(message)
+
+        await self.app(scope, receive, capture)
+        if not messages or messages[0].get("status") != 200:
+            for message in messages:
+                await send(message)
+            return
+        body, content_type = await self._gather()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def build_application(engine_dirs: Sequence[str | Path], api_keys: Sequence[str], options: ScaleOptions, *,
+                      grace_s: float = 10.0, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                      request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S, log_level: str = "info",
+                      scheduler: dict[str, int] | None = None, **app_options: Any) -> Any:
+    """The bound Ray Serve application: ``options`` replicas of the app over ``engine_dirs``.
+
+    ``api_keys`` are final (the caller adds ``$TOOLKIT_API_KEY``: replicas may run elsewhere).
+    Engine directories must be readable at the same path on every node that runs a replica.
+    """
+    dirs = [str(Path(d).resolve()) for d in engine_dirs]
+    spec = {
+        "engine_dirs": dirs,
+        "api_keys": list(api_keys),
+        "threads": options.threads,
+        "scheduler": scheduler,
+        "log_level": log_level,
+        "app_options": {"max_body_bytes": max_body_bytes, "shutdown_grace_s": grace_s,
+                        "request_timeout_s": request_timeout_s, **app_options},
+    }
+    deployment = serve.deployment(serve.ingress()(ToolkitReplica), name=DEPLOYMENT_NAME)
+    deployment = deployment.options(**options.deployment_options(replica_resources(dirs, options.threads)))
+    return deployment.bind(spec)
+
+
+def proxy_env() -> dict[str, str]:
+    """Environment the Ray processes need: Ray Serve's proxy reads its middleware callback from it
+    (``toolkit.scale.proxy_errors``). Set before a local ``ray.init``; a remote cluster's head must be
+    started with it (README, "Scaling out")."""
+    return {PROXY_CALLBACK_ENV: PROXY_CALLBACK}
+
+
+def init_ray(address: str | None = None, **kwargs: Any) -> None:
+    """``ray.init``: a local cluster (address None) or the one at ``address``, with :func:`proxy_env`."""
+    import os
+
+    import ray
+
+    os.environ.update(proxy_env())  # inherited by a local cluster's processes
+    ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": proxy_env()}, **kwargs)
+
+
+def deploy(engine_dirs: Sequence[str | Path], api_keys: Sequence[str], options: ScaleOptions, *,
+           host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> None:
+    """Start Serve's proxy on ``host:port`` (once per cluster) and deploy (or redeploy) the app; waits
+    until every initial replica's engines have started. Ray must be initialised."""
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_application(engine_dirs, api_keys, options, **kwargs), name=APP_NAME, route_prefix="/")
+
+
+def serve_on_ray(engine_dirs: Sequence[str | Path], host: str, port: int, api_keys: Sequence[str],
+                 options: ScaleOptions, *, address: str | None = None, log_level: str = "info",
+                 **kwargs: Any) -> None:
+    """``toolkit serve --ray``: join the cluster at ``address`` (none: start a local one), deploy, wait for Ctrl-C / SIGTERM."""
+    import ray
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    init_ray(address, logging_level=log_level.upper())
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        deploy(engine_dirs, api_keys, options, host=host, port=port, log_level=log_level, **kwargs)
+        log.info("serving on http://%s:%d through Ray Serve (OpenAI: /v1, Workers AI: /client/v4)", host, port)
+        while not stop.is_set():
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        log.info("shutting down: replicas get %.0f s to finish their requests", options.grace_s)
+        serve.delete(APP_NAME)
+        if address is None:
+            serve.shutdown()
+        ray.shutdown()
