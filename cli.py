@@ -57,6 +57,31 @@ def export(
         sys.exit(1)
 
 
+@main.command("export-lora")
+@click.argument("adapter", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--engine", "engine_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="The ONNX engine directory (fp32 or int8) the adapter is for.")
+@click.option("--name", required=True, help="The adapter's name in requests (`lora`, `model`: NAME or BASE:NAME).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="Write the adapter here instead of ENGINE/adapters/NAME (serve it with --lora NAME=OUT).")
+@click.option("--checkpoint", type=click.Path(file_okay=False, path_type=Path), help="The base checkpoint (default: the one the engine was exported from).")
+def export_lora_cmd(adapter: Path, engine_dir: Path, name: str, out_dir: Path | None, checkpoint: Path | None) -> None:
+    """Convert and validate the PEFT LoRA ADAPTER (adapter_config.json + adapter_model.safetensors) for an engine."""
+    from rich.console import Console
+
+    from toolkit.artifact.lora import AdapterError
+    from toolkit.export.lora import export_lora
+    from toolkit.export.progress import StageReporter
+
+    console = Console(stderr=True)
+    try:
+        outcome = export_lora(adapter, engine_dir, name, out_dir, checkpoint, StageReporter(console))
+    except (AdapterError, *_export_errors()) as exc:
+        raise click.ClickException(str(exc)) from None
+    result = outcome.info.validation
+    console.print(f"adapter {name!r} (rank {outcome.info.rank}, {', '.join(outcome.info.target_modules)}) → "
+                  f"{outcome.adapter_dir}: validation passed, greedy agreement {result['greedy_agreement']:.3f}, "
+                  f"top-1 {result['top1_agreement']:.3f}, max-abs diff {result['max_abs_diff']:.3g}")
+
+
 def _export_errors() -> tuple[type[Exception], ...]:
     """What an export reports as a one-line message (bad recipe, target, checkpoint, tooling)."""
     from toolkit.artifact.manifest import EngineDirError
@@ -249,7 +274,9 @@ def bench(url, offline, engine_dir, model, schema, concurrency, rate, requests_p
 @click.option("--public-metrics", is_flag=True, help="Serve /metrics without the API key (for a Prometheus scraper).")
 @click.option("--cors-origin", "cors_origins", multiple=True, help="Allowed CORS origin, repeatable ('*' for any). Default: CORS off.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
-def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, request_timeout_s, public_metrics, cors_origins, log_level) -> None:
+@click.option("--lora", "loras", multiple=True, metavar="NAME[=PATH]", help="Serve a LoRA adapter (repeatable): NAME from an engine's `toolkit export-lora`, or NAME=PATH of an adapter exported with --out.")
+@click.option("--max-loras", type=click.IntRange(min=1), default=None, help="LoRA adapters kept loaded per engine (least recently used dropped). Default: 8.")
+def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, request_timeout_s, public_metrics, cors_origins, log_level, loras, max_loras) -> None:
     """Serve ENGINE_DIRs over the OpenAI and Workers AI APIs.
 
     With no ENGINE_DIR and no --models-dir, serves the embedded default model (exported first if needed).
@@ -275,7 +302,7 @@ def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, 
         run_server(
             dirs, host, port, api_keys, grace_s=grace_s,
             max_body_bytes=int(max_body_mib * 1024 * 1024), log_level=log_level, request_timeout_s=request_timeout_s,
-            public_metrics=public_metrics, cors_origins=tuple(cors_origins),
+            public_metrics=public_metrics, cors_origins=tuple(cors_origins), loras=tuple(loras), max_loras=max_loras,
         )
     except ServeError as exc:
         raise click.ClickException(str(exc)) from None

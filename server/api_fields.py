@@ -89,7 +89,7 @@ WORKERS_AI_FIELDS: dict[str, str] = {
     "response_format": "honoured",
     "tools": "honoured",
     "functions": "honoured",
-    "lora": "refused",
+    "lora": "honoured",
 }
 """Workers AI run-body field -> ``honoured`` / ``refused`` / ``ignored: reason``."""
 

@@ -8,6 +8,7 @@ from cancellation; the stream is the one place that turns an early close into
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import asyncio
@@ -35,6 +36,8 @@ class Generation:
         and fails with a ``timeout`` error; None means no limit.
         """
         self.entry = entry
+        if entry.adapter is not None and request.adapter is None:  # the model name selected a LoRA adapter
+            request = dataclasses.replace(request, adapter=entry.adapter)
         self.timeout_s = timeout_s
         self.deadline = request.arrival_time + timeout_s if timeout_s else None
         self.request = request
@@ -47,7 +50,11 @@ class Generation:
         self._first: RequestOutput | None = None
         self._closed = False
         self._last_time: float | None = None
-        self._model = entry.names[0]
+        # the metrics label: the base model, or BASE:ADAPTER for a LoRA adapter's requests
+        self._model = f"{entry.parent or entry.names[0]}:{request.adapter}" if request.adapter else entry.names[0]
+        if request.adapter:
+            log.info("request %s: model %s with LoRA adapter %s", request.request_id, entry.parent or entry.names[0],
+                     request.adapter)
 
     async def start(self) -> None:
         """Submit the request and get the first output, so up-front errors reach the handler."""

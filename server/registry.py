@@ -20,6 +20,21 @@ class ModelEntry:
     key: str
     engine: Engine
     names: tuple[str, ...]
+    adapter: str | None = None
+    """A LoRA adapter of the engine (names: ``ADAPTER``, ``BASE:ADAPTER``), or None for the base model."""
+    parent: str | None = None
+    """For an adapter: the base model's primary name."""
+
+    def with_adapter(self, name: str) -> "ModelEntry | None":
+        """This base model's entry for its adapter ``name`` (None when it has no such adapter)."""
+        if name not in _adapter_names(self.engine):
+            return None
+        return ModelEntry(self.key, self.engine, _adapter_entry_names(self.names, name), name, self.names[0])
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The LoRA adapters the engine serves (none for engines that cannot serve adapters)."""
+        return _adapter_names(self.engine)
 
     @property
     def recipe(self) -> Recipe:
@@ -48,6 +63,15 @@ def _names_of(key: str, engine: Engine) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _adapter_names(engine: Engine) -> tuple[str, ...]:
+    return tuple(getattr(engine, "adapter_names", ()) or ())
+
+
+def _adapter_entry_names(base_names: tuple[str, ...], adapter: str) -> tuple[str, ...]:
+    """``BASE:ADAPTER`` (primary base name first, then every alias) and the adapter's own name."""
+    return (f"{base_names[0]}:{adapter}", adapter, *(f"{n}:{adapter}" for n in base_names[1:]))
+
+
 class ModelRegistry:
     """Every served model under all its names (recipe name, Hugging Face id, aliases)."""
 
@@ -61,6 +85,14 @@ class ModelRegistry:
             for name in entry.names:
                 self._add(name, entry)
                 self._add(name.lower(), entry)
+        self._adapters: list[ModelEntry] = []
+        for entry in self._entries:  # after every base name, so an adapter never shadows a model
+            for adapter in entry.adapter_names:
+                adapted = entry.with_adapter(adapter)
+                self._adapters.append(adapted)
+                for name in adapted.names:
+                    self._add(name, adapted)
+                    self._add(name.lower(), adapted)
 
     def _add(self, name: str, entry: ModelEntry) -> None:
         other = self._by_name.get(name)
@@ -73,6 +105,11 @@ class ModelRegistry:
     def entries(self) -> tuple[ModelEntry, ...]:
         """One entry per engine, in registration order."""
         return tuple(self._entries)
+
+    @property
+    def adapter_entries(self) -> tuple[ModelEntry, ...]:
+        """One entry per served LoRA adapter (``parent`` is its base model)."""
+        return tuple(self._adapters)
 
     def resolve(self, name: str) -> ModelEntry | None:
         """The entry for ``name`` (exact match first, then its lowercase form), or None."""

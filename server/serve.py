@@ -47,13 +47,54 @@ def engine_dirs_to_serve(engine_dirs: Sequence[str | Path], models_dir: str | Pa
     return dirs
 
 
-def load_engines(dirs: Sequence[Path]) -> dict[str, Engine]:
-    """``{recipe name: unstarted engine}`` for each directory (one engine per recipe)."""
+def assign_adapters(dirs: Sequence[Path], loras: Sequence[str]) -> dict[Path, dict[str, Path]]:
+    """``--lora NAME[=PATH]`` options → ``{engine dir: {adapter name: adapter dir}}``; ValueError naming the problem.
+
+    ``NAME`` is an adapter listed in an engine directory's manifest (``toolkit export-lora``);
+    ``NAME=PATH`` an adapter exported elsewhere (``export-lora --out``), served by the engine built
+    from the same base checkpoint.
+    """
+    from toolkit.artifact.lora import AdapterError, AdapterInfo, check_name
+    from toolkit.artifact.manifest import load_manifest
+
+    manifests = {d: load_manifest(d, verify_hashes=False) for d in dirs}
+    assigned: dict[Path, dict[str, Path]] = {d: {} for d in dirs}
+    for spec in loras:
+        name, _, path = spec.partition("=")
+        try:
+            check_name(name)
+            if path:
+                info = AdapterInfo.load(Path(path))
+                owners = [d for d, m in manifests.items() if m.source.get("sha256") == info.base_sha256]
+                where = {d: Path(path) for d in owners}
+            else:
+                where = {d: d / m.adapters[name]["path"] for d, m in manifests.items() if name in m.adapters}
+        except AdapterError as exc:
+            raise ValueError(f"--lora {spec}: {exc}") from None
+        if not where:
+            listed = {d.name: sorted(m.adapters) for d, m in manifests.items()}
+            raise ValueError(f"--lora {spec}: no served engine has this adapter (adapters per engine: {listed}); "
+                             "add it with `toolkit export-lora`" if not path else
+                             f"--lora {spec}: the adapter was exported for a base model none of the served engines has")
+        for engine_dir, adapter_dir in where.items():
+            if manifests[engine_dir].target != "onnx":
+                raise ValueError(f"--lora {spec}: {engine_dir} is a {manifests[engine_dir].target} engine, which cannot "
+                                 "serve LoRA adapters yet")
+            if name in assigned[engine_dir]:
+                raise ValueError(f"--lora {spec}: adapter name {name!r} is given twice")
+            assigned[engine_dir][name] = adapter_dir
+    return assigned
+
+
+def load_engines(dirs: Sequence[Path], loras: Sequence[str] = (), max_loras: int | None = None) -> dict[str, Engine]:
+    """``{recipe name: unstarted engine}`` for each directory (one engine per recipe), with its ``--lora`` adapters."""
     from toolkit.runtime import load_engine
 
     engines: dict[str, Engine] = {}
+    adapters = assign_adapters(dirs, loras) if loras else {}
     for engine_dir in dirs:
-        engine = load_engine(engine_dir)
+        options = {"adapters": adapters[engine_dir], "max_loras": max_loras} if adapters.get(engine_dir) else {}
+        engine = load_engine(engine_dir, **options)
         key = engine.recipe.name
         if key in engines:
             raise ValueError(f"{engine_dir}: recipe {key!r} is already served by another engine directory; "
@@ -66,8 +107,11 @@ def load_engines(dirs: Sequence[Path]) -> dict[str, Engine]:
 def build_app(engine_dirs: Sequence[str | Path] = (), api_keys: Sequence[str] = (),
               models_dir: str | Path | None = None, *, grace_s: float = 10.0,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-              request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S, **app_options: Any) -> Any:
+              request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S, loras: Sequence[str] = (),
+              max_loras: int | None = None, **app_options: Any) -> Any:
     """Load the engines and build the app; raises ServeError.
+
+    ``loras``: ``--lora NAME[=PATH]`` options (``assign_adapters``); ``max_loras``: adapters kept loaded per engine.
 
     ``app_options`` go to ``create_app`` (``public_metrics``, ``cors_origins``). Which engine to
     serve when none is given (the default model, exported on first use) is the caller's decision
@@ -80,7 +124,7 @@ def build_app(engine_dirs: Sequence[str | Path] = (), api_keys: Sequence[str] = 
         dirs = engine_dirs_to_serve(engine_dirs, models_dir)
         if not dirs:
             raise ServeError("no engine directory to serve: give ENGINE_DIR or a --models-dir holding engine directories")
-        engines = load_engines(dirs)
+        engines = load_engines(dirs, loras, max_loras)
         return create_app(engines, api_keys_from_env(api_keys), max_body_bytes=max_body_bytes,
                           shutdown_grace_s=grace_s, request_timeout_s=request_timeout_s, **app_options)
     except (EngineDirError, UnknownRecipeError, FileNotFoundError, ValueError) as exc:

@@ -117,8 +117,11 @@ class OpenAIController(Controller):
     @get(["/v1/models", "/v1/openai/models"], summary="List the served models")
     async def models(self, request: Request) -> Response:
         """Every name each served model answers to (Hugging Face id first, then aliases)."""
+        models = state_of(request).models
         data = [{"id": name, "object": "model", "created": _STARTED, "owned_by": "toolkit", "root": entry.names[0]}
-                for entry in state_of(request).models.entries for name in entry.names]
+                for entry in models.entries for name in entry.names]
+        data += [{"id": entry.names[1], "object": "model", "created": _STARTED, "owned_by": "toolkit",  # LoRA (as vLLM)
+                  "root": entry.names[0], "parent": entry.parent} for entry in models.adapter_entries]
         return json_response({"object": "list", "data": data})
 
 

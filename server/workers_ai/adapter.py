@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -32,9 +33,7 @@ class Prepared:
 
 def prepare_run(req: RunRequest, entry: ModelEntry, origin: Origin) -> Prepared:
     """Validate and map a run request (rendered and tokenized once); raises ApiError / InvalidParameterError."""
-    if req.lora:
-        raise ApiError("lora_unsupported", f"LoRA adapter {req.lora!r} is not available: this server serves "
-                       "base models only; remove 'lora'", "lora")
+    adapter = _lora(req, entry)
     if (req.prompt is None) == (req.messages is None):
         raise invalid("send exactly one of 'prompt' or 'messages'", "prompt" if req.prompt else "messages")
     json_fields = response_format_fields(req.response_format)
@@ -50,7 +49,21 @@ def prepare_run(req: RunRequest, entry: ModelEntry, origin: Origin) -> Prepared:
         defaults, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
         seed=req.seed, repetition_penalty=repetition_penalty(req.repetition_penalty),
         frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty, **json_fields)
-    return Prepared(origin.request(prompt_ids, params), plan, zero, bool(json_fields))
+    return Prepared(dataclasses.replace(origin.request(prompt_ids, params), adapter=adapter), plan, zero,
+                    bool(json_fields))
+
+
+def _lora(req: RunRequest, entry: ModelEntry) -> str | None:
+    """The LoRA adapter ``lora`` names: 405/5005 for a model without adapters, 400/5007 for an unknown one."""
+    if not req.lora:
+        return entry.adapter
+    if not entry.adapter_names:
+        raise ApiError("lora_unsupported", f"LoRA adapter {req.lora!r} is not available: the model "
+                       f"{entry.names[0]!r} has no LoRA adapters; remove 'lora'", "lora")
+    if req.lora not in entry.adapter_names:
+        raise ApiError("unknown_model", f"the LoRA adapter {req.lora!r} is not served for {entry.names[0]!r}; "
+                       f"served adapters: {', '.join(entry.adapter_names)}", "lora")
+    return req.lora
 
 
 def _prompt_ids(req: RunRequest, plan: ToolPlan, prompts: PromptBuilder) -> list[int]:
