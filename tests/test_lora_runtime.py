@@ -152,3 +152,33 @@ def test_adapter_exported_elsewhere_and_for_another_base(lora_engine, tiny_engin
     engine = load_engine(engine_dir, adapters={"x": other / "adapters" / "x"})
     with pytest.raises(AdapterError, match="another base checkpoint"):
         asyncio.run(engine.start())
+
+
+def test_tensorrt_llm_engine_refuses_an_adapter(fake_trtllm, tmp_path):
+    """Engines that cannot serve adapters refuse a request naming one (TensorRT-LLM for now)."""
+    import json
+
+    from tiny_models import build_tokenizer
+    from toolkit.artifact.manifest import Manifest
+    from toolkit.runtime.engines.trtllm_engine import TrtLlmEngine
+
+    recipe = get_recipe("qwen2-7b-instruct")
+    engine_dir = tmp_path / "trt"
+    build_tokenizer("chatml").save_pretrained(engine_dir)
+    (engine_dir / "config.json").write_text(json.dumps({
+        "build_config": {"max_seq_len": 96, "max_input_len": 95, "max_batch_size": 4, "max_num_tokens": 8192},
+        "pretrained_config": {"vocab_size": 400}}))
+    manifest = Manifest(recipe=recipe.name, source={}, architecture="qwen2", target="trtllm", precision="fp16",
+                        context_length=96, kv_layout={}, build_key="test", export_options={"logprobs": True})
+    engine = TrtLlmEngine(engine_dir, manifest, recipe)
+
+    async def main():
+        await engine.start()
+        try:
+            ids = engine.prompts.encode(prompt="Hi")
+            with pytest.raises(InvalidRequestError, match="TensorRT-LLM engines cannot serve LoRA"):
+                await engine.generate(GenerateRequest(ids, SamplingParams(max_tokens=4), adapter="a"))
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())

@@ -241,6 +241,9 @@ class TrtLlmEngine:
             raise EngineStoppedError("the engine is not running")
         prompt_ids = request.prompt_ids
         self._prompts.check_ids(prompt_ids)
+        if request.adapter is not None:  # LoRA: served by the ONNX engine only for now (README, "LoRA adapters")
+            raise InvalidRequestError(f"LoRA adapter {request.adapter!r}: TensorRT-LLM engines cannot serve LoRA "
+                                      "adapters yet; serve the adapter from an ONNX engine", param="lora")
         if len(prompt_ids) + request.params.max_tokens > self.context_length:
             raise PromptTooLongError(len(prompt_ids), request.params.max_tokens, self.context_length)
         waiting = self._counts()[1]
