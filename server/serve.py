@@ -21,6 +21,11 @@ from toolkit.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_REQUEST_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
+#: uvicorn's HTTP/1.1 implementation. h11 bounds a request's headers (16 KiB, answered 431/400);
+#: httptools, which uvicorn picks when it is installed (``ray[serve]`` installs it), has no such
+#: bound, so a megabyte of headers would reach the app.
+HTTP_PROTOCOL = "h11"
+
 API_KEY_ENV = "TOOLKIT_API_KEY"
 
 
@@ -141,7 +146,7 @@ def serve(engine_dirs: Sequence[str | Path] = (), host: str = "127.0.0.1", port:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_app(engine_dirs, api_keys, models_dir, grace_s=grace_s, max_body_bytes=max_body_bytes,
                     request_timeout_s=request_timeout_s, **app_options)
-    config = uvicorn.Config(app, host=host, port=port, lifespan="on", log_level=log_level,
+    config = uvicorn.Config(app, host=host, port=port, lifespan="on", log_level=log_level, http=HTTP_PROTOCOL,
                             access_log=False, timeout_graceful_shutdown=max(1, int(grace_s)))
     log.info("serving on http://%s:%d (OpenAI: /v1, Workers AI: /client/v4, docs: /schema)", host, port)
     _exit_zero_on_sigterm()

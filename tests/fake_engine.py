@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import uvicorn
+from toolkit.server.serve import HTTP_PROTOCOL
 from toolkit.runtime.errors import EngineStoppedError, InvalidRequestError, PromptTooLongError
 from toolkit.runtime.types import (
     ChoiceDelta,
@@ -328,7 +329,8 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, lifespan="on", log_level="warning", timeout_graceful_shutdown=2)
+        config = uvicorn.Config(app, lifespan="on", log_level="warning", timeout_graceful_shutdown=2,
+                                http=HTTP_PROTOCOL)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
