@@ -276,7 +276,15 @@ def bench(url, offline, engine_dir, model, schema, concurrency, rate, requests_p
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 @click.option("--lora", "loras", multiple=True, metavar="NAME[=PATH]", help="Serve a LoRA adapter (repeatable): NAME from an engine's `toolkit export-lora`, or NAME=PATH of an adapter exported with --out.")
 @click.option("--max-loras", type=click.IntRange(min=1), default=None, help="LoRA adapters kept loaded per engine (least recently used dropped). Default: 8.")
-def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, request_timeout_s, public_metrics, cors_origins, log_level, loras, max_loras) -> None:
+@click.option("--ray", "use_ray", is_flag=True, help="Serve through Ray Serve: replicas of the app, one engine each, behind one endpoint (needs toolkit[ray]; README: Scaling out).")
+@click.option("--address", "ray_address", help="With --ray: the Ray cluster to join (e.g. ray://head:10001). Default: start a local one.")
+@click.option("--replicas", type=int, default=1, show_default=True, help="With --ray: replica count (the start when autoscaling).")
+@click.option("--min-replicas", type=int, help="With --ray: autoscale, never below N replicas.")
+@click.option("--max-replicas", type=int, help="With --ray: autoscale, never above N replicas.")
+@click.option("--target-ongoing-requests", type=float, default=8.0, show_default=True, help="With --ray, autoscaling: requests per replica (running + queued) to steer towards.")
+@click.option("--threads", type=int, help="With --ray: onnxruntime threads per replica, also the CPUs each replica reserves (default 1 CPU).")
+def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, request_timeout_s, public_metrics, cors_origins, log_level, loras, max_loras,
+          use_ray, ray_address, replicas, min_replicas, max_replicas, target_ongoing_requests, threads) -> None:
     """Serve ENGINE_DIRs over the OpenAI and Workers AI APIs.
 
     With no ENGINE_DIR and no --models-dir, serves the embedded default model (exported first if needed).
@@ -298,6 +306,14 @@ def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, 
             dirs = [ensure_default_engine(StageReporter(Console(stderr=True)))]
         except _export_errors() as exc:
             raise click.ClickException(str(exc)) from None
+    if use_ray:
+        _serve_on_ray(dirs, host, port, api_keys, ray_address, grace_s=grace_s, replicas=replicas,
+                      min_replicas=min_replicas, max_replicas=max_replicas,
+                      target_ongoing_requests=target_ongoing_requests, threads=threads,
+                      max_body_bytes=int(max_body_mib * 1024 * 1024), log_level=log_level,
+                      request_timeout_s=request_timeout_s, public_metrics=public_metrics,
+                      cors_origins=tuple(cors_origins), loras=tuple(loras), max_loras=max_loras)
+        return
     try:
         run_server(
             dirs, host, port, api_keys, grace_s=grace_s,
@@ -307,6 +323,24 @@ def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, 
     except ServeError as exc:
         raise click.ClickException(str(exc)) from None
 
+
+
+def _serve_on_ray(dirs, host, port, api_keys, address, *, grace_s, replicas, min_replicas, max_replicas,
+                  target_ongoing_requests, threads, **app_options) -> None:
+    """``toolkit serve --ray``: the same app as Ray Serve replicas (toolkit.scale.ray_serve)."""
+    from toolkit.scale.options import ScaleOptions, ScaleOptionsError
+    from toolkit.server.serve import api_keys_from_env
+
+    try:
+        options = ScaleOptions(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
+                               target_ongoing_requests=target_ongoing_requests, threads=threads, grace_s=grace_s)
+    except ScaleOptionsError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        from toolkit.scale.ray_serve import serve_on_ray
+    except ImportError as exc:
+        raise click.ClickException(f"--ray needs Ray Serve: pip install 'toolkit[ray]' ({exc})") from None
+    serve_on_ray(dirs, host, port, api_keys_from_env(api_keys), options, address=address, grace_s=grace_s, **app_options)
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the recipes as JSON on stdout.")

@@ -47,11 +47,17 @@ class ToolkitReplica:
         from toolkit.runtime import load_engine
         from toolkit.server.app import create_app
 
+        from toolkit.server.serve import assign_adapters
+
         spec = self._spec
         logging.basicConfig(level=spec.get("log_level", "INFO").upper())
         engines: dict[str, Any] = {}
-        for engine_dir in spec["engine_dirs"]:
-            options = {"threads": spec["threads"]} if spec.get("threads") and _is_onnx(engine_dir) else {}
+        dirs = [Path(d) for d in spec["engine_dirs"]]
+        adapters = assign_adapters(dirs, spec["loras"]) if spec.get("loras") else {}
+        for engine_dir in dirs:
+            options: dict[str, Any] = {"threads": spec["threads"]} if spec.get("threads") and _is_onnx(engine_dir) else {}
+            if adapters.get(engine_dir):  # every replica loads every --lora adapter (LRU of max_loras each)
+                options.update(adapters=adapters[engine_dir], max_loras=spec.get("max_loras"))
             if spec.get("scheduler") and _is_onnx(engine_dir):
                 from toolkit.runtime.scheduler import SchedulerConfig
 
@@ -97,7 +103,7 @@ class ToolkitReplica:
         return merge_expositions(good)
 
 
-def _is_onnx(engine_dir: str) -> bool:
+def _is_onnx(engine_dir: str | Path) -> bool:
     from toolkit.artifact.manifest import load_manifest
 
     return load_manifest(engine_dir, verify_hashes=False).target == "onnx"
@@ -137,7 +143,8 @@ class AllReplicasMetrics:
 def build_application(engine_dirs: Sequence[str | Path], api_keys: Sequence[str], options: ScaleOptions, *,
                       grace_s: float = 10.0, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                       request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S, log_level: str = "info",
-                      scheduler: dict[str, int] | None = None, **app_options: Any) -> Any:
+                      scheduler: dict[str, int] | None = None, loras: Sequence[str] = (), max_loras: int | None = None,
+                      **app_options: Any) -> Any:
     """The bound Ray Serve application: ``options`` replicas of the app over ``engine_dirs``.
 
     ``api_keys`` are final (the caller adds ``$TOOLKIT_API_KEY``: replicas may run elsewhere).
@@ -149,6 +156,8 @@ def build_application(engine_dirs: Sequence[str | Path], api_keys: Sequence[str]
         "api_keys": list(api_keys),
         "threads": options.threads,
         "scheduler": scheduler,
+        "loras": list(loras),
+        "max_loras": max_loras,
         "log_level": log_level,
         "app_options": {"max_body_bytes": max_body_bytes, "shutdown_grace_s": grace_s,
                         "request_timeout_s": request_timeout_s, **app_options},
@@ -203,7 +212,17 @@ def serve_on_ray(engine_dirs: Sequence[str | Path], host: str, port: int, api_ke
         pass
     finally:
         log.info("shutting down: replicas get %.0f s to finish their requests", options.grace_s)
-        serve.delete(APP_NAME)
+        # bounded: a signal sent to the whole process group has also stopped a local cluster's GCS
+        _bounded(lambda: serve.delete(APP_NAME), options.grace_s + 15)
         if address is None:
-            serve.shutdown()
+            _bounded(serve.shutdown, 15)
         ray.shutdown()
+
+
+def _bounded(step: Any, timeout_s: float) -> None:
+    """Run ``step`` in a daemon thread and wait at most ``timeout_s`` for it."""
+    thread = threading.Thread(target=step, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        log.warning("shutdown step did not finish within %.0f s; going on", timeout_s)

@@ -147,7 +147,18 @@ def test_ray_is_not_imported_by_import_toolkit_or_help():
             "from click.testing import CliRunner\n"
             "r = CliRunner().invoke(toolkit.cli.main, ['serve', '--help'])\n"
             "assert r.exit_code == 0, r.output\n"
+            "assert '--ray' in r.output and '--max-replicas' in r.output, r.output\n"
             "print('ray' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_contradictory_cli_options_fail_before_ray_starts(tiny_engine):
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    engine = tiny_engine(get_recipe("gemma-7b-it"), "fp32")
+    result = CliRunner().invoke(main, ["serve", str(engine), "--ray", "--min-replicas", "3", "--max-replicas", "2"])
+    assert result.exit_code == 2 and "--min-replicas" in result.output
