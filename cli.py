@@ -31,8 +31,11 @@ def main() -> None:
 )
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="Engine directory to write.")
 @click.option("--force", is_flag=True, help="Rebuild even if a validated export of the same inputs exists.")
+@click.option("--logprobs", is_flag=True,
+              help="trtllm only: serve logprobs/top_logprobs (gathers generation logits; slower). Recorded in the manifest.")
 def export(
-    checkpoint: Path | None, recipe_name: str, target: str, precision: str | None, graph: str | None, out_dir: Path | None, force: bool
+    checkpoint: Path | None, recipe_name: str, target: str, precision: str | None, graph: str | None, out_dir: Path | None,
+    force: bool, logprobs: bool,
 ) -> None:
     """Export CHECKPOINT (a Hugging Face causal-LM directory) to a validated engine directory.
 
@@ -48,7 +51,9 @@ def export(
     console = Console(stderr=True)
     try:
         recipe = get_recipe(recipe_name)
-        request = ExportRequest.resolve(recipe, target, precision, graph, out_dir, checkpoint, force)
+        if logprobs and target != "trtllm":
+            raise click.UsageError("--logprobs is a TensorRT-LLM export option (--target trtllm); ONNX engines always serve logprobs")
+        request = ExportRequest.resolve(recipe, target, precision, graph, out_dir, checkpoint, force, logprobs)
         outcome = run_export(request, StageReporter(console))
     except _export_errors() as exc:
         raise click.ClickException(str(exc)) from None

@@ -64,3 +64,30 @@ def read_engine_config(engine_dir: str | Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return config if isinstance(config, dict) else {}
+
+
+def attention_windows(config: dict[str, Any], max_seq_len: int) -> list[int] | None:
+    """Per-layer attention windows for ``KvCacheConfig(max_attention_window=...)``, or None (all layers global).
+
+    ``config``: a Hugging Face ``config.json`` (or TensorRT-LLM's ``pretrained_config``, which keeps
+    those keys for Gemma 3). A ``sliding_attention`` layer in ``layer_types`` gets ``sliding_window``
+    and every other layer ``max_seq_len``; without ``layer_types``, ``sliding_window_pattern`` N makes
+    every N-th layer global (Gemma 3: 5 local, 1 global); a window covering ``max_seq_len`` is no window.
+    """
+    window = config.get("sliding_window")
+    layers = int(config.get("num_hidden_layers") or config.get("num_layers") or 0)
+    if not window or int(window) <= 0 or layers <= 0:
+        return None
+    window = int(window)
+    types_ = config.get("layer_types")
+    if isinstance(types_, list) and len(types_) == layers:
+        sliding = [t == "sliding_attention" for t in types_]
+    elif config.get("sliding_window_pattern"):
+        pattern = int(config["sliding_window_pattern"])
+        sliding = [(i + 1) % pattern != 0 for i in range(layers)]
+    elif config.get("use_sliding_window") is False:
+        return None
+    else:
+        sliding = [True] * layers
+    windows = [min(window, max_seq_len) if s else max_seq_len for s in sliding]
+    return None if all(w >= max_seq_len for w in windows) else windows

@@ -30,6 +30,7 @@ class ExportRequest:
     checkpoint: Path | None = None
     force: bool = False
     graph: str = "optimum"  # onnx only: "optimum" or "gqa" (toolkit.export.gqa_export)
+    logprobs: bool = False  # trtllm only: serve logprobs (LLM(gather_generation_logits=True))
 
     @classmethod
     def resolve(
@@ -41,12 +42,13 @@ class ExportRequest:
         out_dir: Path | None = None,
         checkpoint: Path | None = None,
         force: bool = False,
+        logprobs: bool = False,
     ) -> "ExportRequest":
         """A request with the recipe's default precision and graph for ``target`` and the default output dir."""
         precision = precision or recipe.default_precision_for(target)
         graph = graph or recipe.default_graph_for(target)
         out_dir = out_dir or sources.default_engine_dir(recipe, target, precision, graph)
-        return cls(recipe, target, precision, out_dir, checkpoint, force, graph)
+        return cls(recipe, target, precision, out_dir, checkpoint, force, graph, logprobs)
 
 
 @dataclass
@@ -111,7 +113,7 @@ def _build_artifact(request: ExportRequest, checkpoint: Path, fp32_model: Path, 
         return {"method": request.precision}
     from toolkit.export.trtllm_export import build_trtllm_engine
 
-    return build_trtllm_engine(checkpoint, request.recipe, request.precision, stage)
+    return build_trtllm_engine(checkpoint, request.recipe, request.precision, stage, logprobs=request.logprobs)
 
 
 def _build(request: ExportRequest, checkpoint: Path, source_sha: str, key: str, config: dict, reporter: StageReporter) -> Manifest:
@@ -188,6 +190,8 @@ def run_export(request: ExportRequest, reporter: StageReporter) -> ExportOutcome
     with reporter.stage("Hashing the checkpoint"):
         source_sha = sources.hash_checkpoint(checkpoint)
     key = sources.build_key(source_sha, recipe, request.target, request.precision, request.graph)
+    if request.logprobs:
+        key += "+logprobs"  # a TensorRT-LLM engine served with logprobs is another build
     if not request.force and (manifest := _reusable(request.out_dir, key)) is not None:
         reporter.note(f"reusing {request.out_dir}: built from the same inputs and validated (--force to rebuild)")
         return ExportOutcome(request.out_dir, manifest, reused=True)

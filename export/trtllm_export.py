@@ -13,17 +13,37 @@ files out of it. ``BuildConfig``, ``QuantConfig`` and ``QuantAlgo`` are re-expor
 
 from __future__ import annotations
 
+import json
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from toolkit.artifact.trtllm import TrtLlmApi, import_tensorrt_llm
+from toolkit.artifact.trtllm import TrtLlmApi, attention_windows, import_tensorrt_llm
 
-DTYPE = "float16"
-"""Activation/weight dtype of every TensorRT-LLM engine the toolkit builds."""
+DTYPES = ("float16", "bfloat16")
+"""16-bit dtypes an engine is built in (the toolkit's precision "fp16" means the recipe's 16-bit dtype)."""
 
 QUANT_ALGOS: dict[str, str | None] = {"fp16": None, "int8": "W8A16"}
-"""Toolkit precision -> ``QuantAlgo`` member name (``W8A16``: int8 weight-only, fp16 activations)."""
+"""Toolkit precision -> ``QuantAlgo`` member name (``W8A16``: int8 weight-only, 16-bit activations)."""
+
+
+def read_checkpoint_config(checkpoint_dir: Path) -> dict[str, Any]:
+    """The checkpoint's Hugging Face ``config.json`` ({} when missing or unreadable)."""
+    try:
+        config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def engine_dtype(recipe, checkpoint_config: dict[str, Any]) -> str:
+    """The engine's dtype: the recipe's ``dtype``, or with ``auto`` the checkpoint's ``torch_dtype``
+    (``dtype`` in newer transformers); float32 and unknown become float16, as TensorRT-LLM's 'auto' does."""
+    wanted = getattr(recipe.trtllm, "dtype", "auto")
+    if wanted in DTYPES:
+        return wanted
+    found = str(checkpoint_config.get("torch_dtype") or checkpoint_config.get("dtype") or "")
+    return found if found in DTYPES else "float16"
 
 
 def trtllm_versions() -> dict[str, str]:
@@ -40,15 +60,21 @@ def _allowed_precisions(recipe) -> tuple[str, ...]:
     return tuple(p for p in recipe.trtllm.precisions if p in QUANT_ALGOS)
 
 
-def trtllm_build_plan(recipe, precision: str) -> dict[str, Any]:
+def trtllm_build_plan(recipe, precision: str, checkpoint_config: dict[str, Any] | None = None,
+                      logprobs: bool = False) -> dict[str, Any]:
     """The TensorRT-LLM build arguments for ``recipe`` at ``precision`` (pure; JSON-serialisable).
 
-    Returns ``{"backend", "dtype", "tensor_parallel_size", "build_config", "quant_algo"}``:
-    ``build_config`` holds the ``BuildConfig`` keyword arguments; ``quant_algo`` is the
-    ``QuantAlgo`` member name or None. ``max_input_len`` is one less than the context window so
-    that every accepted prompt leaves room for at least one generated token
-    (TensorRT-LLM requires ``max_input_len <= max_seq_len``).
+    Returns ``{"backend", "dtype", "tensor_parallel_size", "build_config", "quant_algo",
+    "enable_chunked_prefill", "logprobs", "max_attention_window"}``: ``build_config`` holds the
+    ``BuildConfig`` keyword arguments; ``quant_algo`` is the ``QuantAlgo`` member name or None;
+    ``dtype`` follows the recipe / checkpoint (``engine_dtype``). ``max_input_len`` is one less than
+    the context window so that every accepted prompt leaves room for at least one generated token
+    (TensorRT-LLM requires ``max_input_len <= max_seq_len``); the serving engine runs with chunked
+    prefill so prompts longer than ``max_num_tokens`` are accepted. The last three keys are run-time
+    options the serving engine reads back from the manifest: ``logprobs`` (``LLM(gather_generation_logits=
+    True)``), ``max_attention_window`` (the checkpoint's per-layer sliding windows, or None).
     """
+    checkpoint_config = checkpoint_config or {}
     allowed = _allowed_precisions(recipe)
     if precision not in allowed:
         raise ValueError(
@@ -61,7 +87,7 @@ def trtllm_build_plan(recipe, precision: str) -> dict[str, Any]:
     context = int(recipe.context_window)
     return {
         "backend": "tensorrt",
-        "dtype": DTYPE,
+        "dtype": engine_dtype(recipe, checkpoint_config),
         "tensor_parallel_size": int(tp_sizes[precision]),
         "build_config": {
             "max_batch_size": int(recipe.trtllm.max_batch_size),
@@ -70,6 +96,9 @@ def trtllm_build_plan(recipe, precision: str) -> dict[str, Any]:
             "max_input_len": context - 1,
         },
         "quant_algo": QUANT_ALGOS[precision],
+        "enable_chunked_prefill": True,
+        "logprobs": bool(logprobs),
+        "max_attention_window": attention_windows(checkpoint_config, context),
     }
 
 
@@ -85,7 +114,7 @@ def _llm_kwargs(api: TrtLlmApi, checkpoint_dir: Path, plan: dict[str, Any]) -> d
     return kwargs
 
 
-def build_trtllm_engine(checkpoint_dir: Path, recipe, precision: str, out_dir: Path) -> dict[str, Any]:
+def build_trtllm_engine(checkpoint_dir: Path, recipe, precision: str, out_dir: Path, logprobs: bool = False) -> dict[str, Any]:
     """Build a TensorRT engine for ``recipe`` at ``precision`` from ``checkpoint_dir`` into ``out_dir``.
 
     ``out_dir`` receives TensorRT-LLM's engine files (``config.json``, ``rank<N>.engine``); the
@@ -93,7 +122,7 @@ def build_trtllm_engine(checkpoint_dir: Path, recipe, precision: str, out_dir: P
     that many GPUs (TensorRT-LLM starts one MPI worker per rank). Returns the build plan, which
     the caller records as the manifest's export options.
     """
-    plan = trtllm_build_plan(recipe, precision)
+    plan = trtllm_build_plan(recipe, precision, read_checkpoint_config(Path(checkpoint_dir)), logprobs)
     api = import_tensorrt_llm()
     llm = api.LLM(**_llm_kwargs(api, Path(checkpoint_dir), plan))
     try:

@@ -30,9 +30,14 @@ from toolkit.artifact.trtllm import import_tensorrt_llm, read_engine_config
 class TrtLlmRunner:
     """Batch-1 greedy and teacher-forced logits from a TensorRT-LLM engine (needs a GPU)."""
 
-    def __init__(self, engine_dir: Path):
-        """Start TensorRT-LLM on ``engine_dir``; ``TrtLlmUnavailableError`` when it cannot be imported."""
+    def __init__(self, engine_dir: Path, options: dict | None = None):
+        """Start TensorRT-LLM on ``engine_dir``; ``TrtLlmUnavailableError`` when it cannot be imported.
+
+        ``options``: the export options (``trtllm_build_plan``); ``max_attention_window`` and
+        ``enable_chunked_prefill`` are applied as the serving engine applies them, so the long golden
+        prompts are validated under the same sliding windows and prompt limit."""
         self.engine_dir = Path(engine_dir)
+        self.options = dict(options or {})
         config = read_engine_config(self.engine_dir)
         self.context_logits = bool((config.get("build_config") or {}).get("gather_context_logits"))
         self.vocab_size = int((config.get("pretrained_config") or {}).get("vocab_size") or 0) or None
@@ -42,11 +47,17 @@ class TrtLlmRunner:
 
     def llm_kwargs(self) -> dict[str, Any]:
         """``LLM`` arguments: the engine dir, generation logits on, KV block reuse off."""
-        return {
+        kv: dict[str, Any] = {"enable_block_reuse": False}
+        if self.options.get("max_attention_window"):
+            kv["max_attention_window"] = [int(w) for w in self.options["max_attention_window"]]
+        kwargs: dict[str, Any] = {
             "model": str(self.engine_dir),
             "gather_generation_logits": True,
-            "kv_cache_config": self._llmapi.KvCacheConfig(enable_block_reuse=False),
+            "kv_cache_config": self._llmapi.KvCacheConfig(**kv),
         }
+        if self.options.get("enable_chunked_prefill"):
+            kwargs["enable_chunked_prefill"] = True
+        return kwargs
 
     def _params(self, max_tokens: int, **extra: Any) -> Any:
         return self._llmapi.SamplingParams(

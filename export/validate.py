@@ -165,7 +165,7 @@ def make_runner(engine_dir: Path, manifest: Manifest) -> CausalRunner:
     if manifest.target == "trtllm":
         from toolkit.export.trtllm_runner import TrtLlmRunner
 
-        return TrtLlmRunner(engine_dir)
+        return TrtLlmRunner(engine_dir, manifest.export_options)
     raise EngineDirError(f"{engine_dir}: unknown target {manifest.target!r} in the manifest; re-export")
 
 

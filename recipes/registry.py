@@ -39,6 +39,7 @@ class TrtLlmOptions:
     max_batch_size: int
     max_num_tokens: int
     default_precision: str = "int8"
+    dtype: str = "auto"  # the engine's 16-bit dtype: "auto" follows the checkpoint's torch_dtype, or bfloat16/float16
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ def _parse(path: Path) -> Recipe:
             max_batch_size=int(trt["max_batch_size"]),
             max_num_tokens=int(trt["max_num_tokens"]),
             default_precision=trt.get("default_precision", "int8"),
+            dtype=trt.get("dtype", "auto"),
         ),
         description=data.get("description", ""),
         embedded=bool(data.get("embedded", False)),

@@ -19,6 +19,9 @@ PRECISIONS = ("fp16", "int8")
 # Set by hand from recipes/codellama-70b-instruct.toml, not read from the recipe, so a changed
 # recipe or a plan that ignores it fails here.
 EXPECTED_TP = {("codellama-70b-instruct", "fp16"): 8, ("codellama-70b-instruct", "int8"): 4}
+# Set by hand: the Gemma family builds bfloat16 (TensorRT-LLM's Gemma examples; Gemma 3 is unstable in
+# float16), the others follow the checkpoint's torch_dtype (float16 when, as here, there is no config.json).
+EXPECTED_DTYPE = {"default": "bfloat16", "gemma-7b-it": "bfloat16", "codegemma-7b-it": "bfloat16"}
 
 
 def _cases():
@@ -47,7 +50,7 @@ def test_build_makes_exact_trtllm_calls(fake_trtllm: FakeTrtLlm, tmp_path: Path,
     [llm] = fake_trtllm.llms
     expected_llm = {
         "model": str(checkpoint),
-        "dtype": "float16",
+        "dtype": EXPECTED_DTYPE.get(recipe.name, "float16"),
         "tensor_parallel_size": tp,
         "build_config": fake_trtllm.build_configs[0],
     }
@@ -59,10 +62,13 @@ def test_build_makes_exact_trtllm_calls(fake_trtllm: FakeTrtLlm, tmp_path: Path,
 
     assert plan == {
         "backend": "tensorrt",
-        "dtype": "float16",
+        "dtype": EXPECTED_DTYPE.get(recipe.name, "float16"),
         "tensor_parallel_size": tp,
         "build_config": build_kwargs,
         "quant_algo": "W8A16" if precision == "int8" else None,
+        "enable_chunked_prefill": True,
+        "logprobs": False,
+        "max_attention_window": None,
     }
     json.dumps(plan)  # recorded in the manifest as export options
 
@@ -185,3 +191,42 @@ def test_builds_real_engine_from_tiny_llama(tmp_path: Path, precision: str) -> N
     assert (build["max_batch_size"], build["max_seq_len"], build["max_input_len"]) == (2, 256, 255)
     quant_algo = engine_config["pretrained_config"]["quantization"]["quant_algo"]
     assert quant_algo == plan["quant_algo"] == ("W8A16" if precision == "int8" else None)
+
+
+GEMMA3_CONFIG = {"model_type": "gemma3_text", "torch_dtype": "bfloat16", "num_hidden_layers": 18, "sliding_window": 512,
+                 "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3}
+
+
+def test_dtype_follows_the_checkpoint_unless_the_recipe_fixes_it(fake_trtllm: FakeTrtLlm, tmp_path: Path) -> None:
+    recipes = {r.name: r for r in all_recipes()}
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16", "num_hidden_layers": 2}))
+    assert build_trtllm_engine(checkpoint, recipes["qwen2-7b-instruct"], "fp16", tmp_path / "a")["dtype"] == "bfloat16"
+    (checkpoint / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
+    assert build_trtllm_engine(checkpoint, recipes["qwen2-7b-instruct"], "fp16", tmp_path / "b")["dtype"] == "float16"
+    assert build_trtllm_engine(checkpoint, recipes["default"], "int8", tmp_path / "c")["dtype"] == "bfloat16"
+    assert [llm.kwargs["dtype"] for llm in fake_trtllm.llms] == ["bfloat16", "float16", "bfloat16"]
+    assert {r.trtllm.dtype for r in all_recipes() if r.chat_format == "gemma"} == {"bfloat16"}
+
+
+def test_sliding_windows_and_logprobs_are_recorded_in_the_plan(fake_trtllm: FakeTrtLlm, tmp_path: Path) -> None:
+    [default] = [r for r in all_recipes() if r.name == "default"]
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps(GEMMA3_CONFIG))
+    plan = build_trtllm_engine(checkpoint, default, "int8", tmp_path / "out", logprobs=True)
+    assert plan["max_attention_window"] == ([512] * 5 + [default.context_window]) * 3
+    assert plan["logprobs"] is True and plan["enable_chunked_prefill"] is True
+    assert trtllm_build_plan(default, "int8", GEMMA3_CONFIG)["logprobs"] is False
+    json.dumps(plan)
+
+
+def test_export_cli_has_logprobs_only_for_trtllm(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    result = CliRunner().invoke(main, ["export", "--target", "onnx", "--logprobs", "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "--logprobs is a TensorRT-LLM export option" in result.output
+    assert "--logprobs" in CliRunner().invoke(main, ["export", "--help"]).output

@@ -134,11 +134,14 @@ def test_build_passes_the_mapping_to_trtllm_classes(params: SamplingParams, expe
         assert type(guided).__name__ == "Guided" and guided.kwargs == expected.pop("guided_decoding")
     else:
         assert guided is None
+    if "seed" not in expected and "top_k" not in expected or expected.get("top_k", 0) > 1 and "seed" not in expected:
+        seed = kwargs.pop("seed")  # an unseeded sampled request gets a fresh random seed (TensorRT-LLM's unset seed is 0)
+        assert isinstance(seed, int) and 0 <= seed < 2**63
     assert kwargs == {**expected, **FIXED}  # no prompt_ignore_length: this SamplingParams has no such field
 
 
 def test_prompt_ignore_length_only_where_the_release_has_it() -> None:
-    names = ["max_tokens", "n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "stop_token_ids",
+    names = ["max_tokens", "n", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "stop_token_ids",
              "ignore_eos", "include_stop_str_in_output", "detokenize", "prompt_ignore_length"]
     newer = dataclasses.make_dataclass("SamplingParams", [(n, object, None) for n in names], kw_only=True)
     penalised = SamplingParams(presence_penalty=0.5, frequency_penalty=0.1)
@@ -177,23 +180,26 @@ def tokenizer(tokenizer_dir: Path):
 RECIPE = get_recipe("qwen2-7b-instruct")
 
 
-def _engine_dir(tmp_path: Path, tokenizer_dir: Path, max_seq_len: int = 96, max_batch_size: int = 4) -> Path:
+def _engine_dir(tmp_path: Path, tokenizer_dir: Path, max_seq_len: int = 96, max_batch_size: int = 4,
+                max_num_tokens: int = 8192) -> Path:
     engine_dir = tmp_path / "engine"
     shutil.copytree(tokenizer_dir, engine_dir)
-    config = {"build_config": {"max_seq_len": max_seq_len, "max_batch_size": max_batch_size},
+    config = {"build_config": {"max_seq_len": max_seq_len, "max_input_len": max_seq_len - 1,
+                               "max_batch_size": max_batch_size, "max_num_tokens": max_num_tokens},
               "pretrained_config": {"vocab_size": VOCAB}}
     (engine_dir / "config.json").write_text(json.dumps(config))
     return engine_dir
 
 
-def _manifest(context_length: int = 128) -> Manifest:
+def _manifest(context_length: int = 128, **options) -> Manifest:
     return Manifest(recipe=RECIPE.name, source={}, architecture="qwen2", target="trtllm", precision="fp16",
-                    context_length=context_length, kv_layout={}, build_key="test")
+                    context_length=context_length, kv_layout={}, build_key="test",
+                    export_options={"logprobs": True, **options})
 
 
-def _engine(tmp_path: Path, tokenizer_dir: Path, **kwargs) -> TrtLlmEngine:
-    config = {k: kwargs.pop(k) for k in ("max_seq_len", "max_batch_size") if k in kwargs}
-    return TrtLlmEngine(_engine_dir(tmp_path, tokenizer_dir, **config), _manifest(), RECIPE, **kwargs)
+def _engine(tmp_path: Path, tokenizer_dir: Path, options: dict | None = None, **kwargs) -> TrtLlmEngine:
+    config = {k: kwargs.pop(k) for k in ("max_seq_len", "max_batch_size", "max_num_tokens") if k in kwargs}
+    return TrtLlmEngine(_engine_dir(tmp_path, tokenizer_dir, **config), _manifest(**(options or {})), RECIPE, **kwargs)
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -238,7 +244,7 @@ def test_streams_token_by_token_and_maps_everything(fake_trtllm: FakeTrtLlm, tmp
     outputs = _run(scenario())
     [llm] = fake_trtllm.llms
     assert llm.kwargs == {"model": str(engine.engine_dir), "gather_generation_logits": True,
-                          "guided_decoding_backend": "xgrammar"}
+                          "guided_decoding_backend": "xgrammar", "enable_chunked_prefill": True}
     prompt_ids = _ids(tokenizer, render_chat("chatml", MESSAGES))
     [(inputs, sampling, streaming)] = llm.calls
     assert (inputs, streaming) == (prompt_ids, True)
@@ -252,8 +258,7 @@ def test_streams_token_by_token_and_maps_everything(fake_trtllm: FakeTrtLlm, tmp
     assert llm.shutdowns == 1 and fake_trtllm.results[0].abort_calls == 0
 
 
-@pytest.mark.parametrize(("trt_reason", "ours"), [("length", "length"), ("stop", "stop"), ("cancelled", "abort"),
-                                                    ("timeout", "abort")])
+@pytest.mark.parametrize(("trt_reason", "ours"), [("length", "length"), ("stop", "stop"), ("timeout", "length")])
 def test_trtllm_finish_reasons_are_mapped(fake_trtllm, tmp_path, tokenizer_dir, tokenizer, trt_reason, ours):
     fake_trtllm.scripts.append([{0: (_ids(tokenizer, "Hello"), None)}, {0: (_ids(tokenizer, "!"), trt_reason)}])
     engine = _engine(tmp_path, tokenizer_dir)
@@ -417,12 +422,17 @@ def test_overload_and_stats(fake_trtllm, tmp_path, tokenizer_dir):
         with pytest.raises(OverloadedError):
             await engine.generate(GenerateRequest(engine.prompts.encode(prompt="Hi"), SamplingParams(max_tokens=8)))
         await engine.stop()
-        return stats, [[o async for o in s] for s in streams]
+        endings = []
+        for stream in streams:
+            with pytest.raises(EngineStoppedError) as stopped:
+                _ = [o async for o in stream]
+            endings.append(type(stopped.value).__name__)
+        return stats, endings
 
     stats, outputs = _run(scenario())
     assert (stats.running, stats.waiting, stats.kv_cache_used_tokens, stats.kv_cache_total_tokens) == (1, 1, 96, 320)
     assert stats.kv_cache_usage == pytest.approx(0.3)
-    assert [_finish(o) for o in outputs] == ["abort", "abort"]  # stop() aborted both
+    assert outputs == ["EngineStoppedError"] * 2  # stop() cancelled both: an error, never finish_reason "abort"
     assert [r.abort_calls for r in fake_trtllm.results] == [1, 1] and fake_trtllm.llms[0].shutdowns == 1
 
 
@@ -632,3 +642,199 @@ def test_offline_bench_runs_on_a_trtllm_engine_directory(fake_trtllm, tmp_path, 
     results = _run(bench_offline(engine_dir, [1, 2], prompt_tokens=8, max_tokens=4, threads=None))
     assert [(r["concurrency"], r["output_tokens"], r["overhead_pct"]) for r in results] == [(1, 4, None), (2, 8, None)]
     assert [len(inputs) for inputs, _, _ in fake_trtllm.llms[0].calls] == [8, 8, 8, 8]
+
+
+# ---- issue #10: the path checked against the recorded 1.2 API (tests/data/tensorrt_llm_api.json) ------
+
+
+def test_unseeded_sampled_requests_differ_but_seeded_ones_repeat(fake_trtllm, tmp_path, tokenizer_dir):
+    """TensorRT-LLM's unset seed is 0 (the fake reproduces it): without a drawn seed these would be equal."""
+    fake_trtllm.invent_tokens = True
+    engine = _engine(tmp_path, tokenizer_dir)
+
+    async def scenario():
+        await engine.start()
+        runs = {}
+        for name, params in (("a", SamplingParams(max_tokens=12, temperature=1.0)),
+                             ("b", SamplingParams(max_tokens=12, temperature=1.0)),
+                             ("s1", SamplingParams(max_tokens=12, temperature=1.0, seed=7)),
+                             ("s2", SamplingParams(max_tokens=12, temperature=1.0, seed=7))):
+            outputs = await _collect(engine, GenerateRequest(engine.prompts.encode(prompt="Hi"), params))
+            runs[name] = [t for o in outputs for c in o.choices for t in c.token_ids]
+        await engine.stop()
+        return runs
+
+    runs = _run(scenario())
+    assert runs["a"] and runs["a"] != runs["b"]
+    assert runs["s1"] == runs["s2"]
+    seeds = [call[1].kwargs.get("seed") for call in fake_trtllm.llms[0].calls]
+    assert seeds[2:] == [7, 7] and None not in seeds[:2] and seeds[0] != seeds[1]
+
+
+def test_the_fake_reproduces_seed_zero_for_unseeded_requests(fake_trtllm):
+    """The recorded behaviour itself: two SamplingParams without seed stream the same invented tokens."""
+    fake_trtllm.invent_tokens = True
+    llm = fake_trtllm.LLM(model="/nonexistent")
+    params = lambda: fake_trtllm.SamplingParams(max_tokens=8, temperature=1.0, top_p=1.0)  # noqa: E731
+    first, second = llm.generate_async([1, 2, 3], params()), llm.generate_async([1, 2, 3], params())
+    assert first.steps == second.steps
+
+
+def test_long_prompt_runs_with_chunked_prefill(fake_trtllm, tmp_path, tokenizer_dir):
+    """max_num_tokens 16 < prompt: the runtime rejects it unless LLM(enable_chunked_prefill=True)."""
+    fake_trtllm.invent_tokens = True
+    engine = _engine(tmp_path, tokenizer_dir, max_num_tokens=16)
+    prompt = list(range(40, 80))  # 40 tokens
+
+    async def scenario():
+        await engine.start()
+        outputs = await _collect(engine, GenerateRequest(prompt, SamplingParams(max_tokens=4, temperature=0.0)))
+        await engine.stop()
+        return outputs
+
+    outputs = _run(scenario())
+    assert fake_trtllm.llms[0].kwargs["enable_chunked_prefill"] is True
+    assert outputs[-1].finished and outputs[-1].prompt_tokens == 40 and outputs[-1].completion_tokens == 4
+    assert engine.input_limit == 95  # max_input_len
+
+
+def test_long_prompt_without_chunked_prefill_is_refused_naming_the_limit(fake_trtllm, tmp_path, tokenizer_dir):
+    fake_trtllm.invent_tokens = True
+    engine = _engine(tmp_path, tokenizer_dir, options={"enable_chunked_prefill": False}, max_num_tokens=16)
+
+    async def scenario():
+        await engine.start()
+        with pytest.raises(PromptTooLongError, match="16 tokens") as refused:
+            await engine.generate(GenerateRequest(list(range(40, 80)), SamplingParams(max_tokens=4)))
+        ok = await _collect(engine, GenerateRequest(list(range(40, 56)), SamplingParams(max_tokens=2, temperature=0.0)))
+        await engine.stop()
+        return refused.value, ok
+
+    refused, ok = _run(scenario())
+    assert refused.limit == 16 and "max_num_tokens" in str(refused)
+    assert "enable_chunked_prefill" not in fake_trtllm.llms[0].kwargs or not fake_trtllm.llms[0].kwargs["enable_chunked_prefill"]
+    assert len(fake_trtllm.llms[0].calls) == 1  # only the 16-token prompt reached TensorRT-LLM
+    assert ok[-1].finished and ok[-1].completion_tokens == 2
+
+
+def test_the_fake_runtime_rejects_a_prompt_over_max_num_tokens_without_chunked_prefill(fake_trtllm, tmp_path, tokenizer_dir):
+    llm = fake_trtllm.LLM(model=str(_engine_dir(tmp_path, tokenizer_dir, max_num_tokens=16)))
+    result = llm.generate_async(list(range(40, 80)), fake_trtllm.SamplingParams(max_tokens=2, top_k=1), streaming=True)
+
+    async def read():
+        return [r async for r in result]
+
+    with pytest.raises(RuntimeError, match="exceeds maximum input length"):
+        _run(read())
+
+
+def test_sliding_window_reaches_kv_cache_config(fake_trtllm, tmp_path, tokenizer_dir):
+    windows = [512, 512, 512, 512, 512, 96]
+    engine = _engine(tmp_path, tokenizer_dir, options={"max_attention_window": windows})
+    _run(engine.start())
+    kv = fake_trtllm.llms[0].kwargs["kv_cache_config"]
+    assert isinstance(kv, fake_trtllm.KvCacheConfig) and kv.max_attention_window == windows
+    _run(engine.stop())
+
+
+def test_sliding_window_from_an_older_manifest_comes_from_the_engine_config(fake_trtllm, tmp_path, tokenizer_dir):
+    engine_dir = _engine_dir(tmp_path, tokenizer_dir)
+    config = json.loads((engine_dir / "config.json").read_text())
+    config["pretrained_config"].update(num_hidden_layers=4, sliding_window=32, sliding_window_pattern=2)
+    (engine_dir / "config.json").write_text(json.dumps(config))
+    manifest = dataclasses.replace(_manifest(), export_options={})
+    engine = TrtLlmEngine(engine_dir, manifest, RECIPE)
+    _run(engine.start())
+    assert fake_trtllm.llms[0].kwargs["kv_cache_config"].max_attention_window == [32, 96, 32, 96]
+    _run(engine.stop())
+
+
+def test_attention_windows_follow_the_checkpoint_config():
+    from toolkit.artifact.trtllm import attention_windows
+
+    gemma3 = {"num_hidden_layers": 6, "sliding_window": 512,
+              "layer_types": ["sliding_attention"] * 5 + ["full_attention"]}
+    assert attention_windows(gemma3, 32768) == [512] * 5 + [32768]
+    pattern = {"num_hidden_layers": 4, "sliding_window": 100, "sliding_window_pattern": 2}
+    assert attention_windows(pattern, 1000) == [100, 1000, 100, 1000]
+    assert attention_windows({"num_hidden_layers": 4, "sliding_window": 4096, "use_sliding_window": False}, 1000) is None
+    assert attention_windows({"num_hidden_layers": 4, "sliding_window": None}, 1000) is None
+    assert attention_windows({"num_hidden_layers": 2, "sliding_window": 2000, "layer_types": ["sliding_attention"] * 2}, 1000) is None
+
+
+def test_engine_without_logprobs_export_refuses_logprobs(fake_trtllm, tmp_path, tokenizer_dir):
+    engine = _engine(tmp_path, tokenizer_dir, options={"logprobs": False})
+
+    async def scenario():
+        await engine.start()
+        errors = []
+        for params in (SamplingParams(max_tokens=4, logprobs=True), SamplingParams(max_tokens=4, logprobs=True, top_logprobs=3)):
+            with pytest.raises(InvalidRequestError, match="--logprobs") as refused:
+                await engine.generate(GenerateRequest(engine.prompts.encode(prompt="Hi"), params))
+            errors.append((refused.value.param, refused.value.status))
+        await engine.stop()
+        return errors
+
+    assert _run(scenario()) == [("logprobs", 400), ("top_logprobs", 400)]
+    assert "gather_generation_logits" not in fake_trtllm.llms[0].kwargs and fake_trtllm.llms[0].calls == []
+
+
+def test_stats_never_call_get_stats_on_the_event_loop(fake_trtllm, tmp_path, tokenizer_dir, monkeypatch):
+    import threading
+    import time
+
+    from toolkit.runtime.engines import trtllm_engine
+
+    monkeypatch.setattr(trtllm_engine, "STATS_INTERVAL_S", 0.05)
+    fake_trtllm.stats = [{"kvCacheStats": {"usedNumBlocks": 1, "maxNumBlocks": 10, "tokensPerBlock": 32}}]
+    fake_trtllm.stats_delay_s = 0.2  # a slow get_stats would stall every request if called on the loop
+    engine = _engine(tmp_path, tokenizer_dir)
+
+    async def scenario():
+        await engine.start()
+        loop_thread = threading.get_ident()
+        fake_trtllm.stats = [{"kvCacheStats": {"usedNumBlocks": 4, "maxNumBlocks": 10, "tokensPerBlock": 32}}]
+        started = time.perf_counter()
+        first = engine.stats()
+        elapsed = time.perf_counter() - started
+        await asyncio.sleep(0.6)
+        later = engine.stats()
+        await engine.stop()
+        return loop_thread, elapsed, first, later
+
+    loop_thread, elapsed, first, later = _run(scenario())
+    assert elapsed < 0.05 and first.kv_cache_used_tokens == 32  # the cached snapshot, at once
+    assert later.kv_cache_used_tokens == 128  # refreshed in the background
+    assert fake_trtllm.stats_threads and loop_thread not in fake_trtllm.stats_threads
+
+
+def test_trtllm_cancelling_on_its_own_is_an_engine_failure_not_abort(fake_trtllm, tmp_path, tokenizer_dir, tokenizer):
+    fake_trtllm.scripts.append([{0: (_ids(tokenizer, "Hello"), None)}, {0: ([], "cancelled")}])
+    engine = _engine(tmp_path, tokenizer_dir)
+
+    async def scenario():
+        await engine.start()
+        stream = await engine.generate(GenerateRequest(engine.prompts.encode(prompt="Hi"), SamplingParams(max_tokens=30)))
+        first = await anext(stream)
+        with pytest.raises(EngineFailureError, match="cancelled"):
+            await anext(stream)
+        await engine.stop()
+        return first
+
+    first = _run(scenario())
+    assert first.choices[0].finish_reason is None
+
+
+def test_the_fake_refuses_what_the_record_does_not_list(fake_trtllm):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'prompt_ignore_length'"):
+        fake_trtllm.SamplingParams(max_tokens=4, prompt_ignore_length=3)
+    with pytest.raises(ValueError, match="unexpected keyword argument 'enable_chunked_context'"):
+        fake_trtllm.LLM(model="m", enable_chunked_context=True)
+    with pytest.raises(ValueError, match="xgrammar"):
+        fake_trtllm.LLM(model="m", guided_decoding_backend="outlines")
+    with pytest.raises(ValueError, match="positive"):
+        fake_trtllm.KvCacheConfig(max_attention_window=[512, 0])
+    with pytest.raises(ValueError, match="Greedy decoding"):
+        fake_trtllm.SamplingParams(n=2, top_k=1)
+    with pytest.raises(ValueError, match="gather_generation_logits"):
+        fake_trtllm.LLM(model="m").generate_async([1], fake_trtllm.SamplingParams(logprobs=1, top_k=1))

@@ -7,7 +7,25 @@ batching, KV cache and sampling on the GPU. The toolkit renders and tokenizes pr
 ``RequestOutput`` (cumulative ``outputs[i].token_ids`` / ``logprobs`` / ``finish_reason``) into
 deltas with its own ``IncrementalDetokenizer``, so stop strings and UTF-8 behave exactly as in the
 ONNX engine. ``RequestOutput.abort()`` cancels a request; TensorRT-LLM then ends its stream with
-``finish_reason='cancelled'`` (reported as ``"abort"``).
+``finish_reason='cancelled'``.
+
+Finish reasons: TensorRT-LLM's ``stop``/``length`` pass through; its ``timeout`` (the runtime's
+time budget ended the sequence) becomes ``"length"``: the text is valid but cut short, as by
+max_tokens. ``cancelled`` is ``"abort"`` only for a request the toolkit aborted because its client
+closed the stream (nobody reads it); a request cancelled by the engine's ``stop()`` ends with
+``EngineStoppedError`` and one TensorRT-LLM cancelled by itself with ``EngineFailureError``, so a
+client never receives ``"abort"`` as an OpenAI finish_reason.
+
+Run-time options read from the manifest's export options (``export/trtllm_export.py``):
+``logprobs`` (only then ``LLM(gather_generation_logits=True)``; otherwise a request for logprobs
+is an ``InvalidRequestError``), ``max_attention_window`` (the per-layer sliding windows, given as
+``KvCacheConfig(max_attention_window=...)``) and ``enable_chunked_prefill`` (on unless the manifest
+says otherwise). A prompt longer than the runtime's input limit (``max_input_len``, and
+``max_num_tokens`` too without chunked prefill) is refused with ``PromptTooLongError`` before
+TensorRT-LLM would reject it mid-stream.
+
+KV cache statistics come from ``LLM.get_stats()``, which blocks: a background task calls it in a
+worker thread every ``STATS_INTERVAL_S`` and ``stats()`` returns the cached snapshot.
 
 One asyncio task per request reads TensorRT-LLM's stream and feeds a queue that ``generate``'s
 iterator drains, so ``stop()`` can end every stream even if TensorRT-LLM goes quiet.
@@ -26,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.artifact.manifest import Manifest
-from toolkit.artifact.trtllm import import_tensorrt_llm, read_engine_config
+from toolkit.artifact.trtllm import attention_windows, import_tensorrt_llm, read_engine_config
 from toolkit.recipes import Recipe
 from toolkit.runtime.detokenizer import PREFIX_TOKENS, IncrementalDetokenizer
 from toolkit.runtime.engines.common import ThroughputMeter
@@ -35,8 +53,10 @@ from toolkit.runtime.errors import (EngineFailureError, EngineStoppedError, Inva
                                     OverloadedError, PromptTooLongError)
 from toolkit.runtime.types import ChoiceDelta, EngineStats, GenerateRequest, OutputStream, RequestOutput, TokenLogprob
 
-FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort", "timeout": "abort"}
+FINISH_REASONS = {"stop": "stop", "length": "length", "timeout": "length", "cancelled": "abort"}
+"""TensorRT-LLM finish reason -> ours; a 'cancelled' the toolkit did not ask for never gets here (see _pump)."""
 STATS_TIMEOUT_S = 0.01
+STATS_INTERVAL_S = 0.5
 STOP_DRAIN_S = 2.0
 
 
@@ -162,6 +182,7 @@ class _Active:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     task: asyncio.Task | None = None
     aborted: bool = False
+    shutdown: bool = False
 
 
 def _abort_quietly(result: Any) -> None:
@@ -178,9 +199,19 @@ class TrtLlmEngine:
         self.engine_dir, self.manifest, self.recipe = Path(engine_dir), manifest, recipe
         self.max_waiting = max_waiting
         self.model_names = recipe.model_names
-        build = read_engine_config(self.engine_dir).get("build_config") or {}
+        engine_config = read_engine_config(self.engine_dir)
+        build = engine_config.get("build_config") or {}
+        options = manifest.export_options or {}
         self.context_length = min(manifest.context_length, int(build.get("max_seq_len") or manifest.context_length))
         self.max_batch_size = int(build.get("max_batch_size") or recipe.trtllm.max_batch_size)
+        self.logprobs = bool(options.get("logprobs", False))
+        self.chunked_prefill = bool(options.get("enable_chunked_prefill", True))
+        self.input_limit = self._input_limit(build)
+        window = options.get("max_attention_window")
+        if window is None:  # an older manifest: derive it from TensorRT-LLM's copy of the model config
+            window = attention_windows(engine_config.get("pretrained_config") or {}, self.context_length)
+        self.max_attention_window = [int(w) for w in window] if window else None
+        self._stats_task: asyncio.Task | None = None
         self.llm: Any = None
         self._prompts: Any = None
         self._llmapi: Any = None
@@ -189,15 +220,32 @@ class TrtLlmEngine:
         self.throughput = ThroughputMeter()
         self._kv = (0, 0)
 
+    def _input_limit(self, build: dict) -> int:
+        """Longest prompt the runtime accepts: max_input_len, and max_num_tokens without chunked prefill."""
+        limit = int(build.get("max_input_len") or self.context_length - 1)
+        if not self.chunked_prefill:
+            limit = min(limit, int(build.get("max_num_tokens") or self.recipe.trtllm.max_num_tokens))
+        return limit
+
     def llm_kwargs(self) -> dict[str, Any]:
-        """``LLM`` arguments: the engine dir (TP size comes from its config), logits for logprobs, xgrammar."""
-        return {"model": str(self.engine_dir), "gather_generation_logits": True, "guided_decoding_backend": "xgrammar"}
+        """``LLM`` arguments: the engine dir (TP size comes from its config), xgrammar, chunked prefill,
+        generation logits only for an engine exported with ``--logprobs``, the per-layer attention windows."""
+        kwargs: dict[str, Any] = {"model": str(self.engine_dir), "guided_decoding_backend": "xgrammar",
+                                  "enable_chunked_prefill": self.chunked_prefill}
+        if self.logprobs:
+            kwargs["gather_generation_logits"] = True
+        if self.max_attention_window:
+            kwargs["kv_cache_config"] = self._llmapi.KvCacheConfig(max_attention_window=list(self.max_attention_window))
+        return kwargs
 
     async def start(self) -> None:
         """Load the tokenizer and TensorRT-LLM's executor in a worker thread (``TrtLlmUnavailableError`` without it)."""
         if self.llm is None:
             await asyncio.to_thread(self._load)
+            await asyncio.to_thread(self._fetch_kv)
         self._accepting = True
+        if self._stats_task is None:
+            self._stats_task = asyncio.create_task(self._refresh_stats())
 
     def _load(self) -> None:
         from toolkit.runtime.prompting import PromptBuilder, load_tokenizer
@@ -211,7 +259,8 @@ class TrtLlmEngine:
         """Stop accepting, let requests run for ``grace_s``, abort the rest, then shut TensorRT-LLM down."""
         self._accepting = False
         await self._wait_idle(grace_s)
-        for request_id in list(self._active):
+        for request_id, active in list(self._active.items()):
+            active.shutdown = True
             await self.abort(request_id)
         await self._wait_idle(STOP_DRAIN_S)  # TensorRT-LLM answers an abort with a 'cancelled' result
         for active in list(self._active.values()):
@@ -219,6 +268,9 @@ class TrtLlmEngine:
             if active.task is not None:
                 active.task.cancel()
         self._active.clear()
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            self._stats_task = None
         if self.llm is not None:
             llm, self.llm = self.llm, None
             await asyncio.to_thread(llm.shutdown)
@@ -246,6 +298,14 @@ class TrtLlmEngine:
                                       "adapters yet; serve the adapter from an ONNX engine", param="lora")
         if len(prompt_ids) + request.params.max_tokens > self.context_length:
             raise PromptTooLongError(len(prompt_ids), request.params.max_tokens, self.context_length)
+        if len(prompt_ids) > self.input_limit:
+            what = "input limit (max_input_len)" if self.chunked_prefill else "input limit (max_num_tokens, no chunked prefill)"
+            raise PromptTooLongError(len(prompt_ids), request.params.max_tokens, self.input_limit, what)
+        if request.params.logprobs and not self.logprobs:
+            param = "top_logprobs" if request.params.top_logprobs else "logprobs"
+            raise InvalidRequestError(
+                "this TensorRT-LLM engine was exported without logprobs; re-export it with "
+                "`toolkit export --target trtllm --logprobs` to serve logprobs/top_logprobs", param=param)
         waiting = self._counts()[1]
         if waiting >= self.max_waiting:
             raise OverloadedError(waiting, self.max_waiting)
@@ -269,6 +329,11 @@ class TrtLlmEngine:
         converter = active.converter
         try:
             async for result in active.result:
+                if any(o.finish_reason == "cancelled" for o in result.outputs) and (active.shutdown or not active.aborted):
+                    error = (EngineStoppedError("the engine is shutting down") if active.shutdown else
+                             EngineFailureError("TensorRT-LLM cancelled the request"))
+                    active.queue.put_nowait(error)
+                    return
                 if (output := converter.update(result)) is not None:
                     self._deliver(active, output)
                 if converter.finished:
@@ -303,12 +368,21 @@ class TrtLlmEngine:
         running = min(inflight, self.max_batch_size)
         return running, inflight - running
 
-    def _poll_kv(self) -> tuple[int, int]:
-        """(used, total) KV cache tokens from the latest ``LLM.get_stats()`` snapshot (kept when none arrives)."""
-        if self.llm is None:
+    async def _refresh_stats(self) -> None:
+        """Refresh the KV snapshot every STATS_INTERVAL_S, ``get_stats`` running in a worker thread."""
+        while True:
+            await asyncio.sleep(STATS_INTERVAL_S)
+            await asyncio.to_thread(self._fetch_kv)
+
+    def _fetch_kv(self) -> tuple[int, int]:
+        """(used, total) KV cache tokens from the latest ``LLM.get_stats()`` snapshot (kept when none arrives).
+
+        Blocking: runs in a worker thread, never on the event loop."""
+        llm = self.llm
+        if llm is None:
             return self._kv
         try:
-            for snap in reversed(list(self.llm.get_stats(timeout=STATS_TIMEOUT_S) or [])):
+            for snap in reversed(list(llm.get_stats(timeout=STATS_TIMEOUT_S) or [])):
                 snap = json.loads(snap) if isinstance(snap, (str, bytes)) else snap
                 if kv := snap.get("kvCacheStats"):
                     per_block = int(kv.get("tokensPerBlock") or 0)
@@ -319,7 +393,7 @@ class TrtLlmEngine:
         return self._kv
 
     def stats(self) -> EngineStats:
-        """Live counters for /metrics."""
+        """Live counters for /metrics (KV numbers from the cached snapshot; no TensorRT-LLM call)."""
         running, waiting = self._counts()
-        used, total = self._poll_kv()
+        used, total = self._kv
         return EngineStats(running, waiting, used, total, self.throughput.total, self.throughput.rate())
