@@ -230,3 +230,16 @@ def test_export_cli_has_logprobs_only_for_trtllm(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["export", "--target", "onnx", "--logprobs", "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "--logprobs is a TensorRT-LLM export option" in result.output
     assert "--logprobs" in CliRunner().invoke(main, ["export", "--help"]).output
+
+
+def test_gpu_smoke_script_stops_with_one_sentence_without_tensorrt_llm(no_trtllm: None, tmp_path: Path, capsys) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "trtllm_smoke.py"
+    spec = importlib.util.spec_from_file_location("trtllm_smoke", path)
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    assert smoke.main(["--out", str(tmp_path / "smoke")]) == 2
+    out = capsys.readouterr().out.strip()
+    assert out.count("\n") == 0 and out.endswith(".") and "TensorRT-LLM 1.2.x is not importable" in out
+    assert not (tmp_path / "smoke").exists()  # stopped before any work
