@@ -54,7 +54,8 @@ SUPPORT_TABLE: list[tuple[str, str, str]] = [
      "words, so the toolkit enforces stop and stop_token_ids itself"),
     ("n", "n (best_of = n)", "supported when sampling; greedy requests run once and return n identical "
      "choices (the LLM API rejects n > 1 with greedy decoding)"),
-    ("logprobs", "logprobs = max(1, top_logprobs)", "supported; the TensorRT backend computes them from "
+    ("logprobs", "logprobs = max(1, top_logprobs)", "supported on engines exported with "
+     "`--logprobs` (others answer 400, param logprobs/top_logprobs); the TensorRT backend computes them from "
      "generation logits (LLM(gather_generation_logits=True)) as a log-softmax of the raw model logits, "
      "before penalties, temperature and the JSON grammar, like the ONNX engine"),
     ("top_logprobs", "logprobs = K", "supported (0..20); TensorRT-LLM returns the top K plus the sampled "
