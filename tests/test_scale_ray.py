@@ -19,7 +19,7 @@ from toolkit.recipes import get_recipe
 
 pytestmark = pytest.mark.ray
 
-ray = pytest.importorskip("ray", reason="the Ray tests need the ray extra: pip install -e '.[ray]'")
+import ray  # noqa: E402  (the ray extra; ./dev.sh test installs it)
 from ray import serve  # noqa: E402
 
 from toolkit.scale import ray_serve  # noqa: E402
