@@ -838,3 +838,34 @@ def test_the_fake_refuses_what_the_record_does_not_list(fake_trtllm):
         fake_trtllm.SamplingParams(n=2, top_k=1)
     with pytest.raises(ValueError, match="gather_generation_logits"):
         fake_trtllm.LLM(model="m").generate_async([1], fake_trtllm.SamplingParams(logprobs=1, top_k=1))
+
+
+def test_the_stop_token_counts_but_is_not_a_logprob(fake_trtllm, tmp_path, tokenizer_dir, tokenizer):
+    t1, end = _ids(tokenizer, "Hello")[0], _im_end(tokenizer)
+    fake_trtllm.scripts.append([{0: ([t1], None, [{t1: FakeLogprob(-0.1, 1)}])},
+                                {0: ([end], "stop", [{end: FakeLogprob(-0.2, 1)}])}])
+    engine = _engine(tmp_path, tokenizer_dir)
+
+    async def scenario():
+        await engine.start()
+        return await _collect(engine, GenerateRequest(engine.prompts.encode(prompt="Hi"),
+                                                      SamplingParams(max_tokens=30, logprobs=True)))
+
+    outputs = _run(scenario())
+    assert [lp.token_id for o in outputs for c in o.choices for lp in c.logprobs] == [t1]
+    assert outputs[-1].completion_tokens == 2 and _finish(outputs) == "stop"
+
+
+def test_logit_bias_reaches_trtllm_as_embedding_bias(fake_trtllm, tmp_path, tokenizer_dir, tokenizer):
+    fake_trtllm.scripts.append([{0: ([_im_end(tokenizer)], "stop")}])
+    engine = _engine(tmp_path, tokenizer_dir)
+
+    async def scenario():
+        await engine.start()
+        return await _collect(engine, GenerateRequest(engine.prompts.encode(prompt="Hi"),
+                                                      SamplingParams(max_tokens=4, logit_bias={5: 100.0, 9: -100.0})))
+
+    _run(scenario())
+    bias = fake_trtllm.llms[0].calls[0][1].kwargs["embedding_bias"]
+    assert len(bias) == engine.prompts.vocab_size and float(bias[5]) == 100.0 and float(bias[9]) == -100.0
+    assert sum(float(b) != 0.0 for b in bias) == 2

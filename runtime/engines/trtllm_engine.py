@@ -137,10 +137,10 @@ class StreamConverter:
     def _push(self, choice: _Choice, delta: ChoiceDelta, token: int, logprobs: list | None, pos: int) -> str | None:
         delta.token_ids.append(int(token))
         self.completion_tokens += self.copies
+        if token in self.stop_ids:  # counted, but neither text nor a logprob (as the ONNX engine)
+            return "stop"
         if logprobs is not None:
             delta.logprobs.append(self._logprob(int(token), logprobs[pos] if pos < len(logprobs) else None))
-        if token in self.stop_ids:
-            return "stop"
         out = choice.detok.push(token)
         delta.text += out.text_delta
         if out.stopped:
@@ -318,7 +318,8 @@ class TrtLlmEngine:
     def _submit(self, request: GenerateRequest) -> Any:
         prompt_ids = list(request.prompt_ids)
         try:
-            sampling = build_trtllm_sampling_params(self._llmapi, request.params, self._prompts.eos_ids, len(prompt_ids))
+            sampling = build_trtllm_sampling_params(self._llmapi, request.params, self._prompts.eos_ids, len(prompt_ids),
+                                                   self._prompts.vocab_size)
             return self.llm.generate_async(prompt_ids, sampling_params=sampling, streaming=True)
         except (ValueError, TypeError) as exc:
             raise InvalidRequestError(f"TensorRT-LLM rejected the request: {exc}") from exc
