@@ -112,7 +112,10 @@ PROXY_CALLBACK = "toolkit.scale.proxy_errors.proxy_middlewares"
 
 
 def proxy_middlewares() -> list[Any]:
-    """The proxy callback: ``[Middleware(ReplicaLossMiddleware)]``."""
+    """The proxy callback: ``[Middleware(ReplicaLossMiddleware), Middleware(AdapterRoutingMiddleware)]``
+    (the second sets the multiplexed model id of a LoRA request, ``adapter_routing.py``)."""
     from starlette.middleware import Middleware
 
-    return [Middleware(ReplicaLossMiddleware)]
+    from toolkit.scale.adapter_routing import AdapterRoutingMiddleware
+
+    return [Middleware(ReplicaLossMiddleware), Middleware(AdapterRoutingMiddleware)]

@@ -162,3 +162,97 @@ def test_contradictory_cli_options_fail_before_ray_starts(tiny_engine):
     engine = tiny_engine(get_recipe("gemma-7b-it"), "fp32")
     result = CliRunner().invoke(main, ["serve", str(engine), "--ray", "--min-replicas", "3", "--max-replicas", "2"])
     assert result.exit_code == 2 and "--min-replicas" in result.output
+
+
+# ---- the proxy's adapter routing middleware (scale/adapter_routing.py) -------------------------------------------
+
+from toolkit.scale.adapter_routing import ADAPTERS_HEADER, MODEL_ID_HEADER, AdapterRoutingMiddleware  # noqa: E402
+
+WAI_RUN = "/client/v4/accounts/acct/ai/run/@hf/google/gemma-7b-it"
+
+
+@pytest.mark.parametrize(("path", "body", "adapter"), [
+    ("/v1/chat/completions", {"model": "sql", "messages": [{"role": "user", "content": "x"}]}, "sql"),
+    ("/v1/chat/completions", {"model": "google/gemma-7b-it:sql", "messages": []}, "sql"),
+    ("/v1/completions", {"model": "gemma-7b-it:bot", "prompt": "x"}, "bot"),
+    ("/v1/completions", {"model": "bot", "prompt": "x"}, "bot"),
+    (WAI_RUN, {"prompt": "x", "lora": "bot"}, "bot"),
+    ("/v1/completions", {"model": "google/gemma-7b-it", "prompt": "mentions sql and bot"}, None),  # base model
+    (WAI_RUN, {"prompt": "bot"}, None),
+    ("/v1/completions", {"model": "gemma-7b-it:nope", "prompt": "x"}, None),  # no such adapter: the app says 404
+])
+def test_adapter_header_is_set_per_schema_and_the_body_replayed_byte_for_byte(path, body, adapter):
+    middleware = AdapterRoutingMiddleware(None)
+    middleware.known = frozenset({"sql", "bot"})
+    raw = json.dumps(body).encode()
+    chunks = [raw[:7], raw[7:20], raw[20:]]
+    headers, messages, _ = _route_with(middleware, path, chunks)
+    assert headers.get(MODEL_ID_HEADER) == (adapter.encode() if adapter else None)
+    assert [m["body"] for m in messages] == chunks  # the same messages, in order, unchanged
+    assert b"".join(m["body"] for m in messages) == raw
+
+
+def _route_with(middleware, path, chunks, **kwargs):
+    """Send ``chunks`` (the body, in pieces) through ``middleware`` to a recording app; returns (the app's
+    scope headers, the body messages the app received, the response headers the client got)."""
+    captured = {}
+
+    async def app(scope, receive, send):
+        captured["headers"] = dict(scope["headers"])
+        messages = []
+        while True:
+            message = await receive()
+            messages.append(message)
+            if not message.get("more_body", False):
+                break
+        captured["messages"] = messages
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), *kwargs.pop("response_headers", ())]})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+
+    middleware.app = app
+    inbox = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+    sent = []
+
+    async def receive():
+        return inbox.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": kwargs.pop("method", "POST"), "path": path, "headers": list(kwargs.pop("headers", ()))}
+    asyncio.run(middleware(scope, receive, send))
+    return captured["headers"], captured["messages"], dict(sent[0]["headers"])
+
+
+def test_non_json_bodies_other_routes_and_unknown_adapters_pass_through_untouched():
+    middleware = AdapterRoutingMiddleware(None)
+    for chunks in ([b"not json {"], [b"[1, 2]"], [b"\xff\xfe"], [b""]):
+        headers, messages, _ = _route_with(middleware, "/v1/chat/completions", chunks,
+                                           headers=[(b"serve_multiplexed_model_id", b"spoofed")])
+        assert MODEL_ID_HEADER not in headers and [m["body"] for m in messages] == chunks
+    # a GET or another route is not read at all (the client's header is left alone there)
+    headers, messages, _ = _route_with(middleware, "/v1/models", [b'{"model": "a:b"}'], method="GET",
+                                       headers=[(b"x-other", b"1")])
+    assert headers == {b"x-other": b"1"} and messages[0]["body"] == b'{"model": "a:b"}'
+    # while the adapters are not known, only the unambiguous forms are routed
+    assert _route_with(middleware, "/v1/completions", [b'{"model": "gemma-7b-it:sql"}'])[0][MODEL_ID_HEADER] == b"sql"
+    assert MODEL_ID_HEADER not in _route_with(middleware, "/v1/completions", [b'{"model": "sql"}'])[0]
+    assert _route_with(middleware, WAI_RUN, [b'{"lora": "sql", "prompt": "x"}'])[0][MODEL_ID_HEADER] == b"sql"
+
+
+def test_the_replicas_adapter_list_is_learned_and_hidden_and_large_bodies_stream_through():
+    middleware = AdapterRoutingMiddleware(None, max_body_bytes=64)
+    _, _, client_headers = _route_with(middleware, "/v1/models", [b""], method="GET",
+                                       response_headers=[(ADAPTERS_HEADER, b"sql,bot"), (b"x-toolkit-replica", b"r1")])
+    assert ADAPTERS_HEADER not in client_headers and client_headers[b"x-toolkit-replica"] == b"r1"
+    assert middleware.known == {"sql", "bot"}
+    assert _route_with(middleware, "/v1/completions", [b'{"model": "sql"}'])[0][MODEL_ID_HEADER] == b"sql"
+    big = json.dumps({"model": "sql", "prompt": "x" * 100}).encode()
+    chunks = [big[:40], big[40:80], big[80:]]
+    headers, messages, _ = _route_with(middleware, "/v1/completions", chunks)
+    assert MODEL_ID_HEADER not in headers and [m["body"] for m in messages] == chunks
+    # a redeploy without adapters: nothing is parsed or routed any more
+    _route_with(middleware, "/health", [b""], method="GET", response_headers=[(ADAPTERS_HEADER, b"")])
+    assert middleware.known == frozenset()
+    assert MODEL_ID_HEADER not in _route_with(middleware, "/v1/completions", [b'{"model": "x:sql"}'])[0]
