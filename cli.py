@@ -288,8 +288,9 @@ def bench(url, offline, engine_dir, model, schema, concurrency, rate, requests_p
 @click.option("--max-replicas", type=int, help="With --ray: autoscale, never above N replicas.")
 @click.option("--target-ongoing-requests", type=float, default=8.0, show_default=True, help="With --ray, autoscaling: requests per replica (running + queued) to steer towards.")
 @click.option("--threads", type=int, help="With --ray: onnxruntime threads per replica, also the CPUs each replica reserves (default 1 CPU).")
+@click.option("--no-prefix-cache", "no_prefix_cache", is_flag=True, help="ONNX engines: do not reuse the KV of prompt prefixes shared between requests (README: Prefix caching).")
 def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, request_timeout_s, public_metrics, cors_origins, log_level, loras, max_loras,
-          use_ray, ray_address, replicas, min_replicas, max_replicas, target_ongoing_requests, threads) -> None:
+          use_ray, ray_address, replicas, min_replicas, max_replicas, target_ongoing_requests, threads, no_prefix_cache) -> None:
     """Serve ENGINE_DIRs over the OpenAI and Workers AI APIs.
 
     With no ENGINE_DIR and no --models-dir, serves the embedded default model (exported first if needed).
@@ -317,13 +318,15 @@ def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, 
                       target_ongoing_requests=target_ongoing_requests, threads=threads,
                       max_body_bytes=int(max_body_mib * 1024 * 1024), log_level=log_level,
                       request_timeout_s=request_timeout_s, public_metrics=public_metrics,
-                      cors_origins=tuple(cors_origins), loras=tuple(loras), max_loras=max_loras)
+                      cors_origins=tuple(cors_origins), loras=tuple(loras), max_loras=max_loras,
+                      **({"scheduler": {"prefix_cache": False}} if no_prefix_cache else {}))
         return
     try:
         run_server(
             dirs, host, port, api_keys, grace_s=grace_s,
             max_body_bytes=int(max_body_mib * 1024 * 1024), log_level=log_level, request_timeout_s=request_timeout_s,
             public_metrics=public_metrics, cors_origins=tuple(cors_origins), loras=tuple(loras), max_loras=max_loras,
+            prefix_cache=not no_prefix_cache,
         )
     except ServeError as exc:
         raise click.ClickException(str(exc)) from None

@@ -2,7 +2,9 @@
 
 ``KVCacheManager`` reserves, per sequence, room for its prompt plus ``max_tokens`` in blocks of
 ``BLOCK`` tokens, so an admitted sequence can always finish; admission waits while the budget is
-used up and a request that could never fit is refused.
+used up and a request that could never fit is refused. Blocks held by the prefix cache
+(``runtime/prefix_cache.py``) count against the same budget, apart from the reservations
+(``cached_blocks``), and unpinned ones are evicted before a request would have to wait.
 
 ``BatchKV`` holds the decode batch's cache as one array per past input, ``[batch, kv_heads, length,
 head_dim]``, right-aligned: row i's tokens sit in the last ``lengths[i]`` columns and the attention
@@ -29,6 +31,11 @@ class KvGeometry:
     head_dim: int
     dtype: str
 
+    @classmethod
+    def of_layout(cls, layout: dict) -> KvGeometry:
+        """The geometry of a manifest's ``kv_layout``."""
+        return cls(**{k: layout[k] for k in ("num_layers", "num_kv_heads", "head_dim", "dtype")})
+
     @property
     def bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
@@ -46,6 +53,16 @@ class KVCacheManager:
         self.total_blocks = max(1, budget_bytes // (geometry.bytes_per_token * BLOCK))
         self.rectangular = rectangular
         self._reserved: dict[str, int] = {}
+        self.prefix_cache = None  # a PrefixCache registers itself here
+
+    @property
+    def cached_blocks(self) -> int:
+        """Blocks held by the prefix cache (not in ``used_blocks``, which counts reservations)."""
+        return self.prefix_cache.held_blocks if self.prefix_cache is not None else 0
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.cached_blocks * BLOCK
 
     @property
     def total_tokens(self) -> int:
@@ -73,14 +90,34 @@ class KVCacheManager:
         return self.blocks_for(tokens) <= self.total_blocks
 
     def can_allocate(self, tokens: int, count: int = 1) -> bool:
-        """Whether ``count`` sequences of ``tokens`` tokens each fit now."""
-        return self._footprint([*self._reserved.values(), *[self.blocks_for(tokens)] * count]) <= self.total_blocks
+        """Whether ``count`` sequences of ``tokens`` tokens each fit now (next to the cached blocks)."""
+        needed = self._footprint([*self._reserved.values(), *[self.blocks_for(tokens)] * count])
+        return needed + self.cached_blocks <= self.total_blocks
+
+    def make_room(self, tokens: int, count: int = 1) -> bool:
+        """``can_allocate``, evicting unpinned cached blocks when that makes it true (and only then)."""
+        needed = self._footprint([*self._reserved.values(), *[self.blocks_for(tokens)] * count])
+        return self._evict_for(needed)
+
+    def make_room_for_cached(self, blocks: int) -> bool:
+        """Whether the prefix cache may add ``blocks`` blocks, evicting its unpinned ones if needed."""
+        return self._evict_for(self.used_blocks + blocks)
+
+    def _evict_for(self, needed: int) -> bool:
+        excess = needed + self.cached_blocks - self.total_blocks
+        if excess <= 0:
+            return True
+        cache = self.prefix_cache
+        if cache is None or excess > cache.evictable_blocks:
+            return False
+        cache.evict(excess)
+        return True
 
     def allocate(self, seq_id: str, tokens: int) -> None:
         """Reserve room for ``tokens`` tokens of sequence ``seq_id`` (check ``can_allocate`` first)."""
         if seq_id in self._reserved:
             raise ValueError(f"sequence {seq_id} already holds cache")
-        if not self.can_allocate(tokens):
+        if not self.make_room(tokens):
             raise MemoryError("KV cache budget exhausted")
         self._reserved[seq_id] = self.blocks_for(tokens)
 

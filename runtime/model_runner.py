@@ -70,3 +70,12 @@ class OnnxModelRunner:
         )
         batch.accept_step(present, mask)
         return logits[:, -1].astype(np.float32, copy=False)
+
+
+def create_runner(graph: str, model_path: Path, threads: int | None, context_length: int):
+    """The model runner for an engine directory's graph flavour (``export_options.graph``)."""
+    if graph == "gqa":
+        from toolkit.runtime.gqa_runner import GqaModelRunner
+
+        return GqaModelRunner(model_path, threads, max_length=context_length)
+    return OnnxModelRunner(model_path, threads)

@@ -3,6 +3,9 @@
 A step decodes one token for every running sequence and spends what is left of the
 ``max_num_tokens`` budget on prompt chunks of admitted requests (chunked prefill), so a long prompt
 never stalls the running batch for more than one budget's worth of work.
+
+With ``prefix_cache`` on (the default), an admitted request starts from the longest cached
+block-aligned prefix of its prompt (``runtime/prefix_cache.py``) and prefills only the rest.
 """
 
 from __future__ import annotations
@@ -11,16 +14,18 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from toolkit.runtime.kv_cache import KVCacheManager
+from toolkit.runtime.prefix_cache import PrefixCache
 from toolkit.runtime.sequence import Sequence, SequenceGroup
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Batching limits: rows decoded together, tokens per step, queue length before Overloaded."""
+    """Batching limits: rows decoded together, tokens per step, queue length before Overloaded; prefix caching on/off."""
 
     max_batch_size: int = 16
     max_num_tokens: int = 512
     max_waiting: int = 256
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_num_tokens <= self.max_batch_size or self.max_waiting < 0:
@@ -48,6 +53,7 @@ class Scheduler:
         self.waiting: deque[SequenceGroup] = deque()
         self.prefilling: list[SequenceGroup] = []
         self.running: list[Sequence] = []
+        self.prefix_cache = PrefixCache(kv) if config.prefix_cache else None
 
     def _rows_committed(self) -> int:
         return len(self.running) + sum(len(g.sequences) for g in self.prefilling)
@@ -58,10 +64,20 @@ class Scheduler:
             rows = len(group.sequences)
             if self._rows_committed() + rows > self.config.max_batch_size:
                 return
-            if not self.kv.can_allocate(group.reserved_tokens, rows):
+            cache = self.prefix_cache
+            match = cache.match(group.prompt_ids, group.request.adapter) if cache is not None else None
+            fits = self.kv.make_room(group.reserved_tokens, rows)  # the matched blocks are pinned: kept
+            if not fits and match is not None:  # unless they are what stands in the way: then admit without them
+                cache.release(match)
+                match = None
+                fits = self.kv.make_room(group.reserved_tokens, rows)
+            if not fits:
                 return
             for seq in group.sequences:
                 self.kv.allocate(seq.seq_id, group.reserved_tokens)
+            if match is not None and match.blocks:
+                group.prefix, group.prefill_past = match, cache.past(match)
+                group.prefilled = group.cached_tokens = match.tokens
             self.prefilling.append(self.waiting.popleft())
 
     def schedule(self) -> StepPlan:
@@ -77,6 +93,18 @@ class Scheduler:
             budget -= chunk
         return plan
 
+    def prefill_done(self, group: SequenceGroup) -> None:
+        """Cache the full blocks of ``group``'s prefilled prompt and unpin the blocks it matched."""
+        if self.prefix_cache is None:
+            return
+        self.prefix_cache.insert(group.prompt_ids, group.request.adapter, group.prefill_past)
+        self._unpin(group)
+
+    def _unpin(self, group: SequenceGroup) -> None:
+        if self.prefix_cache is not None and group.prefix is not None:
+            self.prefix_cache.release(group.prefix)
+            group.prefix = None
+
     def release(self, seq: Sequence) -> None:
         """Free a finished or aborted sequence's cache reservation."""
         self.kv.free(seq.seq_id)
@@ -89,3 +117,4 @@ class Scheduler:
             self.prefilling.remove(group)
         for seq in group.sequences:
             self.release(seq)
+        self._unpin(group)

@@ -50,6 +50,10 @@ class SequenceGroup:
     prefill_past: dict[str, np.ndarray] | None = None
     prefill_logits: np.ndarray | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (``usage.prompt_tokens_details.cached_tokens``)."""
+    prefix: Any = None
+    """The ``PrefixMatch`` pinned from admission until the prefill ends (``runtime/prefix_cache.py``)."""
 
     @property
     def request_id(self) -> str:

@@ -75,6 +75,8 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     finished: bool
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (OpenAI's ``prompt_tokens_details.cached_tokens``)."""
 
 
 @dataclass
@@ -106,6 +108,8 @@ class EngineStats:
     generated_tokens_total: int
     tokens_per_second: float
     step_timings: StepTimings | None = None
+    kv_cache_cached_tokens: int = 0
+    """Tokens held by the prefix cache: counted against the budget apart from ``kv_cache_used_tokens``."""
 
     @property
     def kv_cache_usage(self) -> float:

@@ -46,6 +46,7 @@ class Generation:
         self.finished = False
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens from the engine's prefix cache
         self._stream: OutputStream | None = None
         self._first: RequestOutput | None = None
         self._closed = False
@@ -158,6 +159,7 @@ class Generation:
     def _observe(self, output: RequestOutput) -> None:
         self.prompt_tokens = output.prompt_tokens
         self.completion_tokens = output.completion_tokens
+        self.cached_tokens = output.cached_tokens
         if output.finished:
             self.finished = True
         if self.metrics is None:

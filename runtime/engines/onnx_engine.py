@@ -23,6 +23,7 @@ from toolkit.runtime.errors import (EngineFailureError, EngineStoppedError, Inva
                                     PromptTooLongError)
 from toolkit.runtime.engines.common import ThroughputMeter
 from toolkit.runtime.kv_cache import KVCacheManager, KvGeometry
+from toolkit.runtime.model_runner import create_runner
 from toolkit.runtime.postprocess import TokenProcessor, collect_output
 from toolkit.runtime.scheduler import Scheduler, SchedulerConfig, StepPlan
 from toolkit.runtime.sequence import SequenceFactory, SequenceGroup
@@ -52,7 +53,7 @@ class OnnxEngine:
         self.context_length = manifest.context_length
         self.config = config or SchedulerConfig()
         self.graph = manifest.export_options.get("graph", "optimum")
-        self.kv = KVCacheManager(KvGeometry(**_geometry(manifest)), kv_budget_bytes, rectangular=self.graph == "gqa")
+        self.kv = KVCacheManager(KvGeometry.of_layout(manifest.kv_layout), kv_budget_bytes, rectangular=self.graph == "gqa")
         self.threads = threads
         self.scheduler = Scheduler(self.config, self.kv)
         self.fault_hook: Callable[[StepPlan], None] | None = None  # test hook: raise to fail a step
@@ -98,7 +99,7 @@ class OnnxEngine:
             model = self.engine_dir / LORA_MODEL_FILE
             if LORA_MODEL_FILE not in self.manifest.files:
                 raise EngineStoppedError(f"{self.engine_dir} has no LoRA graph; add an adapter with `toolkit export-lora`")
-        self.runner = _create_runner(self.graph, model, self.threads, self.context_length)
+        self.runner = create_runner(self.graph, model, self.threads, self.context_length)
         if self.adapter_sources:
             self.lora = LoraAdapters(self.adapter_sources, graph_modules(self.runner.session),
                                      self.manifest.source.get("sha256", ""), self.max_loras or DEFAULT_MAX_LORAS,
@@ -175,6 +176,7 @@ class OnnxEngine:
             waiting=len(scheduler.waiting) + len(self._adapter_wait) + self._submissions.qsize(),
             kv_cache_used_tokens=self.kv.used_tokens,
             kv_cache_total_tokens=self.kv.total_tokens,
+            kv_cache_cached_tokens=self.kv.cached_tokens,
             generated_tokens_total=self.throughput.total,
             tokens_per_second=self.throughput.rate(),
             step_timings=dataclasses.replace(self.timings),
@@ -245,6 +247,7 @@ class OnnxEngine:
         self._count_tokens(touched.values())
         for group in touched.values():
             if (output := collect_output(group)) is not None:
+                output.cached_tokens = group.cached_tokens
                 group.deliver(output)
 
     def _retire_finished_rows(self) -> None:
@@ -267,6 +270,7 @@ class OnnxEngine:
         if joining:
             self.batch.add_rows(group.prefill_past, [len(group.prompt_ids)] * len(joining))
             self.scheduler.running.extend(joining)
+        self.scheduler.prefill_done(group)  # the prompt's full blocks join the prefix cache
         self.scheduler.prefilling.remove(group)  # after joining, so stats() never sees it nowhere
         group.prefill_past = group.prefill_logits = None
 
@@ -344,18 +348,3 @@ class OnnxEngine:
         self.scheduler.running = []
         self.batch = self.runner.new_batch()
 
-
-def _create_runner(graph: str, model_path: Path, threads: int | None, context_length: int):
-    """The model runner for the engine directory's graph flavour (``export_options.graph``)."""
-    if graph == "gqa":
-        from toolkit.runtime.gqa_runner import GqaModelRunner
-
-        return GqaModelRunner(model_path, threads, max_length=context_length)
-    from toolkit.runtime.model_runner import OnnxModelRunner
-
-    return OnnxModelRunner(model_path, threads)
-
-
-def _geometry(manifest: Manifest) -> dict:
-    layout = manifest.kv_layout
-    return {k: layout[k] for k in ("num_layers", "num_kv_heads", "head_dim", "dtype")}

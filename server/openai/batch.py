@@ -34,6 +34,10 @@ class BatchGeneration:
     def completion_tokens(self) -> int:
         return sum(p.completion_tokens for p in self.parts)
 
+    @property
+    def cached_tokens(self) -> int:
+        return sum(p.cached_tokens for p in self.parts)
+
     async def start(self) -> None:
         """Submit every prompt's request; if any is refused, the others are aborted and its error raised."""
         results = await asyncio.gather(*(p.start() for p in self.parts), return_exceptions=True)
@@ -75,7 +79,8 @@ class BatchGeneration:
     def _merge(self, i: int, output: RequestOutput, finished: bool) -> RequestOutput:
         choices = [ChoiceDelta(i * self.n + c.index, c.text, c.token_ids, c.logprobs, c.finish_reason)
                    for c in output.choices]
-        return RequestOutput(self.request.request_id, choices, self.prompt_tokens, self.completion_tokens, finished)
+        return RequestOutput(self.request.request_id, choices, self.prompt_tokens, self.completion_tokens, finished,
+                             self.cached_tokens)
 
     async def close(self) -> None:
         """Close (and so abort, where unfinished) every prompt's request."""

@@ -47,12 +47,14 @@ def gather(outputs: list[RequestOutput], n: int) -> list[ChoiceText]:
     return choices
 
 
-def usage(entry: ModelEntry, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    """``usage`` with DeepInfra's ``estimated_cost`` from the recipe's prices."""
+def usage(entry: ModelEntry, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """``usage`` with DeepInfra's ``estimated_cost`` from the recipe's prices and OpenAI's
+    ``prompt_tokens_details.cached_tokens`` (prompt tokens served by the engine's prefix cache)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
         "estimated_cost": entry.estimated_cost(prompt_tokens, completion_tokens),
     }
 

@@ -47,7 +47,7 @@ class _Reply:
             chunks = first_call_only(chunks)
         if self.continuous_usage:  # vLLM's stream_options.continuous_usage_stats: the usage so far on every chunk
             for chunk in chunks:
-                chunk["usage"] = usage(self.entry, output.prompt_tokens, output.completion_tokens)
+                chunk["usage"] = usage(self.entry, output.prompt_tokens, output.completion_tokens, output.cached_tokens)
         return chunks
 
     def final(self, generation: Generation) -> list[dict[str, Any]]:
@@ -63,7 +63,7 @@ class _Reply:
         return self.build(gather(outputs, self.n), self._usage(generation))
 
     def _usage(self, generation: Generation) -> dict[str, Any]:
-        return usage(self.entry, generation.prompt_tokens, generation.completion_tokens)
+        return usage(self.entry, generation.prompt_tokens, generation.completion_tokens, generation.cached_tokens)
 
 
 class OpenAIController(Controller):
