@@ -25,6 +25,8 @@ from typing import Any
 
 from ray import serve
 
+from toolkit.runtime.lora import DEFAULT_MAX_LORAS
+from toolkit.scale.adapter_routing import ADAPTERS_HEADER
 from toolkit.scale.metrics_merge import merge_expositions
 from toolkit.scale.options import ScaleOptions, replica_resources
 from toolkit.scale.proxy_errors import PROXY_CALLBACK, PROXY_CALLBACK_ENV
@@ -56,7 +58,7 @@ class ToolkitReplica:
         adapters = assign_adapters(dirs, spec["loras"]) if spec.get("loras") else {}
         for engine_dir in dirs:
             options: dict[str, Any] = {"threads": spec["threads"]} if spec.get("threads") and _is_onnx(engine_dir) else {}
-            if adapters.get(engine_dir):  # every replica loads every --lora adapter (LRU of max_loras each)
+            if adapters.get(engine_dir):  # every replica serves every --lora adapter; each loads one on its first request
                 options.update(adapters=adapters[engine_dir], max_loras=spec.get("max_loras"))
             if spec.get("scheduler") and _is_onnx(engine_dir):
                 from toolkit.runtime.scheduler import SchedulerConfig
@@ -65,7 +67,18 @@ class ToolkitReplica:
             engine = load_engine(engine_dir, **options)
             engines[engine.recipe.name] = engine
         self._app = create_app(engines, spec["api_keys"], **spec["app_options"])
-        return AllReplicasMetrics(self._app, self._all_metrics)
+        served = [name for engine in engines.values() for name in (getattr(engine, "adapter_names", ()) or ())]
+        return AdapterResidency(AllReplicasMetrics(self._app, self._all_metrics), served, self.resident_adapter)
+
+    async def resident_adapter(self, name: str) -> str:
+        """Makes adapter ``name`` resident on this replica (the subclass of :func:`build_application`
+        wraps it in ``@serve.multiplexed``, so Ray routes the adapter's requests here). The load proper
+        is the engine's: it reads the adapter on its first request, keeping at most ``--max-loras``."""
+        return name
+
+    def _multiplexed_adapters(self) -> list[str]:
+        wrapper = getattr(self, "__serve_multiplex_wrapper", None)
+        return list(wrapper.models) if wrapper is not None else []
 
     @property
     def _ctx(self) -> Any:
@@ -90,8 +103,11 @@ class ToolkitReplica:
         """Replica id and process id (the tests use it to kill one replica)."""
         import os
 
-        stats = {e.names[0]: e.engine.stats().__dict__ for e in self._ctx.models.entries}
-        return {"replica": serve.get_replica_context().replica_id.unique_id, "pid": os.getpid(), "stats": stats}
+        entries = self._ctx.models.entries
+        stats = {e.names[0]: e.engine.stats().__dict__ for e in entries}
+        loaded = {e.names[0]: list(getattr(getattr(e.engine, "lora", None), "loaded", ()) or ()) for e in entries}
+        return {"replica": serve.get_replica_context().replica_id.unique_id, "pid": os.getpid(), "stats": stats,
+                "adapters_loaded": loaded, "adapters_multiplexed": self._multiplexed_adapters()}
 
     async def _all_metrics(self) -> tuple[bytes, str]:
         context = serve.get_replica_context()
@@ -107,6 +123,43 @@ def _is_onnx(engine_dir: str | Path) -> bool:
     from toolkit.artifact.manifest import load_manifest
 
     return load_manifest(engine_dir, verify_hashes=False).target == "onnx"
+
+
+class AdapterResidency:
+    """ASGI wrapper of the app (outermost): a request Ray routed with a multiplexed model id
+    (``serve_multiplexed_model_id``, set by the proxy's ``adapter_routing`` middleware) naming one of
+    this replica's adapters makes it resident through the ``@serve.multiplexed`` loader first, so Ray
+    knows this replica has it. Every response names the replica (``x-toolkit-replica``) and lists the
+    adapters it serves (``x-toolkit-adapters``, read and removed by the proxy middleware)."""
+
+    def __init__(self, app: Any, adapters: Sequence[str], resident: Any) -> None:
+        self.app = app
+        self._adapters = frozenset(adapters)
+        self._resident = resident
+        self._headers: list[tuple[bytes, bytes]] | None = None
+
+    def __getattr__(self, name: str) -> Any:  # Ray Serve looks for FastAPI attributes on the app
+        return getattr(self.app, name)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        if self._headers is None:
+            replica = serve.get_replica_context().replica_id.unique_id
+            self._headers = [(b"x-toolkit-replica", replica.encode()),
+                             (ADAPTERS_HEADER, ",".join(sorted(self._adapters)).encode())]
+        adapter = serve.get_multiplexed_model_id()
+        if adapter and adapter in self._adapters:
+            await self._resident(adapter)
+        extra = self._headers
+
+        async def tagged_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*(message.get("headers") or []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, tagged_send)
 
 
 class AllReplicasMetrics:
@@ -162,9 +215,22 @@ def build_application(engine_dirs: Sequence[str | Path], api_keys: Sequence[str]
         "app_options": {"max_body_bytes": max_body_bytes, "shutdown_grace_s": grace_s,
                         "request_timeout_s": request_timeout_s, **app_options},
     }
-    deployment = serve.deployment(serve.ingress()(ToolkitReplica), name=DEPLOYMENT_NAME)
+    deployment = serve.deployment(serve.ingress()(_replica_class(max_loras or DEFAULT_MAX_LORAS)), name=DEPLOYMENT_NAME)
     deployment = deployment.options(**options.deployment_options(replica_resources(dirs, options.threads)))
     return deployment.bind(spec)
+
+
+def _replica_class(max_loras: int) -> type:
+    """:class:`ToolkitReplica` whose ``resident_adapter`` is Ray Serve's multiplexed loader, keeping as
+    many adapters per replica as the engine does (``--max-loras``, least recently used dropped)."""
+
+    class MultiplexedReplica(ToolkitReplica):
+        @serve.multiplexed(max_num_models_per_replica=max_loras)
+        async def resident_adapter(self, name: str) -> str:
+            return await ToolkitReplica.resident_adapter(self, name)
+
+    MultiplexedReplica.__name__ = MultiplexedReplica.__qualname__ = "ToolkitReplica"
+    return MultiplexedReplica
 
 
 def proxy_env() -> dict[str, str]:

@@ -28,6 +28,7 @@ from toolkit.scale.options import ScaleOptions  # noqa: E402
 KEY = "sk-ray-test"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 WAI_PATH = "/client/v4/accounts/acct/ai/run/@hf/google/gemma-7b-it"
+ADAPTERS = ("support-bot", "sql")
 
 
 def _free_port() -> int:
@@ -37,13 +38,15 @@ def _free_port() -> int:
 
 
 class Cluster:
-    def __init__(self, engine_dir, port):
+    def __init__(self, engine_dir, port, loras=()):
         self.engine_dir = engine_dir
         self.url = f"http://127.0.0.1:{port}"
         self.port = port
+        self.loras = list(loras)
 
     def deploy(self, options: ScaleOptions) -> None:
-        ray_serve.deploy([self.engine_dir], [KEY], options, port=self.port, grace_s=10, public_metrics=False)
+        ray_serve.deploy([self.engine_dir], [KEY], options, port=self.port, grace_s=10, public_metrics=False,
+                         loras=self.loras, max_loras=2)
 
     def replicas(self) -> list[dict]:
         handle = serve.get_deployment_handle(ray_serve.DEPLOYMENT_NAME, ray_serve.APP_NAME)
@@ -66,11 +69,19 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_engine):
-    engine_dir = tiny_engine(get_recipe("gemma-7b-it"), "fp32")
+def cluster(tiny_engine, tiny_checkpoint, tmp_path_factory):
+    from lora_fixtures import copy_engine, make_peft_adapter
+
+    from toolkit.export.lora import export_lora
+
+    root = tmp_path_factory.mktemp("ray-engine")
+    engine_dir = copy_engine(tiny_engine(get_recipe("gemma-7b-it"), "fp32"), root / "gemma")
+    ckpt = tiny_checkpoint(get_recipe("gemma-7b-it"))
+    for seed, name in enumerate(ADAPTERS, start=1):  # two LoRA adapters the replicas serve (section "adapters")
+        export_lora(make_peft_adapter(ckpt, root / f"peft-{name}", seed=seed), engine_dir, name)
     ray_serve.init_ray(num_cpus=4, logging_level="WARNING", log_to_driver=False)
     try:
-        c = Cluster(engine_dir, _free_port())
+        c = Cluster(engine_dir, _free_port(), loras=ADAPTERS)
         c.deploy(ScaleOptions(replicas=2, threads=1, grace_s=10, health_check_period_s=1))
         yield c
     finally:
@@ -131,6 +142,52 @@ def test_both_schemas_streaming_errors_health_and_metrics_through_ray(cluster):
     ids = {info["replica"] for info in cluster.replicas()}
     assert len(ids) == 2
     assert {replica for (_, replica) in cluster.metrics()} == ids  # /metrics shows every replica
+
+
+def _served_by(cluster, path: str, body: dict) -> str:
+    r = httpx.post(cluster.url + path, headers=HEADERS, json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert "x-toolkit-adapters" not in r.headers  # the proxy keeps the replicas' adapter list to itself
+    return r.headers["x-toolkit-replica"]
+
+
+def test_adapter_requests_go_to_the_replica_that_loaded_the_adapter(cluster):
+    def complete(model):
+        return _served_by(cluster, "/v1/completions", {"model": model, "prompt": "Hi", "max_tokens": 2})
+
+    def loaded():
+        return {i["replica"]: set(next(iter(i["adapters_loaded"].values()))) for i in cluster.replicas()}
+
+    assert not any(loaded().values()), loaded()  # nothing loaded before a request asks
+    base = set()
+    for _ in range(40):  # a base request works on both replicas (and the proxy learns the adapter names)
+        base.add(complete("gemma-7b-it"))
+        if len(base) == 2:
+            break
+    assert len(base) == 2, base
+    homes = {}
+    for name in ADAPTERS:
+        first = complete(name)
+        time.sleep(1.0)  # the replica reports the adapter to Ray's controller, which tells the proxy's router
+        served = {first}
+        served |= {complete(name) for _ in range(5)}
+        served |= {complete(f"google/gemma-7b-it:{name}") for _ in range(3)}
+        served |= {_served_by(cluster, WAI_PATH, {"prompt": "Hi", "max_tokens": 2, "lora": name}) for _ in range(3)}
+        served |= {_served_by(cluster, "/v1/chat/completions", _chat(False, max_tokens=2, model=name)) for _ in range(2)}
+        assert served == {first}, (name, served)  # every request for the adapter landed on one replica
+        homes[name] = first
+    # the second adapter went to the replica holding none (Ray: fewest models first), each loaded only at home
+    assert homes["support-bot"] != homes["sql"], homes
+    assert loaded() == {homes["support-bot"]: {"support-bot"}, homes["sql"]: {"sql"}}, loaded()
+    multiplexed = {i["replica"]: set(i["adapters_multiplexed"]) for i in cluster.replicas()}
+    assert multiplexed == {homes["support-bot"]: {"support-bot"}, homes["sql"]: {"sql"}}, multiplexed
+    # base requests still use both replicas
+    base = set()
+    for _ in range(40):
+        base.add(complete("gemma-7b-it"))
+        if len(base) == 2:
+            break
+    assert len(base) == 2, base
 
 
 def test_cancelled_stream_frees_its_replicas_cache(cluster):
