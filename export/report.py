@@ -36,6 +36,14 @@ def validation_table(validation: dict) -> Table:
         f"[bold]{validation['min_cosine']:.6f} (≥ {bars['min_cosine']})",
         f"[bold]{validation['max_abs_diff']:.4g} (≤ {bars['max_abs_diff']})",
     )
+    for case in validation.get("long_cases") or []:  # judged as their own group against the same bars
+        table.add_row(
+            f"[bold]long ({case['prompt_tokens']:,} tokens)",
+            f"[bold]{case['greedy_agreement']:.3f}",
+            f"[bold]{case['top1_agreement']:.3f}",
+            f"[bold]{case['cosine']:.6f}",
+            f"[bold]{case['max_abs_diff']:.4g}",
+        )
     return table
 
 

@@ -80,6 +80,8 @@ def tool_versions() -> dict[str, str]:
 
 def build_key(source_sha: str, recipe: Recipe, target: str, precision: str, graph: str = "optimum") -> str:
     """Hash of everything that determines the artifact; equal keys mean an export can be reused."""
+    from toolkit.export.golden import GOLDEN_REVISION
+
     versions = tool_versions()
     key = {
         "source": source_sha,
@@ -92,5 +94,6 @@ def build_key(source_sha: str, recipe: Recipe, target: str, precision: str, grap
         "toolkit": versions.get("toolkit"),
         "onnxruntime": versions.get("onnxruntime") or versions.get("onnxruntime-gpu"),
         "optimum-onnx": versions.get("optimum-onnx"),
+        "golden": GOLDEN_REVISION,  # the reference (and what is validated) changes with the golden set
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()

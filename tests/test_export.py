@@ -18,7 +18,7 @@ from toolkit.artifact import manifest as manifest_module
 from toolkit.artifact.manifest import EngineDirError, describe_files, load_manifest, write_manifest
 from toolkit.cli import main
 from toolkit.export import pipeline
-from toolkit.export.golden import GREEDY_TOKENS, GOLDEN_MESSAGES, Reference
+from toolkit.export.golden import GREEDY_TOKENS, GOLDEN_MESSAGES, Reference, long_prompt_target, sliding_window_of
 from toolkit.export.pipeline import ExportRequest, ensure_default_engine, run_export
 from toolkit.export.progress import StageReporter
 from toolkit.export.sources import SourceError, default_engine_dir
@@ -47,8 +47,18 @@ def test_tiny_export_validates(recipe_name, precision, tiny_engine):
     reference = Reference.load(engine_dir)
     assert len(reference.cases) == len(GOLDEN_MESSAGES) >= 8
     assert all(len(case.greedy_ids) == GREEDY_TOKENS >= 32 for case in reference.cases)
+    # the long prompt: past the checkpoint's sliding window, within the context, validated as its own row
+    [long_case] = reference.long_cases
+    config = json.loads((engine_dir / "config.json").read_text())
+    assert reference.sliding_window == sliding_window_of(config)
+    assert reference.long_prompt_target == long_prompt_target(manifest.context_length) == 409
+    assert max(len(c.prompt_ids) for c in reference.cases) < len(long_case.prompt_ids) <= reference.long_prompt_target
+    assert len(long_case.prompt_ids) > (reference.sliding_window or 0) and len(long_case.greedy_ids) == GREEDY_TOKENS
+    [long_row] = manifest.validation["long_cases"]
+    assert long_row["prompt_tokens"] == len(long_case.prompt_ids) and manifest.validation["long"]["top1_agreement"] >= 0.93
     if precision == "fp32":
         assert manifest.validation["greedy_identical"] == len(reference.cases)
+        assert manifest.validation["long"]["greedy_identical"] == 1
 
 
 def test_int8_is_matmulnbits_8bit(tiny_engine):
