@@ -33,9 +33,15 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Rebuild even if a validated export of the same inputs exists.")
 @click.option("--logprobs", is_flag=True,
               help="trtllm only: serve logprobs/top_logprobs (gathers generation logits; slower). Recorded in the manifest.")
+@click.option("--lora-rank", type=click.IntRange(1, 64), default=None,
+              help="trtllm only: build the LoRA plugin in, for adapters up to this rank (serve them with export-lora + --lora).")
+@click.option("--lora-target-modules", default=None, metavar="PROJ,...",
+              help="trtllm only, with --lora-rank: projections adapters may target (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; default all).")
+@click.option("--lora-max-loras", type=click.IntRange(min=1), default=None,
+              help="trtllm only, with --lora-rank: adapters resident on the GPU at once (default 8).")
 def export(
     checkpoint: Path | None, recipe_name: str, target: str, precision: str | None, graph: str | None, out_dir: Path | None,
-    force: bool, logprobs: bool,
+    force: bool, logprobs: bool, lora_rank: int | None, lora_target_modules: str | None, lora_max_loras: int | None,
 ) -> None:
     """Export CHECKPOINT (a Hugging Face causal-LM directory) to a validated engine directory.
 
@@ -53,7 +59,8 @@ def export(
         recipe = get_recipe(recipe_name)
         if logprobs and target != "trtllm":
             raise click.UsageError("--logprobs is a TensorRT-LLM export option (--target trtllm); ONNX engines always serve logprobs")
-        request = ExportRequest.resolve(recipe, target, precision, graph, out_dir, checkpoint, force, logprobs)
+        lora = _trtllm_lora_options(target, lora_rank, lora_target_modules, lora_max_loras)
+        request = ExportRequest.resolve(recipe, target, precision, graph, out_dir, checkpoint, force, logprobs, lora)
         outcome = run_export(request, StageReporter(console))
     except _export_errors() as exc:
         raise click.ClickException(str(exc)) from None
@@ -62,9 +69,27 @@ def export(
         sys.exit(1)
 
 
+def _trtllm_lora_options(target: str, rank: int | None, modules: str | None, max_loras: int | None) -> dict | None:
+    """``--lora-rank`` & co. as the TensorRT-LLM build plan's ``lora`` entry (ONNX engines get LoRA from export-lora)."""
+    if rank is None:
+        if modules or max_loras:
+            raise click.UsageError("--lora-target-modules and --lora-max-loras need --lora-rank")
+        return None
+    if target != "trtllm":
+        raise click.UsageError("--lora-rank is a TensorRT-LLM export option (--target trtllm); ONNX engines get their "
+                               "LoRA graph from `toolkit export-lora`")
+    from toolkit.export.trtllm_export import lora_build_options
+
+    try:
+        targets = tuple(m.strip() for m in modules.split(",") if m.strip()) if modules else None
+        return lora_build_options(rank, targets, max_loras)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 @main.command("export-lora")
 @click.argument("adapter", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--engine", "engine_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="The ONNX engine directory (fp32 or int8) the adapter is for.")
+@click.option("--engine", "engine_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="The engine directory the adapter is for: ONNX fp32/int8, or TensorRT-LLM exported with --lora-rank.")
 @click.option("--name", required=True, help="The adapter's name in requests (`lora`, `model`: NAME or BASE:NAME).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="Write the adapter here instead of ENGINE/adapters/NAME (serve it with --lora NAME=OUT).")
 @click.option("--checkpoint", type=click.Path(file_okay=False, path_type=Path), help="The base checkpoint (default: the one the engine was exported from).")

@@ -10,6 +10,13 @@ Steps (each refuses with a message naming the problem):
    tokens, first-step top-64 logits), stored as the adapter's ``reference.json``;
 5. the engine + adapter validated against it with the base export's bars for its precision;
 6. the adapter directory published (``adapters/<name>`` or ``--out``) and the manifest updated.
+
+A TensorRT-LLM engine (exported with ``--lora-rank``) loads Hugging Face PEFT directories itself, per
+request (``LoRARequest``): steps 2-3 become checks against the engine's LoRA build (rank <= its
+``max_lora_rank``, targets among its modules) and the PEFT files are copied unchanged into the adapter
+directory beside ``adapter.json`` and ``reference.json``; step 5 runs the engine through TensorRT-LLM with
+the adapter as a ``LoRARequest`` (``trtllm_adapter_runner``; needs a GPU, ``TrtLlmUnavailableError``
+without TensorRT-LLM) with the bars of the engine's precision.
 """
 
 from __future__ import annotations
@@ -313,10 +320,119 @@ class LoraExportOutcome:
     info: AdapterInfo
 
 
+class _LoraLLM:
+    """TensorRT-LLM's ``LLM`` whose every ``generate`` call carries one adapter's ``LoRARequest``."""
+
+    def __init__(self, llm, request):
+        self._llm, self._request = llm, request
+
+    def generate(self, inputs, *args, **kwargs):
+        batched = bool(inputs) and isinstance(inputs[0], list)
+        kwargs["lora_request"] = [self._request] * len(inputs) if batched else self._request
+        return self._llm.generate(inputs, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._llm, name)
+
+
+def trtllm_adapter_runner(engine_dir: Path, options: dict, name: str, adapter_dir: Path):
+    """A validation runner (``TrtLlmRunner``) over a TensorRT-LLM LoRA engine with ``adapter_dir`` on every request."""
+    import importlib
+
+    from toolkit.export.trtllm_export import trtllm_lora_config
+    from toolkit.export.trtllm_runner import TrtLlmRunner
+
+    class _Runner(TrtLlmRunner):
+        def llm_kwargs(self):
+            return {**super().llm_kwargs(), "enable_lora": True, "lora_config": trtllm_lora_config(options["lora"])}
+
+    runner = _Runner(engine_dir, options)
+    request_cls = importlib.import_module("tensorrt_llm.executor").LoRARequest
+    runner.llm = _LoraLLM(runner.llm, request_cls(lora_name=name, lora_int_id=1, lora_path=str(Path(adapter_dir).resolve())))
+    return runner
+
+
+def check_trtllm_lora(adapter: PeftAdapter, engine_dir: Path, manifest: Manifest) -> dict:
+    """The engine's LoRA build options, if ``adapter`` fits them; ``AdapterError`` otherwise."""
+    lora = (manifest.export_options or {}).get("lora")
+    if not lora:
+        raise AdapterError(f"{engine_dir} is a TensorRT-LLM engine built without LoRA; re-export it with "
+                           "`toolkit export --target trtllm --lora-rank R [--lora-target-modules ...]`")
+    if adapter.max_rank > int(lora["max_lora_rank"]):
+        raise AdapterError(f"adapter {adapter.path} has rank {adapter.max_rank}, above the engine's max LoRA rank "
+                           f"{lora['max_lora_rank']} (re-export the engine with a larger --lora-rank)")
+    targets = sorted({m.rsplit(".", 1)[1] for m in adapter.weights})
+    missing = [t for t in targets if t not in lora["target_modules"]]
+    if missing:
+        raise AdapterError(f"adapter {adapter.path} targets {', '.join(missing)}, which the engine was not built "
+                           f"for (its LoRA modules: {', '.join(lora['target_modules'])})")
+    return lora
+
+
+def _check_layers(adapter: PeftAdapter, checkpoint: Path) -> None:
+    config = json.loads((checkpoint / "config.json").read_text())
+    layers = int(config.get("num_hidden_layers") or 0)
+    deepest = max(int(m.split(".")[1]) for m in adapter.weights)
+    if layers and deepest >= layers:
+        raise AdapterError(f"adapter {adapter.path} has LoRA weights for layer {deepest}, the base model has {layers} "
+                           "layers: wrong base model")
+
+
+def _export_trtllm(adapter: PeftAdapter, engine_dir: Path, manifest: Manifest, name: str, out: Path | None,
+                   checkpoint: Path, reporter) -> "LoraExportOutcome":
+    from toolkit.export.golden import Reference
+    from toolkit.export.validate import load_reference, validate_runner
+
+    check_trtllm_lora(adapter, engine_dir, manifest)
+    _check_layers(adapter, checkpoint)
+    target = Path(out) if out is not None else engine_dir / ADAPTERS_DIR / name
+    stage = target.parent / f".{target.name}.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        for file in (PEFT_CONFIG, PEFT_WEIGHTS):  # TensorRT-LLM reads the PEFT directory itself
+            shutil.copyfile(adapter.path / file, stage / file)
+        with reporter.stage("Running the golden prompts through PyTorch fp32 + PEFT (the adapter's reference)"):
+            try:
+                reference = peft_reference(checkpoint, stage, load_reference(engine_dir))
+            except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatches from PEFT / torch
+                raise AdapterError(f"adapter {adapter.path} does not load onto the base checkpoint ({exc}): "
+                                   "wrong base model or wrong shapes") from None
+            reference.save(stage)
+        with reporter.stage(f"Validating the TensorRT-LLM {manifest.precision} engine with the adapter (LoRARequest)"):
+            runner = trtllm_adapter_runner(engine_dir, manifest.export_options, name, stage)
+            try:
+                result = validate_runner(runner, Reference.load(stage), manifest.precision, "trtllm").as_manifest()
+            finally:
+                runner.close()
+        info = AdapterInfo(
+            name=name, rank=adapter.max_rank, lora_alpha=float(adapter.config.get("lora_alpha") or 0),
+            use_rslora=bool(adapter.config.get("use_rslora")),
+            target_modules=sorted({m.rsplit(".", 1)[1] for m in adapter.weights}),
+            modules={m: int(a.shape[0]) for m, (a, _) in adapter.weights.items()},
+            base_model=str(adapter.config.get("base_model_name_or_path") or ""),
+            base_sha256=manifest.source.get("sha256", ""), architecture=manifest.architecture,
+            weights_sha256=sha256_file(stage / PEFT_WEIGHTS),
+            source={"path": str(adapter.path.resolve()), "files_sha256": adapter.files_sha256, "format": "hf-peft"},
+            validation=result,
+        )
+        info.save(stage)
+        if not result["passed"]:
+            raise AdapterError(f"adapter {name!r} failed validation on {engine_dir}: {'; '.join(result['failures'])}")
+        if target.exists():
+            shutil.rmtree(target)
+        stage.replace(target)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    _record(engine_dir, manifest, info, target)
+    return LoraExportOutcome(name, target, info)
+
+
 def ensure_lora_graph(engine_dir: Path, manifest: Manifest) -> dict[str, tuple[int, int]]:
     """The engine's LoRA graph (built on first use); ``{module: (in, out)}``."""
     if manifest.target != "onnx":
-        raise AdapterError(f"{engine_dir} is a {manifest.target} engine; LoRA adapters are served by ONNX engines only (for now)")
+        raise AdapterError(f"{engine_dir} is a {manifest.target} engine; it has no ONNX LoRA graph")
     if manifest.precision not in ("fp32", "int8"):
         raise AdapterError(f"{engine_dir} is {manifest.precision}; LoRA adapters need an fp32 or int8 engine "
                            "(their low-rank path runs in fp32)")
@@ -355,6 +471,8 @@ def export_lora(peft_dir: Path, engine_dir: Path, name: str, out: Path | None = 
     with reporter.stage("Checking the base checkpoint against the engine"):
         if sources.hash_checkpoint(checkpoint) != manifest.source.get("sha256"):
             raise AdapterError(f"checkpoint {checkpoint} is not the one {engine_dir} was built from (SHA-256 differs)")
+    if manifest.target == "trtllm":
+        return _export_trtllm(adapter, engine_dir, manifest, name, out, checkpoint, reporter)
     with reporter.stage("Adding the LoRA inputs to the engine graph"):
         modules = ensure_lora_graph(engine_dir, manifest)
     tensors = convert(adapter, modules)

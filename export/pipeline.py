@@ -31,6 +31,7 @@ class ExportRequest:
     force: bool = False
     graph: str = "optimum"  # onnx only: "optimum" or "gqa" (toolkit.export.gqa_export)
     logprobs: bool = False  # trtllm only: serve logprobs (LLM(gather_generation_logits=True))
+    lora: dict | None = None  # trtllm only: LoRA build options (trtllm_export.lora_build_options)
 
     @classmethod
     def resolve(
@@ -43,12 +44,13 @@ class ExportRequest:
         checkpoint: Path | None = None,
         force: bool = False,
         logprobs: bool = False,
+        lora: dict | None = None,
     ) -> "ExportRequest":
         """A request with the recipe's default precision and graph for ``target`` and the default output dir."""
         precision = precision or recipe.default_precision_for(target)
         graph = graph or recipe.default_graph_for(target)
         out_dir = out_dir or sources.default_engine_dir(recipe, target, precision, graph)
-        return cls(recipe, target, precision, out_dir, checkpoint, force, graph, logprobs)
+        return cls(recipe, target, precision, out_dir, checkpoint, force, graph, logprobs, lora)
 
 
 @dataclass
@@ -113,7 +115,8 @@ def _build_artifact(request: ExportRequest, checkpoint: Path, fp32_model: Path, 
         return {"method": request.precision}
     from toolkit.export.trtllm_export import build_trtllm_engine
 
-    return build_trtllm_engine(checkpoint, request.recipe, request.precision, stage, logprobs=request.logprobs)
+    return build_trtllm_engine(checkpoint, request.recipe, request.precision, stage, logprobs=request.logprobs,
+                               lora=request.lora)
 
 
 def _build(request: ExportRequest, checkpoint: Path, source_sha: str, key: str, config: dict, reporter: StageReporter) -> Manifest:
@@ -193,6 +196,8 @@ def run_export(request: ExportRequest, reporter: StageReporter) -> ExportOutcome
     key = sources.build_key(source_sha, recipe, request.target, request.precision, request.graph)
     if request.logprobs:
         key += "+logprobs"  # a TensorRT-LLM engine served with logprobs is another build
+    if request.lora:
+        key += "+lora-r{max_lora_rank}-{mods}-{max_loras}".format(mods=".".join(request.lora["target_modules"]), **request.lora)
     if not request.force and (manifest := _reusable(request.out_dir, key)) is not None:
         reporter.note(f"reusing {request.out_dir}: built from the same inputs and validated (--force to rebuild)")
         return ExportOutcome(request.out_dir, manifest, reused=True)

@@ -9,10 +9,20 @@ backend, which builds no engine). Constructing it converts the checkpoint and bu
 into a temporary workspace; ``save(engine_dir)`` copies ``config.json`` and ``rank<N>.engine``
 files out of it. ``BuildConfig``, ``QuantConfig`` and ``QuantAlgo`` are re-exported by
 ``tensorrt_llm.llmapi``.
+
+LoRA (``--lora-rank R --lora-target-modules ...``): the engine is built with the LoRA plugin, as
+TensorRT-LLM 1.2's ``TrtLlmArgs`` does it: ``LLM(enable_lora=True, lora_config=LoraConfig(...))``
+(``validate_build_config_remaining`` then sets ``plugin_config.lora_plugin='auto'`` and copies
+``max_lora_rank``) and the same ``LoraConfig`` as ``BuildConfig(lora_config=...)`` (the builder's
+``model.use_lora(build_config.lora_config)`` reads the target modules from it, as no ``lora_dir`` is
+given). ``LoraConfig`` is ``tensorrt_llm.lora_helper.LoraConfig`` (the import of the upstream
+``examples/llm-api/llm_multilora.py``); its ``lora_target_modules`` use TensorRT-LLM's module names
+(``LORA_TARGET_MODULES``, the inverse of ``get_default_trtllm_modules_to_hf_modules``).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -25,6 +35,45 @@ DTYPES = ("float16", "bfloat16")
 
 QUANT_ALGOS: dict[str, str | None] = {"fp16": None, "int8": "W8A16"}
 """Toolkit precision -> ``QuantAlgo`` member name (``W8A16``: int8 weight-only, 16-bit activations)."""
+
+
+LORA_TARGET_MODULES: dict[str, str] = {
+    "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_dense",
+    "gate_proj": "mlp_h_to_4h", "up_proj": "mlp_gate", "down_proj": "mlp_4h_to_h",
+}
+"""Hugging Face projection -> TensorRT-LLM LoRA module (``tensorrt_llm/lora_helper.py``,
+``get_default_trtllm_modules_to_hf_modules``, inverted)."""
+LORA_MAX_RANK = 64
+DEFAULT_MAX_LORAS = 8
+
+
+def lora_build_options(rank: int, target_modules: tuple[str, ...] | list[str] | None = None,
+                       max_loras: int | None = None, max_cpu_loras: int | None = None) -> dict[str, Any]:
+    """The LoRA part of a TensorRT-LLM build plan (JSON-serialisable), or ValueError naming the problem.
+
+    ``target_modules``: Hugging Face projection names (default: all seven); ``max_loras``: adapters
+    resident on the GPU at once (default 8); ``max_cpu_loras``: adapters cached in host memory
+    (default: ``max_loras``)."""
+    if not 1 <= int(rank) <= LORA_MAX_RANK:
+        raise ValueError(f"--lora-rank must be 1..{LORA_MAX_RANK}, got {rank}")
+    modules = list(dict.fromkeys(target_modules or LORA_TARGET_MODULES))
+    unknown = [m for m in modules if m not in LORA_TARGET_MODULES]
+    if unknown:
+        raise ValueError(f"LoRA target modules {unknown} are not supported; choose from {', '.join(LORA_TARGET_MODULES)}")
+    max_loras = int(max_loras or DEFAULT_MAX_LORAS)
+    max_cpu_loras = int(max_cpu_loras or max_loras)
+    if max_loras < 1 or max_cpu_loras < max_loras:
+        raise ValueError(f"max_loras must be >= 1 and max_cpu_loras >= max_loras (got {max_loras}, {max_cpu_loras})")
+    return {"max_lora_rank": int(rank), "target_modules": modules,
+            "trtllm_target_modules": [LORA_TARGET_MODULES[m] for m in modules],
+            "max_loras": max_loras, "max_cpu_loras": max_cpu_loras}
+
+
+def trtllm_lora_config(lora: dict[str, Any]) -> Any:
+    """TensorRT-LLM's ``LoraConfig`` for the plan's ``lora`` entry (no ``lora_dir``: adapters come per request)."""
+    cls = importlib.import_module("tensorrt_llm.lora_helper").LoraConfig
+    return cls(max_lora_rank=int(lora["max_lora_rank"]), lora_target_modules=list(lora["trtllm_target_modules"]),
+               max_loras=int(lora["max_loras"]), max_cpu_loras=int(lora["max_cpu_loras"]))
 
 
 def read_checkpoint_config(checkpoint_dir: Path) -> dict[str, Any]:
@@ -61,7 +110,7 @@ def _allowed_precisions(recipe) -> tuple[str, ...]:
 
 
 def trtllm_build_plan(recipe, precision: str, checkpoint_config: dict[str, Any] | None = None,
-                      logprobs: bool = False) -> dict[str, Any]:
+                      logprobs: bool = False, lora: dict[str, Any] | None = None) -> dict[str, Any]:
     """The TensorRT-LLM build arguments for ``recipe`` at ``precision`` (pure; JSON-serialisable).
 
     Returns ``{"backend", "dtype", "tensor_parallel_size", "build_config", "quant_algo",
@@ -72,7 +121,9 @@ def trtllm_build_plan(recipe, precision: str, checkpoint_config: dict[str, Any] 
     (TensorRT-LLM requires ``max_input_len <= max_seq_len``); the serving engine runs with chunked
     prefill so prompts longer than ``max_num_tokens`` are accepted. The last three keys are run-time
     options the serving engine reads back from the manifest: ``logprobs`` (``LLM(gather_generation_logits=
-    True)``), ``max_attention_window`` (the checkpoint's per-layer sliding windows, or None).
+    True)``), ``max_attention_window`` (the checkpoint's per-layer sliding windows, or None). ``lora``
+    (``lora_build_options``; only present for a LoRA build) builds the LoRA plugin in and is read back by
+    the serving engine.
     """
     checkpoint_config = checkpoint_config or {}
     allowed = _allowed_precisions(recipe)
@@ -85,7 +136,7 @@ def trtllm_build_plan(recipe, precision: str, checkpoint_config: dict[str, Any] 
     if precision not in tp_sizes:
         raise ValueError(f"recipe {recipe.name!r} sets no TensorRT-LLM tensor_parallel_size for {precision}")
     context = int(recipe.context_window)
-    return {
+    plan = {
         "backend": "tensorrt",
         "dtype": engine_dtype(recipe, checkpoint_config),
         "tensor_parallel_size": int(tp_sizes[precision]),
@@ -100,6 +151,9 @@ def trtllm_build_plan(recipe, precision: str, checkpoint_config: dict[str, Any] 
         "logprobs": bool(logprobs),
         "max_attention_window": attention_windows(checkpoint_config, context),
     }
+    if lora:
+        plan["lora"] = dict(lora)
+    return plan
 
 
 def _llm_kwargs(api: TrtLlmApi, checkpoint_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
@@ -107,14 +161,20 @@ def _llm_kwargs(api: TrtLlmApi, checkpoint_dir: Path, plan: dict[str, Any]) -> d
         "model": str(checkpoint_dir),
         "dtype": plan["dtype"],
         "tensor_parallel_size": plan["tensor_parallel_size"],
-        "build_config": api.BuildConfig(**plan["build_config"]),
     }
+    build = dict(plan["build_config"])
+    if plan.get("lora"):
+        lora_config = trtllm_lora_config(plan["lora"])
+        build["lora_config"] = lora_config
+        kwargs.update(enable_lora=True, lora_config=lora_config)
+    kwargs["build_config"] = api.BuildConfig(**build)
     if plan["quant_algo"] is not None:
         kwargs["quant_config"] = api.QuantConfig(quant_algo=getattr(api.QuantAlgo, plan["quant_algo"]))
     return kwargs
 
 
-def build_trtllm_engine(checkpoint_dir: Path, recipe, precision: str, out_dir: Path, logprobs: bool = False) -> dict[str, Any]:
+def build_trtllm_engine(checkpoint_dir: Path, recipe, precision: str, out_dir: Path, logprobs: bool = False,
+                        lora: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build a TensorRT engine for ``recipe`` at ``precision`` from ``checkpoint_dir`` into ``out_dir``.
 
     ``out_dir`` receives TensorRT-LLM's engine files (``config.json``, ``rank<N>.engine``); the
@@ -122,7 +182,7 @@ def build_trtllm_engine(checkpoint_dir: Path, recipe, precision: str, out_dir: P
     that many GPUs (TensorRT-LLM starts one MPI worker per rank). Returns the build plan, which
     the caller records as the manifest's export options.
     """
-    plan = trtllm_build_plan(recipe, precision, read_checkpoint_config(Path(checkpoint_dir)), logprobs)
+    plan = trtllm_build_plan(recipe, precision, read_checkpoint_config(Path(checkpoint_dir)), logprobs, lora)
     api = import_tensorrt_llm()
     llm = api.LLM(**_llm_kwargs(api, Path(checkpoint_dir), plan))
     try:

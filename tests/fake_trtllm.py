@@ -16,6 +16,13 @@ It also reproduces the recorded behaviours the toolkit depends on:
 * logprobs need ``LLM(gather_generation_logits=True)`` (``generate_async`` raises ``ValueError``);
 * a streamed result's ``finish_reason`` is one of the recorded four.
 
+LoRA (recorded ``LoraConfig`` in ``tensorrt_llm.lora_helper``, ``LoRARequest`` in ``tensorrt_llm.executor``):
+``LoraConfig`` refuses target modules outside the recorded TensorRT-LLM module names; ``LoRARequest`` refuses a
+``lora_path`` that does not exist; ``generate_async(..., lora_request=...)`` refuses a request with an adapter
+when the LLM was not given ``enable_lora=True`` + a ``lora_config`` (an engine without the LoRA plugin), a
+``lora_path`` without a PEFT ``adapter_config.json``, or an adapter above ``max_lora_rank`` / on modules the
+engine was not built for; each LLM keeps the ``lora_requests`` of its calls (None for a base request).
+
 Builder side: ``llms`` (each with ``kwargs``, ``saved``, ``shutdowns``), ``build_configs``, ``quant_configs``.
 Runtime side: each ``LLM.calls`` holds ``(inputs, sampling_params, streaming)`` of ``generate_async``;
 ``scripts`` are popped, one per request, into ``results``; ``stats`` is what ``get_stats`` returns
@@ -148,6 +155,50 @@ class GuidedDecodingParams(Recorded):
             raise ValueError("Only one guide can be used for a request")
 
 
+LORA_MODULES: dict = CLASSES["LoraConfig"]["trtllm_modules_to_hf_modules"]
+
+
+class LoraConfig(Recorded):
+    NAME, SPEC = "LoraConfig", CLASSES["LoraConfig"]
+
+    def validate(self) -> None:
+        unknown = [m for m in self.lora_target_modules or [] if m not in LORA_MODULES]
+        if unknown:
+            raise ValueError(f"LoraConfig.lora_target_modules {unknown} are not TensorRT-LLM LoRA modules {sorted(LORA_MODULES)}")
+        if self.max_lora_rank <= 0:
+            raise ValueError("LoraConfig.max_lora_rank must be positive")
+
+
+class LoRARequest(Recorded):
+    NAME, SPEC = "LoRARequest", CLASSES["LoRARequest"]
+
+    def validate(self) -> None:
+        import os
+
+        if self.lora_path is not None and not os.path.exists(self.lora_path):
+            raise ValueError(f"lora_path ({self.lora_path}) does not exist.")
+
+
+def _check_lora_request(llm: Any, request: Any) -> None:
+    """What the executor checks of a request's adapter (the PEFT directory at lora_path, loaded by id)."""
+    if not isinstance(request, LoRARequest):
+        raise TypeError(f"lora_request must be a tensorrt_llm.executor.LoRARequest, got {type(request).__name__}")
+    config = llm.kwargs.get("lora_config")
+    if not llm.kwargs.get("enable_lora") or config is None:
+        raise ValueError("this engine was built without the LoRA plugin (LLM(enable_lora=True, lora_config=...)); "
+                         f"it cannot apply LoRA adapter {request.lora_name!r}")
+    peft = Path(request.lora_path) / "adapter_config.json"
+    if not peft.is_file():
+        raise ValueError(f"LoRA {request.lora_name!r}: {peft} is missing (a Hugging Face PEFT directory is expected)")
+    adapter = json.loads(peft.read_text())
+    if int(adapter.get("r", 0)) > config.max_lora_rank:
+        raise ValueError(f"LoRA rank {adapter.get('r')} exceeds max_lora_rank {config.max_lora_rank}")
+    allowed = {LORA_MODULES[m] for m in config.lora_target_modules}
+    targets = adapter.get("target_modules") or []
+    if config.lora_target_modules and not set(targets) <= allowed:
+        raise ValueError(f"LoRA {request.lora_name!r} targets {sorted(set(targets) - allowed)}, not built into the engine")
+
+
 class KvCacheConfig(Recorded):
     NAME, SPEC = "KvCacheConfig", CLASSES["KvCacheConfig"]
 
@@ -263,6 +314,8 @@ class FakeTrtLlm:
             NAME, SPEC = "BuildConfig", CLASSES["BuildConfig"]
 
             def validate(self):
+                if self.kwargs.get("lora_config") is not None and not isinstance(self.lora_config, LoraConfig):
+                    raise TypeError("BuildConfig.lora_config must be a tensorrt_llm LoraConfig")
                 if self.max_seq_len is not None and self.max_input_len > self.max_seq_len:
                     raise ValueError("max_input_len should not exceed max_seq_len")
                 fake.build_configs.append(self)
@@ -285,11 +338,11 @@ class FakeTrtLlm:
 
             def validate(self):
                 for name, cls in (("build_config", BuildConfig), ("quant_config", QuantConfig),
-                                  ("kv_cache_config", KvCacheConfig)):
+                                  ("kv_cache_config", KvCacheConfig), ("lora_config", LoraConfig)):
                     value = self.kwargs.get(name)
                     if value is not None and not isinstance(value, cls):
                         raise PydanticLikeError(f"LLM {name} must be a {cls.NAME}, got {type(value).__name__}")
-                self.calls, self.saved, self.shutdowns = [], [], 0
+                self.calls, self.saved, self.shutdowns, self.lora_requests = [], [], 0, []
                 self.engine_config = fake.engine_config(self.kwargs["model"])
                 fake.llms.append(self)
 
@@ -303,11 +356,14 @@ class FakeTrtLlm:
             def save(self, engine_dir):
                 self.saved.append(engine_dir)
 
-            def generate_async(self, inputs, sampling_params=None, streaming=False):
+            def generate_async(self, inputs, sampling_params=None, lora_request=None, streaming=False):
                 if fake.reject is not None:
                     raise fake.reject
                 if not isinstance(sampling_params, SamplingParams):
                     raise TypeError("sampling_params must be a tensorrt_llm SamplingParams")
+                if lora_request is not None:
+                    _check_lora_request(self, lora_request)
+                self.lora_requests.append(lora_request)
                 if sampling_params.logprobs and not self.gather_generation_logits:
                     raise ValueError("`sampling_params.logprobs` requires `gather_generation_logits=True` "
                                      "to be passed explicitly to the `LLM()` constructor.")
@@ -340,6 +396,7 @@ class FakeTrtLlm:
         self.BuildConfig, self.QuantConfig, self.LLM, self.SamplingParams = BuildConfig, QuantConfig, LLM, SamplingParams
         self.GuidedDecodingParams = GuidedDecodingParams
         self.KvCacheConfig = KvCacheConfig
+        self.LoraConfig, self.LoRARequest = LoraConfig, LoRARequest
 
     @staticmethod
     def engine_config(model: Any) -> dict:
@@ -362,6 +419,11 @@ class FakeTrtLlm:
         llmapi.QuantAlgo = FakeQuantAlgo
         quantization = types.ModuleType("tensorrt_llm.quantization")
         quantization.QuantAlgo = FakeQuantAlgo
+        lora_helper = types.ModuleType("tensorrt_llm.lora_helper")
+        lora_helper.LoraConfig = LoraConfig
+        executor = types.ModuleType("tensorrt_llm.executor")
+        executor.LoRARequest = LoRARequest
         root._tensorrt_engine, root.llmapi, root.quantization = engine, llmapi, quantization
-        for module in (root, engine, llmapi, quantization):
+        root.lora_helper, root.executor = lora_helper, executor
+        for module in (root, engine, llmapi, quantization, lora_helper, executor):
             monkeypatch.setitem(sys.modules, module.__name__, module)

@@ -24,6 +24,16 @@ says otherwise). A prompt longer than the runtime's input limit (``max_input_len
 ``max_num_tokens`` too without chunked prefill) is refused with ``PromptTooLongError`` before
 TensorRT-LLM would reject it mid-stream.
 
+LoRA (issue #12): an engine exported with ``--lora-rank`` (manifest ``export_options.lora``) runs with
+``LLM(enable_lora=True, lora_config=LoraConfig(max_lora_rank, lora_target_modules, max_loras,
+max_cpu_loras))`` and serves the adapters it is started with (``adapters``: name -> the Hugging Face PEFT
+directory ``toolkit export-lora`` put in ``ENGINE/adapters/NAME``): a request naming one is submitted
+with ``generate_async(..., lora_request=LoRARequest(lora_name, lora_int_id, lora_path))``, the int id
+fixed per adapter for the engine's life (1.. in name order), so TensorRT-LLM loads each adapter once and
+caches it under that id; a base request carries no ``lora_request``. TensorRT-LLM batches requests with
+different adapters (and none) together. An engine built without LoRA answers a request with an adapter
+with ``InvalidRequestError`` (400, param ``lora``) and refuses to start with adapters.
+
 KV cache statistics come from ``LLM.get_stats()``, which blocks: a background task calls it in a
 worker thread every ``STATS_INTERVAL_S`` and ``stats()`` returns the cached snapshot.
 
@@ -43,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from toolkit.artifact.lora import PEFT_CONFIG, AdapterError, AdapterInfo
 from toolkit.artifact.manifest import Manifest
 from toolkit.artifact.trtllm import attention_windows, import_tensorrt_llm, read_engine_config
 from toolkit.recipes import Recipe
@@ -195,7 +206,8 @@ def _abort_quietly(result: Any) -> None:
 class TrtLlmEngine:
     """The Engine protocol over ``tensorrt_llm._tensorrt_engine.LLM(model=engine_dir)`` (needs a GPU)."""
 
-    def __init__(self, engine_dir: Path, manifest: Manifest, recipe: Recipe, max_waiting: int = 256):
+    def __init__(self, engine_dir: Path, manifest: Manifest, recipe: Recipe, max_waiting: int = 256,
+                 adapters: dict[str, Path] | None = None, max_loras: int | None = None):
         self.engine_dir, self.manifest, self.recipe = Path(engine_dir), manifest, recipe
         self.max_waiting = max_waiting
         self.model_names = recipe.model_names
@@ -211,6 +223,11 @@ class TrtLlmEngine:
         if window is None:  # an older manifest: derive it from TensorRT-LLM's copy of the model config
             window = attention_windows(engine_config.get("pretrained_config") or {}, self.context_length)
         self.max_attention_window = [int(w) for w in window] if window else None
+        self.lora = options.get("lora") or None  # the LoRA build options, or None: built without LoRA
+        self.max_loras = max_loras
+        self.adapter_sources = self._check_adapters(adapters or {})
+        self.adapter_ids = {name: i for i, name in enumerate(sorted(self.adapter_sources), start=1)}
+        self._lora_requests: dict[str, Any] = {}
         self._stats_task: asyncio.Task | None = None
         self.llm: Any = None
         self._prompts: Any = None
@@ -219,6 +236,41 @@ class TrtLlmEngine:
         self._accepting = False
         self.throughput = ThroughputMeter()
         self._kv = (0, 0)
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The LoRA adapters this engine serves (``GenerateRequest.adapter``)."""
+        return tuple(self.adapter_sources)
+
+    def _check_adapters(self, adapters: dict[str, Path]) -> dict[str, Path]:
+        """Each adapter: a PEFT directory exported for this engine's base checkpoint, within its LoRA build."""
+        if adapters and not self.lora:
+            raise AdapterError(f"{self.engine_dir} is a TensorRT-LLM engine built without LoRA; re-export it with "
+                               "`toolkit export --target trtllm --lora-rank R` to serve adapters")
+        checked = {}
+        for name, path in adapters.items():
+            path = Path(path)
+            info = AdapterInfo.load(path)
+            if not (path / PEFT_CONFIG).is_file():
+                raise AdapterError(f"adapter {name!r} at {path} has no {PEFT_CONFIG}: it was not exported for a "
+                                   "TensorRT-LLM engine (run `toolkit export-lora` on this engine)")
+            if info.base_sha256 != self.manifest.source.get("sha256"):
+                raise AdapterError(f"adapter {name!r} was exported for another base checkpoint than {self.engine_dir}")
+            if info.rank > int(self.lora["max_lora_rank"]) or not set(info.target_modules) <= set(self.lora["target_modules"]):
+                raise AdapterError(f"adapter {name!r} (rank {info.rank}, {', '.join(info.target_modules)}) does not fit "
+                                   f"the engine's LoRA build (max rank {self.lora['max_lora_rank']}, "
+                                   f"{', '.join(self.lora['target_modules'])})")
+            checked[name] = path
+        return checked
+
+    def _lora_config(self) -> Any:
+        """TensorRT-LLM's ``LoraConfig`` for serving: the build's rank and modules, ``--max-loras`` on the GPU."""
+        lora = self.lora
+        max_loras = int(self.max_loras or lora.get("max_loras") or 1)
+        max_cpu_loras = max(max_loras, int(lora.get("max_cpu_loras") or 0), len(self.adapter_sources))
+        cls = importlib.import_module("tensorrt_llm.lora_helper").LoraConfig
+        return cls(max_lora_rank=int(lora["max_lora_rank"]), lora_target_modules=list(lora["trtllm_target_modules"]),
+                   max_loras=max_loras, max_cpu_loras=max_cpu_loras)
 
     def _input_limit(self, build: dict) -> int:
         """Longest prompt the runtime accepts: max_input_len, and max_num_tokens without chunked prefill."""
@@ -236,6 +288,8 @@ class TrtLlmEngine:
             kwargs["gather_generation_logits"] = True
         if self.max_attention_window:
             kwargs["kv_cache_config"] = self._llmapi.KvCacheConfig(max_attention_window=list(self.max_attention_window))
+        if self.lora:
+            kwargs.update(enable_lora=True, lora_config=self._lora_config())
         return kwargs
 
     async def start(self) -> None:
@@ -253,6 +307,11 @@ class TrtLlmEngine:
         api = import_tensorrt_llm()
         self._llmapi = importlib.import_module("tensorrt_llm.llmapi")
         self._prompts = PromptBuilder(load_tokenizer(self.engine_dir), self.recipe)
+        if self.adapter_sources:
+            request_cls = importlib.import_module("tensorrt_llm.executor").LoRARequest
+            self._lora_requests = {name: request_cls(lora_name=name, lora_int_id=self.adapter_ids[name],
+                                                     lora_path=str(path.resolve()))
+                                   for name, path in self.adapter_sources.items()}
         self.llm = api.LLM(**self.llm_kwargs())
 
     async def stop(self, grace_s: float = 0.0) -> None:
@@ -293,9 +352,13 @@ class TrtLlmEngine:
             raise EngineStoppedError("the engine is not running")
         prompt_ids = request.prompt_ids
         self._prompts.check_ids(prompt_ids)
-        if request.adapter is not None:  # LoRA: served by the ONNX engine only for now (README, "LoRA adapters")
-            raise InvalidRequestError(f"LoRA adapter {request.adapter!r}: TensorRT-LLM engines cannot serve LoRA "
-                                      "adapters yet; serve the adapter from an ONNX engine", param="lora")
+        if request.adapter is not None and not self.lora:
+            raise InvalidRequestError(f"LoRA adapter {request.adapter!r}: this TensorRT-LLM engine was exported without "
+                                      "LoRA (TensorRT-LLM engines cannot serve LoRA adapters unless built with them); "
+                                      "re-export it with `toolkit export --target trtllm --lora-rank R`", param="lora")
+        if request.adapter is not None and request.adapter not in self.adapter_sources:
+            served = ", ".join(self.adapter_sources) or "none"
+            raise InvalidRequestError(f"this engine has no LoRA adapter {request.adapter!r} (served: {served})", param="lora")
         if len(prompt_ids) + request.params.max_tokens > self.context_length:
             raise PromptTooLongError(len(prompt_ids), request.params.max_tokens, self.context_length)
         if len(prompt_ids) > self.input_limit:
@@ -320,6 +383,9 @@ class TrtLlmEngine:
         try:
             sampling = build_trtllm_sampling_params(self._llmapi, request.params, self._prompts.eos_ids, len(prompt_ids),
                                                    self._prompts.vocab_size)
+            if request.adapter is not None:
+                return self.llm.generate_async(prompt_ids, sampling_params=sampling,
+                                               lora_request=self._lora_requests[request.adapter], streaming=True)
             return self.llm.generate_async(prompt_ids, sampling_params=sampling, streaming=True)
         except (ValueError, TypeError) as exc:
             raise InvalidRequestError(f"TensorRT-LLM rejected the request: {exc}") from exc
