@@ -68,6 +68,10 @@ def test_fp32_and_int8_validate(fp32_dir, int8_dir):
     validation = load_manifest(int8_dir).validation
     assert validation["passed"] and validation["pytorch_check"]["passed"]
     assert load_manifest(fp32_dir).validation["greedy_identical"] == 8
+    for engine_dir in (fp32_dir, int8_dir):  # the long golden prompt: > 2k tokens, past the 512-token window
+        [long_row] = load_manifest(engine_dir).validation["long_cases"]
+        assert long_row["prompt_tokens"] > 2048 > 512 == Reference.load(engine_dir).sliding_window, long_row
+    assert load_manifest(fp32_dir).validation["long"]["greedy_identical"] == 1
 
 
 async def _run(engine, request):
