@@ -34,8 +34,10 @@ CACHE = Path.home() / ".cache" / "toolkit"
 CHECKPOINT = CACHE / "checkpoints" / "default"
 ENGINES = {"int8-gqa": CACHE / "engines" / "default-onnx-gqa-int8", "fp32": CACHE / "engines" / "default-onnx-fp32"}
 REPO = Path(__file__).resolve().parents[1]
-ADAPTERS = {"qv": (("q_proj", "v_proj"), 11), "all": (("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                      "down_proj"), 12)}
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTERS = {"qv": (("q_proj", "v_proj"), 11, 8, 1e-3), "all": (ALL, 12, 8, 1e-3), "all-light": (ALL, 13, 3, 5e-4)}
+"""name: (targets, seed, AdamW steps, lr). ``all`` memorises the text (loss 5.07 -> 0.03) and misses the int8
+greedy bar; ``all-light`` is the same adapter shape trained less."""
 CONCURRENCY, PROMPT_TOKENS, MAX_TOKENS = 16, 100, 64
 
 
@@ -59,7 +61,7 @@ def training_text() -> str:
     return (REPO / "README.md").read_text()[:1200]
 
 
-def make_adapter(out: Path, targets: tuple[str, ...], seed: int, steps: int = 12, lr: float = 3e-3) -> dict:
+def make_adapter(out: Path, targets: tuple[str, ...], seed: int, steps: int = 8, lr: float = 1e-3) -> dict:
     """A rank-8 PEFT adapter trained for ``steps`` AdamW steps on ``training_text()`` (seeded)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -70,7 +72,7 @@ def make_adapter(out: Path, targets: tuple[str, ...], seed: int, steps: int = 12
     model = AutoModelForCausalLM.from_pretrained(CHECKPOINT, dtype=torch.float32)
     config = LoraConfig(r=8, lora_alpha=16, target_modules=list(targets), lora_dropout=0.0, task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
-    batch = tokenizer(training_text(), return_tensors="pt", truncation=True, max_length=256)
+    batch = tokenizer(training_text(), return_tensors="pt", truncation=True, max_length=128)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     model.train()
@@ -79,13 +81,53 @@ def make_adapter(out: Path, targets: tuple[str, ...], seed: int, steps: int = 12
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(round(float(loss), 4))
+        losses.append(round(float(loss.detach()), 4))
     model.save_pretrained(out)
     return {"targets": list(targets), "seed": seed, "steps": steps, "lr": lr, "loss_first": losses[0], "loss_last": losses[-1]}
 
 
+def _export_one(engine: Path, label: str, name: str, adapter_dir: Path):
+    """export-lora one adapter; when it misses the bars, measure it in full and keep it (marked failed)."""
+    from toolkit.artifact.lora import ADAPTER_WEIGHTS, AdapterError, AdapterInfo
+    from toolkit.artifact.manifest import load_manifest, sha256_file
+    from toolkit.export.golden import Reference
+    from toolkit.export.lora import _record, export_lora
+    from toolkit.export.lora_graph import convert, ensure_lora_graph
+    from toolkit.export.lora_peft import read_peft_adapter
+    from toolkit.export.lora_validate import adapter_runner, peft_reference
+    from toolkit.export.validate import load_reference, validate_runner
+
+    try:
+        outcome = export_lora(adapter_dir, engine, name)
+        r, rank, targets = outcome.info.validation, outcome.info.rank, outcome.info.target_modules
+    except AdapterError as exc:  # failed the bars: measure it in full and keep it for the throughput run
+        print(f"{label} + {name}: {exc}", flush=True)
+        manifest = load_manifest(engine, verify_hashes=False)
+        adapter = read_peft_adapter(adapter_dir)
+        modules = ensure_lora_graph(engine, manifest)
+        tensors = convert(adapter, modules)
+        target = engine / "adapters" / name
+        target.mkdir(parents=True, exist_ok=True)
+        from safetensors.numpy import save_file
+
+        save_file(tensors, str(target / ADAPTER_WEIGHTS))
+        peft_reference(CHECKPOINT, adapter_dir, load_reference(engine)).save(target)
+        r = validate_runner(adapter_runner(engine, modules, tensors), Reference.load(target), manifest.precision,
+                            manifest.export_options.get("graph", "optimum")).as_manifest()
+        rank, targets = adapter.max_rank, sorted({m.rsplit(".", 1)[1] for m in adapter.weights})
+        AdapterInfo(name=name, rank=rank, lora_alpha=16.0, use_rslora=False, target_modules=targets,
+                    modules={k[:-2]: int(v.shape[1]) for k, v in tensors.items() if k.endswith(".A")},
+                    base_model="", base_sha256=manifest.source.get("sha256", ""),
+                    architecture=manifest.architecture, weights_sha256=sha256_file(target / ADAPTER_WEIGHTS),
+                    validation=r).save(target)
+        _record(engine, manifest, AdapterInfo.load(target), target)  # listed (validation failed) and hashed
+    return r, rank, targets
+
+
 def fidelity(out: Path, adapters: dict[str, Path]) -> tuple[dict, dict[str, Path]]:
-    from toolkit.export.lora import export_lora
+    """``toolkit export-lora`` per engine copy and adapter; the full metrics are reported even when the
+    validation fails (then the adapter is still written, marked failed, so the throughput run can use it)."""
+    from toolkit.artifact.lora import AdapterInfo
 
     results, copies = {}, {}
     for label, source in ENGINES.items():
@@ -98,12 +140,15 @@ def fidelity(out: Path, adapters: dict[str, Path]) -> tuple[dict, dict[str, Path
         copies[label] = engine
         for name, adapter_dir in adapters.items():
             started = time.perf_counter()
-            outcome = export_lora(adapter_dir, engine, name)
-            r = outcome.info.validation
+            if (engine / "adapters" / name / "adapter.json").is_file():  # exported by an earlier run: reuse
+                info = AdapterInfo.load(engine / "adapters" / name)
+                r, rank, targets = info.validation, info.rank, info.target_modules
+            else:
+                r, rank, targets = _export_one(engine, label, name, adapter_dir)
             results[f"{label}/{name}"] = {k: r[k] for k in ("passed", "precision", "greedy_agreement", "top1_agreement",
                                                              "min_cosine", "max_abs_diff")} | {
                 "seconds": round(time.perf_counter() - started, 1)}
-            print(f"{label} + {name}: adapter {name!r} (rank {outcome.info.rank}, {', '.join(outcome.info.target_modules)}) "
+            print(f"{label} + {name}: adapter {name!r} (rank {rank}, {', '.join(targets)}) "
                   f"validation {'passed' if r['passed'] else 'FAILED'}, greedy agreement {r['greedy_agreement']:.3f}, "
                   f"top-1 {r['top1_agreement']:.3f}, min cosine {r['min_cosine']:.5f}, max-abs diff {r['max_abs_diff']:.3g}",
                   flush=True)
@@ -169,15 +214,19 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"cpu": cpu, "command": "python benchmarks/lora_default_model.py " + " ".join(argv or sys.argv[1:])}
     adapters = {}
     report["adapters"] = {}
-    for name, (targets, seed) in ADAPTERS.items():
+    for name, (targets, seed, steps, lr) in ADAPTERS.items():
         adapters[name] = args.out / f"peft-{name}"
         if not (adapters[name] / "adapter_model.safetensors").is_file():
-            report["adapters"][name] = make_adapter(adapters[name], targets, seed)
+            report["adapters"][name] = make_adapter(adapters[name], targets, seed, steps, lr)
             print(f"adapter {name}: {report['adapters'][name]}", flush=True)
     if not args.skip_fidelity:
         report["fidelity"], copies = fidelity(args.out, adapters)
     int8 = args.out / "engine-int8-gqa"
-    report["throughput"] = asyncio.run(throughput(int8, list(ADAPTERS), args.rounds))
+    from toolkit.artifact.lora import AdapterInfo
+
+    served = [n for n in ADAPTERS if (AdapterInfo.load(int8 / "adapters" / n).validation or {}).get("passed")][:2]
+    print(f"throughput with the adapters that passed int8 validation: {served}", flush=True)
+    report["throughput"] = asyncio.run(throughput(int8, served, args.rounds))
     t = report["throughput"]
     print(f"median tokens/s: base {t['base_median']:.1f}, mixed {t['mixed_median']:.1f}, mixed/base {t['ratio']:.3f}")
     (args.out / "lora_default_model.json").write_text(json.dumps(report, indent=2) + "\n")
