@@ -24,15 +24,9 @@ says otherwise). A prompt longer than the runtime's input limit (``max_input_len
 ``max_num_tokens`` too without chunked prefill) is refused with ``PromptTooLongError`` before
 TensorRT-LLM would reject it mid-stream.
 
-LoRA (issue #12): an engine exported with ``--lora-rank`` (manifest ``export_options.lora``) runs with
-``LLM(enable_lora=True, lora_config=LoraConfig(max_lora_rank, lora_target_modules, max_loras,
-max_cpu_loras))`` and serves the adapters it is started with (``adapters``: name -> the Hugging Face PEFT
-directory ``toolkit export-lora`` put in ``ENGINE/adapters/NAME``): a request naming one is submitted
-with ``generate_async(..., lora_request=LoRARequest(lora_name, lora_int_id, lora_path))``, the int id
-fixed per adapter for the engine's life (1.. in name order), so TensorRT-LLM loads each adapter once and
-caches it under that id; a base request carries no ``lora_request``. TensorRT-LLM batches requests with
-different adapters (and none) together. An engine built without LoRA answers a request with an adapter
-with ``InvalidRequestError`` (400, param ``lora``) and refuses to start with adapters.
+LoRA (issue #12): an engine exported with ``--lora-rank`` serves the adapters it is started with, each
+request naming one submitted with its ``LoRARequest``; the checks, ``LoraConfig`` and requests are in
+``trtllm_lora.py``. The streamed results become deltas in ``StreamConverter`` (``trtllm_stream.py``).
 
 KV cache statistics come from ``LLM.get_stats()``, which blocks: a background task calls it in a
 worker thread every ``STATS_INTERVAL_S`` and ``stats()`` returns the cached snapshot.
@@ -44,146 +38,28 @@ iterator drains, so ``stop()`` can end every stream even if TensorRT-LLM goes qu
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import importlib
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from toolkit.artifact.lora import PEFT_CONFIG, AdapterError, AdapterInfo
 from toolkit.artifact.manifest import Manifest
 from toolkit.artifact.trtllm import attention_windows, import_tensorrt_llm, read_engine_config
 from toolkit.recipes import Recipe
-from toolkit.runtime.detokenizer import PREFIX_TOKENS, IncrementalDetokenizer
 from toolkit.runtime.engines.common import ThroughputMeter
-from toolkit.runtime.engines.trtllm_sampling import build_trtllm_sampling_params, is_greedy
+from toolkit.runtime.engines.trtllm_lora import (adapter_ids, check_adapters, check_request_adapter, lora_config,
+                                                 lora_requests)
+from toolkit.runtime.engines.trtllm_sampling import build_trtllm_sampling_params
+from toolkit.runtime.engines.trtllm_stream import StreamConverter
 from toolkit.runtime.errors import (EngineFailureError, EngineStoppedError, InvalidRequestError,
                                     OverloadedError, PromptTooLongError)
-from toolkit.runtime.types import ChoiceDelta, EngineStats, GenerateRequest, OutputStream, RequestOutput, TokenLogprob
+from toolkit.runtime.types import EngineStats, GenerateRequest, OutputStream, RequestOutput
 
-FINISH_REASONS = {"stop": "stop", "length": "length", "timeout": "length", "cancelled": "abort"}
-"""TensorRT-LLM finish reason -> ours; a 'cancelled' the toolkit did not ask for never gets here (see _pump)."""
 STATS_TIMEOUT_S = 0.01
 STATS_INTERVAL_S = 0.5
 STOP_DRAIN_S = 2.0
-
-
-def _logprob_value(entry: Any) -> float:
-    return float(getattr(entry, "logprob", entry))
-
-
-def _rank(entry: Any) -> float:
-    rank = getattr(entry, "rank", None)
-    return float(rank) if rank is not None else math.inf
-
-
-@dataclass
-class _Choice:
-    index: int
-    detok: IncrementalDetokenizer
-    seen: int = 0
-    finish_reason: str | None = None
-
-
-class StreamConverter:
-    """Turns TensorRT-LLM's cumulative streamed results into the toolkit's ``RequestOutput`` deltas.
-
-    Applies the toolkit's stop rules per token (EOS / stop token ids, stop strings, max_tokens,
-    context length); a greedy request with ``n > 1`` runs as one sequence copied ``n`` times.
-    """
-
-    def __init__(self, request: GenerateRequest, prompts: Any, context_length: int):
-        self.request, self.params = request, request.params
-        self.prompt_ids, self.prompts, self.context_length = request.prompt_ids, prompts, context_length
-        self.copies = self.params.n if is_greedy(self.params) else 1
-        backend = prompts.tokenizer.backend_tokenizer
-        self.choices = [
-            _Choice(i, IncrementalDetokenizer(backend, stop=self.params.stop, prefix_ids=self.prompt_ids[-PREFIX_TOKENS:]))
-            for i in range(self.params.n // self.copies)
-        ]
-        stops = set(self.params.stop_token_ids)
-        self.stop_ids = frozenset(stops if self.params.ignore_eos else stops | set(prompts.eos_ids))
-        self.completion_tokens = 0
-
-    @property
-    def finished(self) -> bool:
-        """True once every choice has a finish reason."""
-        return all(c.finish_reason is not None for c in self.choices)
-
-    def update(self, result: Any) -> RequestOutput | None:
-        """The deltas since the previous call for TensorRT-LLM's (mutated) ``RequestOutput``."""
-        deltas = []
-        for choice, output in zip(self.choices, result.outputs):
-            if choice.finish_reason is None and (delta := self._advance(choice, output)) is not None:
-                deltas.append(delta)
-        return self._package(deltas)
-
-    def close(self, reason: str) -> RequestOutput | None:
-        """Finish every open choice with ``reason`` (the stream ended without saying why)."""
-        deltas = []
-        for choice in (c for c in self.choices if c.finish_reason is None):
-            delta = ChoiceDelta(choice.index, "", [], None)
-            self._finish(choice, delta, reason)
-            deltas.append(delta)
-        return self._package(deltas)
-
-    def _advance(self, choice: _Choice, output: Any) -> ChoiceDelta | None:
-        tokens = output.token_ids or []  # cumulative; read by position, never copied
-        logprobs = (output.logprobs or []) if self.params.logprobs else None
-        upstream_done = output.finish_reason is not None
-        end = len(tokens) if logprobs is None or upstream_done else min(len(tokens), len(logprobs))
-        delta = ChoiceDelta(choice.index, "", [], [] if self.params.logprobs else None)
-        for pos in range(choice.seen, end):
-            choice.seen = pos + 1
-            if (reason := self._push(choice, delta, tokens[pos], logprobs, pos)) is not None:
-                self._finish(choice, delta, reason)
-                return delta
-        if upstream_done and choice.seen >= len(tokens):
-            self._finish(choice, delta, FINISH_REASONS.get(output.finish_reason, "stop"))
-        return delta if delta.token_ids or delta.finish_reason else None
-
-    def _push(self, choice: _Choice, delta: ChoiceDelta, token: int, logprobs: list | None, pos: int) -> str | None:
-        delta.token_ids.append(int(token))
-        self.completion_tokens += self.copies
-        if token in self.stop_ids:  # counted, but neither text nor a logprob (as the ONNX engine)
-            return "stop"
-        if logprobs is not None:
-            delta.logprobs.append(self._logprob(int(token), logprobs[pos] if pos < len(logprobs) else None))
-        out = choice.detok.push(token)
-        delta.text += out.text_delta
-        if out.stopped:
-            return "stop"
-        if choice.seen >= self.params.max_tokens or len(self.prompt_ids) + choice.seen >= self.context_length:
-            return "length"
-        return None
-
-    def _logprob(self, token: int, entry: Any) -> TokenLogprob:
-        """``entry``: TensorRT-LLM's ``{token_id: Logprob(logprob, rank)}`` (top-K + sampled) or a float."""
-        text = self.prompts.token_text
-        if entry is None or not isinstance(entry, dict):
-            return TokenLogprob(token, text(token), math.nan if entry is None else float(entry))
-        value = _logprob_value(entry[token]) if token in entry else math.nan
-        ranked = sorted(entry.items(), key=lambda kv: (_rank(kv[1]), -_logprob_value(kv[1])))
-        top = [(int(t), text(int(t)), _logprob_value(lp)) for t, lp in ranked[: self.params.top_logprobs]]
-        return TokenLogprob(token, text(token), value, top)
-
-    @staticmethod
-    def _finish(choice: _Choice, delta: ChoiceDelta, reason: str) -> None:
-        delta.text += choice.detok.flush().text_delta
-        delta.finish_reason = choice.finish_reason = reason
-
-    def _package(self, deltas: list[ChoiceDelta]) -> RequestOutput | None:
-        if not deltas:
-            return None
-        if self.copies > 1:
-            deltas = [dataclasses.replace(d, index=i, token_ids=list(d.token_ids),
-                                          logprobs=None if d.logprobs is None else list(d.logprobs))
-                      for d in deltas for i in range(self.copies)]
-        return RequestOutput(self.request.request_id, deltas, len(self.prompt_ids), self.completion_tokens,
-                             finished=self.finished)
 
 
 @dataclass
@@ -225,8 +101,8 @@ class TrtLlmEngine:
         self.max_attention_window = [int(w) for w in window] if window else None
         self.lora = options.get("lora") or None  # the LoRA build options, or None: built without LoRA
         self.max_loras = max_loras
-        self.adapter_sources = self._check_adapters(adapters or {})
-        self.adapter_ids = {name: i for i, name in enumerate(sorted(self.adapter_sources), start=1)}
+        self.adapter_sources = check_adapters(self.engine_dir, manifest, self.lora, adapters or {})
+        self.adapter_ids = adapter_ids(self.adapter_sources)
         self._lora_requests: dict[str, Any] = {}
         self._stats_task: asyncio.Task | None = None
         self.llm: Any = None
@@ -241,36 +117,6 @@ class TrtLlmEngine:
     def adapter_names(self) -> tuple[str, ...]:
         """The LoRA adapters this engine serves (``GenerateRequest.adapter``)."""
         return tuple(self.adapter_sources)
-
-    def _check_adapters(self, adapters: dict[str, Path]) -> dict[str, Path]:
-        """Each adapter: a PEFT directory exported for this engine's base checkpoint, within its LoRA build."""
-        if adapters and not self.lora:
-            raise AdapterError(f"{self.engine_dir} is a TensorRT-LLM engine built without LoRA; re-export it with "
-                               "`toolkit export --target trtllm --lora-rank R` to serve adapters")
-        checked = {}
-        for name, path in adapters.items():
-            path = Path(path)
-            info = AdapterInfo.load(path)
-            if not (path / PEFT_CONFIG).is_file():
-                raise AdapterError(f"adapter {name!r} at {path} has no {PEFT_CONFIG}: it was not exported for a "
-                                   "TensorRT-LLM engine (run `toolkit export-lora` on this engine)")
-            if info.base_sha256 != self.manifest.source.get("sha256"):
-                raise AdapterError(f"adapter {name!r} was exported for another base checkpoint than {self.engine_dir}")
-            if info.rank > int(self.lora["max_lora_rank"]) or not set(info.target_modules) <= set(self.lora["target_modules"]):
-                raise AdapterError(f"adapter {name!r} (rank {info.rank}, {', '.join(info.target_modules)}) does not fit "
-                                   f"the engine's LoRA build (max rank {self.lora['max_lora_rank']}, "
-                                   f"{', '.join(self.lora['target_modules'])})")
-            checked[name] = path
-        return checked
-
-    def _lora_config(self) -> Any:
-        """TensorRT-LLM's ``LoraConfig`` for serving: the build's rank and modules, ``--max-loras`` on the GPU."""
-        lora = self.lora
-        max_loras = int(self.max_loras or lora.get("max_loras") or 1)
-        max_cpu_loras = max(max_loras, int(lora.get("max_cpu_loras") or 0), len(self.adapter_sources))
-        cls = importlib.import_module("tensorrt_llm.lora_helper").LoraConfig
-        return cls(max_lora_rank=int(lora["max_lora_rank"]), lora_target_modules=list(lora["trtllm_target_modules"]),
-                   max_loras=max_loras, max_cpu_loras=max_cpu_loras)
 
     def _input_limit(self, build: dict) -> int:
         """Longest prompt the runtime accepts: max_input_len, and max_num_tokens without chunked prefill."""
@@ -289,7 +135,8 @@ class TrtLlmEngine:
         if self.max_attention_window:
             kwargs["kv_cache_config"] = self._llmapi.KvCacheConfig(max_attention_window=list(self.max_attention_window))
         if self.lora:
-            kwargs.update(enable_lora=True, lora_config=self._lora_config())
+            config = lora_config(self.lora, self.max_loras, len(self.adapter_sources))
+            kwargs.update(enable_lora=True, lora_config=config)
         return kwargs
 
     async def start(self) -> None:
@@ -308,10 +155,7 @@ class TrtLlmEngine:
         self._llmapi = importlib.import_module("tensorrt_llm.llmapi")
         self._prompts = PromptBuilder(load_tokenizer(self.engine_dir), self.recipe)
         if self.adapter_sources:
-            request_cls = importlib.import_module("tensorrt_llm.executor").LoRARequest
-            self._lora_requests = {name: request_cls(lora_name=name, lora_int_id=self.adapter_ids[name],
-                                                     lora_path=str(path.resolve()))
-                                   for name, path in self.adapter_sources.items()}
+            self._lora_requests = lora_requests(self.adapter_sources, self.adapter_ids)
         self.llm = api.LLM(**self.llm_kwargs())
 
     async def stop(self, grace_s: float = 0.0) -> None:
@@ -352,13 +196,7 @@ class TrtLlmEngine:
             raise EngineStoppedError("the engine is not running")
         prompt_ids = request.prompt_ids
         self._prompts.check_ids(prompt_ids)
-        if request.adapter is not None and not self.lora:
-            raise InvalidRequestError(f"LoRA adapter {request.adapter!r}: this TensorRT-LLM engine was exported without "
-                                      "LoRA (TensorRT-LLM engines cannot serve LoRA adapters unless built with them); "
-                                      "re-export it with `toolkit export --target trtllm --lora-rank R`", param="lora")
-        if request.adapter is not None and request.adapter not in self.adapter_sources:
-            served = ", ".join(self.adapter_sources) or "none"
-            raise InvalidRequestError(f"this engine has no LoRA adapter {request.adapter!r} (served: {served})", param="lora")
+        check_request_adapter(request.adapter, self.lora, self.adapter_sources)
         if len(prompt_ids) + request.params.max_tokens > self.context_length:
             raise PromptTooLongError(len(prompt_ids), request.params.max_tokens, self.context_length)
         if len(prompt_ids) > self.input_limit:
