@@ -16,7 +16,9 @@ from toolkit.server.openai.responses import ResponseMeta
 from toolkit.server.openai.schemas import ChatCompletionRequest
 from toolkit.server.openai.stream import ChatStream, CompletionStream
 from toolkit.server.registry import ModelRegistry
-from toolkit.server.tools import HoldBack, ToolSpec, make_plan, parse_tool_calls
+from toolkit.server.tool_parse import parse_tool_calls
+from toolkit.server.tool_stream import HoldBack
+from toolkit.server.tools import ToolSpec, make_plan
 from toolkit.server.body import validation_error
 from toolkit.server.workers_ai.routes import model_from_path
 

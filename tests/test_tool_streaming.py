@@ -17,15 +17,9 @@ import pytest
 from fake_engine import LiveServer, Served, sse_data
 
 from toolkit.recipes import get_recipe
-from toolkit.server.tools import (
-    ArgumentsFragment,
-    TextPiece,
-    ToolCallStart,
-    ToolCallStreamer,
-    ToolSpec,
-    complete_json,
-    make_plan,
-)
+from toolkit.server.json_close import complete_json
+from toolkit.server.tool_stream import ArgumentsFragment, TextPiece, ToolCallStart, ToolCallStreamer
+from toolkit.server.tools import ToolSpec, make_plan
 
 MODEL = "google/gemma-7b-it"
 WEATHER_TOOL = {"type": "function", "function": {

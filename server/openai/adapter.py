@@ -20,7 +20,8 @@ from toolkit.server.openai.schemas import (
 )
 from toolkit.server.registry import ModelEntry
 from toolkit.server.engine_request import Origin, build_params, resolve_max_tokens
-from toolkit.server.tools import ToolCall, ToolPlan, ToolSpec, make_plan, tool_call_text, tool_result_text
+from toolkit.server.tool_parse import ToolCall
+from toolkit.server.tools import ToolPlan, ToolSpec, make_plan, tool_call_text, tool_result_text
 
 DEFAULT_MAX_TOKENS = 512
 

@@ -9,7 +9,8 @@ from typing import Any
 
 from toolkit.runtime.types import RequestOutput, TokenLogprob
 from toolkit.server.registry import ModelEntry
-from toolkit.server.tools import ToolCall, ToolPlan
+from toolkit.server.tool_parse import ToolCall
+from toolkit.server.tools import ToolPlan
 
 
 @dataclass(frozen=True)

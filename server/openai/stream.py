@@ -6,8 +6,8 @@ empty delta and the ``finish_reason``. With ``stream_options.include_usage`` eve
 ``"usage": null`` and one more chunk with ``"choices": []`` and the usage follows; without it
 no chunk has a ``usage`` key. When tools are active, a reply whose first non-space characters
 open JSON is held back only until its first key and tool name show whether it is a call
-(``server/tools.py`` ``ToolCallStreamer``); a call then leaves at once as OpenAI's deltas: first
-``{"index", "id", "type": "function", "function": {"name", "arguments": ""}}``, then
+(``server/tool_stream.py`` ``ToolCallStreamer``); a call then leaves at once as OpenAI's deltas:
+first ``{"index", "id", "type": "function", "function": {"name", "arguments": ""}}``, then
 ``{"index", "function": {"arguments": fragment}}`` per decoded piece, the fragments joining into
 the arguments JSON, and the choice ends with ``finish_reason`` ``tool_calls``.
 """
@@ -19,7 +19,8 @@ from typing import Any
 
 from toolkit.runtime.types import RequestOutput, TokenLogprob
 from toolkit.server.openai.responses import ResponseMeta, chat_logprobs, completion_logprobs, echo_of, finish_reason
-from toolkit.server.tools import ArgumentsFragment, StreamEvent, TextPiece, ToolCallStart, ToolCallStreamer, ToolPlan
+from toolkit.server.tool_stream import ArgumentsFragment, StreamEvent, TextPiece, ToolCallStart, ToolCallStreamer
+from toolkit.server.tools import ToolPlan
 
 
 @dataclass

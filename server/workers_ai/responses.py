@@ -7,7 +7,10 @@ import logging
 from typing import Any
 
 from toolkit.runtime.types import RequestOutput
-from toolkit.server.tools import HoldBack, ToolCall, ToolPlan, complete_json
+from toolkit.server.json_close import complete_json
+from toolkit.server.tool_parse import ToolCall
+from toolkit.server.tool_stream import HoldBack
+from toolkit.server.tools import ToolPlan
 
 log = logging.getLogger(__name__)
 
