@@ -82,9 +82,6 @@ def assign_adapters(dirs: Sequence[Path], loras: Sequence[str]) -> dict[Path, di
                              "add it with `toolkit export-lora`" if not path else
                              f"--lora {spec}: the adapter was exported for a base model none of the served engines has")
         for engine_dir, adapter_dir in where.items():
-            if manifests[engine_dir].target != "onnx":
-                raise ValueError(f"--lora {spec}: {engine_dir} is a {manifests[engine_dir].target} engine, which cannot "
-                                 "serve LoRA adapters yet")
             if name in assigned[engine_dir]:
                 raise ValueError(f"--lora {spec}: adapter name {name!r} is given twice")
             assigned[engine_dir][name] = adapter_dir

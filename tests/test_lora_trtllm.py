@@ -308,3 +308,20 @@ def test_the_fake_refuses_a_lora_request_on_an_llm_without_lora(fake_trtllm: Fak
         fake_trtllm.LoraConfig(lora_target_modules=["q_proj"])
     with pytest.raises(TypeError, match="unexpected keyword argument 'swap_gate_up_proj'"):
         fake_trtllm.LoraConfig(swap_gate_up_proj=True)
+
+
+def test_serve_lora_hands_a_trtllm_engine_its_exported_adapters(fake_trtllm: FakeTrtLlm, tmp_path: Path,
+                                                                  tokenizer_dir: Path) -> None:
+    """``toolkit serve ENGINE --lora sql --max-loras 2`` on a TensorRT-LLM engine with LoRA (load_engines)."""
+    from toolkit.server.serve import load_engines
+
+    engine = _serving_engine(tmp_path, tokenizer_dir, lora_build_options(8, None, 2, 6))
+    adapter = _exported_adapter(engine.engine_dir / "adapters" / "sql", "sql", 8, ["q_proj", "v_proj"], "base-sha")
+    manifest = engine.manifest
+    manifest.adapters["sql"] = {"path": "adapters/sql", "rank": 8, "target_modules": ["q_proj", "v_proj"]}
+    manifest.files = describe_files(engine.engine_dir)
+    write_manifest(engine.engine_dir, manifest)
+    [served] = load_engines([engine.engine_dir], loras=["sql"], max_loras=2).values()
+    assert isinstance(served, TrtLlmEngine)
+    assert served.adapter_names == ("sql",) and served.max_loras == 2
+    assert Path(served.adapter_sources["sql"]).resolve() == adapter.resolve()

@@ -25,5 +25,8 @@ def load_engine(engine_dir: str | Path, **options):
         from toolkit.runtime.engines.trtllm_engine import TrtLlmEngine
 
         config = options.get("config")
-        return TrtLlmEngine(engine_dir, manifest, recipe, **({"max_waiting": config.max_waiting} if config else {}))
+        extra = {key: options[key] for key in ("adapters", "max_loras") if key in options}
+        if config is not None:
+            extra["max_waiting"] = config.max_waiting
+        return TrtLlmEngine(engine_dir, manifest, recipe, **extra)
     raise EngineDirError(f"{engine_dir}: unknown target {manifest.target!r}; re-export")
