@@ -129,6 +129,8 @@ class ToolCallStreamer:
         if not self.calls or len(self.calls) != self._scan.calls_named:
             return []
         fragment = self._scan.take_arguments()
+        if self._scan.state == "broken":  # the reply broke the JSON: send only what can still be closed
+            fragment = _completable_start(self._args[-1], fragment)
         if not fragment:
             return []
         self._args[-1] += fragment
@@ -158,6 +160,18 @@ class ToolCallStreamer:
             call.arguments = args if isinstance(args, dict) else {}
         self.mode = "done"
         return events
+
+
+def _completable_start(sent: str, fragment: str) -> str:
+    """The longest start of ``fragment`` after which the arguments sent so far can still be closed.
+
+    A comma is released once the next character arrives; when that character breaks the JSON
+    (``[1,s``), the comma must not leave, or no closing text could make the arguments parse.
+    """
+    for end in range(len(fragment), -1, -1):
+        if complete_json(sent + fragment[:end]) is not None:
+            return fragment[:end]
+    return ""
 
 
 def _merge_fragments(events: list[StreamEvent]) -> list[StreamEvent]:

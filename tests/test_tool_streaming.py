@@ -142,6 +142,8 @@ def test_auto_holds_back_only_until_it_knows():
     '{"name": "get_weather", "arguments": {"a"',
     '{"name": "get_weather", "arguments": {"a": 1} trailing junk',
     '{"name": "get_weather"',
+    '{"name": "get_weather", "arguments": {"n": [1,s:',
+    '{"name": "get_weather", "arguments": {"a": 1,}',
 ])
 def test_a_call_cut_or_broken_still_joins_into_json(cut):
     for step in (1, 4, len(cut)):
