@@ -34,7 +34,7 @@ from toolkit.artifact.lora import ADAPTER_WEIGHTS, ADAPTERS_DIR, AdapterError, A
 from toolkit.artifact.manifest import (EngineDirError, Manifest, describe_files, load_manifest, sha256_file,
                                        write_manifest)
 from toolkit.export.lora_graph import convert, ensure_lora_graph
-from toolkit.export.lora_peft import check_base_model, read_peft_adapter
+from toolkit.export.lora_peft import check_base_model, publish_stage, read_peft_adapter
 from toolkit.export.lora_trtllm import publish_trtllm_adapter
 from toolkit.export.lora_validate import adapter_runner, peft_reference
 
@@ -105,12 +105,7 @@ def export_lora(peft_dir: Path, engine_dir: Path, name: str, out: Path | None = 
             source={"path": str(adapter.path.resolve()), "files_sha256": adapter.files_sha256},
             validation=result,
         )
-        info.save(stage)
-        if not result["passed"]:
-            raise AdapterError(f"adapter {name!r} failed validation on {engine_dir}: {'; '.join(result['failures'])}")
-        if target.exists():
-            shutil.rmtree(target)
-        stage.replace(target)
+        publish_stage(stage, target, info, engine_dir)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

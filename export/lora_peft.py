@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from toolkit.artifact.lora import MAX_RANK, PEFT_CONFIG, PEFT_WEIGHTS, PROJECTIONS, AdapterError
+from toolkit.artifact.lora import MAX_RANK, PEFT_CONFIG, PEFT_WEIGHTS, PROJECTIONS, AdapterError, AdapterInfo
 from toolkit.artifact.manifest import Manifest, sha256_file
 
 _PEFT_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
@@ -132,3 +133,14 @@ def check_layers(adapter: PeftAdapter, checkpoint: Path) -> None:
         raise AdapterError(f"adapter {adapter.path} has LoRA weights for layer {deepest}, the base model has {layers} "
                            "layers: wrong base model")
 
+
+
+def publish_stage(stage: Path, target: Path, info: AdapterInfo, engine_dir: Path) -> None:
+    """Save the adapter's record in its staging directory, refuse it if its validation failed, then move it into place."""
+    info.save(stage)
+    if not info.validation["passed"]:
+        raise AdapterError(f"adapter {info.name!r} failed validation on {engine_dir}: "
+                           f"{'; '.join(info.validation['failures'])}")
+    if target.exists():
+        shutil.rmtree(target)
+    stage.replace(target)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from toolkit.artifact.lora import ADAPTERS_DIR, PEFT_CONFIG, PEFT_WEIGHTS, AdapterError, AdapterInfo
 from toolkit.artifact.manifest import Manifest, sha256_file
-from toolkit.export.lora_peft import PeftAdapter, check_layers
+from toolkit.export.lora_peft import PeftAdapter, check_layers, publish_stage
 from toolkit.export.lora_validate import peft_reference
 
 
@@ -110,12 +110,7 @@ def publish_trtllm_adapter(adapter: PeftAdapter, engine_dir: Path, manifest: Man
             source={"path": str(adapter.path.resolve()), "files_sha256": adapter.files_sha256, "format": "hf-peft"},
             validation=result,
         )
-        info.save(stage)
-        if not result["passed"]:
-            raise AdapterError(f"adapter {name!r} failed validation on {engine_dir}: {'; '.join(result['failures'])}")
-        if target.exists():
-            shutil.rmtree(target)
-        stage.replace(target)
+        publish_stage(stage, target, info, engine_dir)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from engine_helpers import until_idle
 
 from toolkit.export.golden import Reference
 from toolkit.recipes import all_recipes, get_recipe
@@ -34,15 +35,6 @@ async def started(engine_dir, **options):
     engine = load_engine(engine_dir, **options)
     await engine.start()
     return engine
-
-
-async def until_idle(engine, timeout=5.0):
-    for _ in range(int(timeout / 0.02)):
-        stats = engine.stats()
-        if stats.running == 0 and stats.waiting == 0 and stats.kv_cache_used_tokens == 0:
-            return stats
-        await asyncio.sleep(0.02)
-    return engine.stats()
 
 
 @pytest.mark.parametrize("graph", GRAPHS)

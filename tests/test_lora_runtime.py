@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from engine_helpers import until_idle
 
 from lora_fixtures import copy_engine, make_peft_adapter
 from toolkit.export.golden import Reference
@@ -54,15 +55,6 @@ def _request(case, adapter=None, max_tokens=32):
     return GenerateRequest(prompt_ids=case.prompt_ids, params=SamplingParams(max_tokens=max_tokens, **GREEDY), adapter=adapter)
 
 
-async def _until_idle(engine, timeout=5.0):
-    for _ in range(int(timeout / 0.02)):
-        stats = engine.stats()
-        if stats.running == 0 and stats.waiting == 0 and stats.kv_cache_used_tokens == 0:
-            return stats
-        await asyncio.sleep(0.02)
-    return engine.stats()
-
-
 @pytest.mark.parametrize("graph", ["optimum", "gqa"])
 def test_mixed_batch_each_request_equals_its_reference(graph, lora_engine):
     """base / a / b requests in one running batch each produce exactly what they produce alone, which is
@@ -84,7 +76,7 @@ def test_mixed_batch_each_request_equals_its_reference(graph, lora_engine):
 
         jobs = [(name, i) for i in range(3) for name in expected]
         results = await asyncio.gather(*(one(name, i, 0.01 * k) for k, (name, i) in enumerate(jobs)))
-        stats = await _until_idle(engine)
+        stats = await until_idle(engine)
         await engine.stop()
         return alone, dict(zip(jobs, results)), stats
 
@@ -114,7 +106,7 @@ def test_lru_bound_abort_and_errors(lora_engine):
         async for _ in stream:
             break
         await stream.aclose()
-        stats = await _until_idle(engine)
+        stats = await until_idle(engine)
         with pytest.raises(InvalidRequestError, match="no LoRA adapter 'nope'"):
             await engine.generate(_request(case, "nope"))
         await engine.stop()

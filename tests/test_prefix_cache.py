@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+from engine_helpers import until_idle
 
 from toolkit.recipes import get_recipe
 from toolkit.runtime import load_engine
@@ -110,15 +111,6 @@ async def _run(engine, prompt, max_tokens=12, adapter=None) -> tuple[list[int], 
             tokens.extend(choice.token_ids)
     assert len(cached) == 1, cached
     return tokens, cached.pop()
-
-
-async def until_idle(engine, timeout=10.0):
-    for _ in range(int(timeout / 0.02)):
-        stats = engine.stats()
-        if stats.running == 0 and stats.waiting == 0 and stats.kv_cache_used_tokens == 0:
-            return stats
-        await asyncio.sleep(0.02)
-    return engine.stats()
 
 
 def _common(a, b) -> int:
