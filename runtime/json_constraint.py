@@ -43,6 +43,14 @@ STRUCTURE_CLOSERS = ('}}', ']}', '}]', '}', ']', '""', '0', '[]', '{}', 'true', 
                      'e', 'a', 'A', '_')
 MAX_CLOSING_TOKENS = 256  # a closing path longer than this counts as "cannot close"
 _TOP_CHOICES = 8  # the model's best tokens also offered when steering
+#: Closing costs are walked on a copy of the matcher (one step per token of the closing path), so
+#: a schema that needs hundreds of tokens to close (``minItems: 100``) made every decode step
+#: cost milliseconds per sequence. While the budget left exceeds the last measured closing cost
+#: by more than ``_SLACK`` tokens (minus the steps since), the check is skipped, for at most
+#: ``_RECHECK_EVERY`` steps: a token would have to add more than that slack to the closing path
+#: between two checks for a reply to run out.
+_SLACK = 32
+_RECHECK_EVERY = 16
 
 
 def _llguidance():
@@ -159,6 +167,8 @@ class JsonConstraint:
         self._token_bytes: dict[int, bytes] = {}
         self._strings = _StringState()
         self.steered = False  # True once the token budget replaced a sampled token
+        self._slack: int | None = None  # budget left minus closing cost at the last check
+        self._unchecked = 0  # steps since that check
         self._matcher = llg.LLMatcher(ll_tokenizer, grammar, log_level=0)
         if self._matcher.is_error():
             raise InvalidParameterError(
@@ -240,9 +250,9 @@ class JsonConstraint:
         allowed = [int(t) for t in np.flatnonzero(self._allowed(m))[:4096] if int(t) not in self._eos]
         return min(allowed, key=lambda t: (len(self._bytes(t)), t)) if allowed else None
 
-    def closing_cost(self, after: int | None = None) -> int | None:
-        """Length of :meth:`closing_path` (None when there is none)."""
-        path = self.closing_path(after=after)
+    def closing_cost(self, after: int | None = None, limit: int = MAX_CLOSING_TOKENS) -> int | None:
+        """Length of :meth:`closing_path` (None when there is none within ``limit`` tokens)."""
+        path = self.closing_path(limit=limit, after=after)
         return None if path is None else len(path)
 
     def fit_budget(self, token: int, logits: np.ndarray, budget: int | None) -> int:
@@ -253,10 +263,20 @@ class JsonConstraint:
         if budget is None or self._matcher.is_error() or token in self._eos:
             return token
         left = budget - 1
-        cost = self.closing_cost(after=token)
-        if cost is not None and cost <= left:
+        if left > MAX_CLOSING_TOKENS + _SLACK:  # any closing path we would steer along fits: nothing to check
             return token
+        if self._slack is not None and self._unchecked < _RECHECK_EVERY and self._slack - self._unchecked > _SLACK:
+            self._unchecked += 1
+            return token
+        cost = self.closing_cost(after=token, limit=min(MAX_CLOSING_TOKENS, left))
+        if cost is not None and cost <= left:
+            self._slack, self._unchecked = left - cost, 1
+            return token
+        self._slack = None
         path = self.closing_path()
+        if path is None and cost is None:  # closing needs over MAX_CLOSING_TOKENS even now: nothing to steer to yet
+            self._slack, self._unchecked = _SLACK + _RECHECK_EVERY, 1
+            return token
         n = logits.shape[-1]
         options = {*self._closing[0], *self._closing[1], *path[:1]} if path else {*self._closing[0], *self._closing[1]}
         if n > _TOP_CHOICES:
@@ -264,7 +284,7 @@ class JsonConstraint:
         fitting = []
         for option in options:
             if option < n and np.isfinite(logits[option]) and option not in self._eos:
-                c = self.closing_cost(after=option)
+                c = self.closing_cost(after=option, limit=min(MAX_CLOSING_TOKENS, left))
                 if c is not None and c <= left:
                     fitting.append(option)
         if fitting:

@@ -272,7 +272,7 @@ def test_sigterm_drains_in_flight_streams_and_exits_zero(engine_dir, tmp_path):
         started = threading.Barrier(4)
 
         def stream(i: int) -> None:
-            body = chat(f"stream {i}", stream=True, n=4, **{**LONG, "max_tokens": 480, "seed": i})
+            body = chat(f"stream {i}", stream=True, n=4, max_tokens=480, ignore_eos=True, temperature=1.0, seed=i)
             events: list[str] = []
             try:
                 with httpx.stream("POST", base + CHAT, json=body, timeout=30) as r:
