@@ -14,12 +14,10 @@ import random
 import jsonschema
 import numpy as np
 import pytest
-from test_json_constraint import EOS, MERGES, SCHEMA
-from tiny_models import build_byte_fallback_tokenizer
+from test_json_constraint import EOS, SCHEMA, factory, tokenizer  # noqa: F401 - fixtures shared with the constraint tests
 
 from toolkit.recipes import get_recipe
 from toolkit.runtime import load_engine
-from toolkit.runtime.json_constraint import JsonConstraintFactory
 from toolkit.runtime.sampler import SequenceSampler
 from toolkit.runtime.sampling_params import SamplingParams
 from toolkit.runtime.types import GenerateRequest
@@ -37,16 +35,6 @@ NESTED = {
     "required": ["title"],
     "additionalProperties": False,
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_byte_fallback_tokenizer(MERGES)
-
-
-@pytest.fixture(scope="module")
-def factory(tokenizer):
-    return JsonConstraintFactory(tokenizer, eos_token_ids=[EOS])
 
 
 def _run(tokenizer, factory, params, seed, closers_bias=0.0):
