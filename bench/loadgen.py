@@ -28,6 +28,7 @@ from toolkit.bench.offline import FILLER, summarize
 
 SCHEMAS = ("openai", "workers-ai")
 MODES = ("concurrency", "rate")
+ROUTES = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}  # OpenAI schema only
 _WORDS = FILLER.split()
 _TAGS = itertools.count(1)  # unique prompt starts across every level of a process
 
@@ -39,6 +40,7 @@ class RequestRecord:
     start: float
     token_times: list[float] = field(default_factory=list)
     usage_tokens: int | None = None
+    usage: dict[str, Any] | None = None  # the server's last usage object (token details: cached, accepted)
     status: int | None = None
     error: str | None = None
     done: bool = False
@@ -63,6 +65,7 @@ class LoadSpec:
     include_usage: bool = True
     extra_body: dict[str, Any] | None = None
     seed: int = 0
+    route: str = "completions"  # OpenAI schema: "chat" posts to /v1/chat/completions (bodies with messages)
 
 
 def prompt_text(n_tokens: int, tag: int | None = None) -> str:
@@ -74,11 +77,14 @@ def prompt_text(n_tokens: int, tag: int | None = None) -> str:
 
 
 def endpoint(spec: LoadSpec) -> str:
-    """The streaming endpoint for the spec's schema under the base URL (a trailing ``/v1`` is allowed)."""
+    """The streaming endpoint for the spec's schema (and OpenAI route) under the base URL (a trailing
+    ``/v1`` is allowed)."""
     base = spec.url.rstrip("/")
     if spec.schema == "workers-ai":
         return f"{base}/client/v4/accounts/bench/ai/run/{spec.model}"
-    return f"{base.removesuffix('/v1')}/v1/completions"
+    if spec.route not in ROUTES:
+        raise ValueError(f"route must be one of {sorted(ROUTES)}, not {spec.route!r}")
+    return base.removesuffix("/v1") + ROUTES[spec.route]
 
 
 def request_body(spec: LoadSpec, prompt: str, max_tokens: int) -> dict[str, Any]:
@@ -152,6 +158,7 @@ async def _read_events(response: httpx.Response, schema: str, record: RequestRec
             return
         if tokens is not None:
             record.usage_tokens = tokens
+            record.usage = json.loads(data).get("usage")
         if text:
             record.token_times.append(time.perf_counter())
             if disconnect_after is not None and len(record.token_times) >= disconnect_after:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import uvicorn
 
-from toolkit.bench.loadgen import LoadSpec, parse_event, prompt_text, request_body, run_http_bench, stream_request
+from toolkit.bench.loadgen import LoadSpec, endpoint, parse_event, prompt_text, request_body, run_http_bench, stream_request
 
 
 class FakeServer:
@@ -227,3 +227,24 @@ def test_parse_error_events(schema, data):
 def test_prompt_text_length():
     assert len(prompt_text(100).split()) == 100
     assert 95 <= len(prompt_text(100, tag=7).split()) <= 100 and prompt_text(5, tag=7).startswith("Request 7:")
+
+
+def test_chat_route_and_usage_details():
+    """The chat route posts to /v1/chat/completions; the record keeps the whole usage object (the
+    editing workload reads accepted / rejected prediction tokens from it)."""
+    fake = FakeServer(chunks=4, first_delay=0.01, gap=0.005, tokens_per_chunk=3)
+    spec = LoadSpec("http://unused/v1", "m", route="chat")
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+            "stream_options": {"include_usage": True}, "prediction": {"type": "content", "content": "hi"}}
+
+    async def one(url):
+        spec.url = url + "/v1"
+        async with httpx.AsyncClient() as client:
+            return await stream_request(client, spec, body)
+
+    record = serve_fake(fake, one)
+    assert record.error is None and len(record.token_times) == 4
+    assert fake.paths == ["/v1/chat/completions"] and fake.bodies == [body]
+    assert record.usage == {"prompt_tokens": 10, "completion_tokens": 12} and record.output_tokens == 12
+    with pytest.raises(ValueError, match="route"):
+        endpoint(LoadSpec("http://x", "m", route="embeddings"))
