@@ -313,7 +313,7 @@ def bench(url, offline, engine_dir, model, schema, concurrency, rate, requests_p
 @click.option("--max-replicas", type=int, help="With --ray: autoscale, never above N replicas.")
 @click.option("--target-ongoing-requests", type=float, default=8.0, show_default=True, help="With --ray, autoscaling: requests per replica (running + queued) to steer towards.")
 @click.option("--threads", type=int, help="With --ray: onnxruntime threads per replica, also the CPUs each replica reserves (default 1 CPU).")
-@click.option("--no-prefix-cache", "no_prefix_cache", is_flag=True, help="ONNX engines: do not reuse the KV of prompt prefixes shared between requests (README: Prefix caching).")
+@click.option("--no-prefix-cache", "no_prefix_cache", is_flag=True, help="Do not reuse the KV of prompt prefixes shared between requests (ONNX: the prefix cache; TensorRT-LLM: KV block reuse; README: Prefix caching).")
 def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, request_timeout_s, public_metrics, cors_origins, log_level, loras, max_loras,
           use_ray, ray_address, replicas, min_replicas, max_replicas, target_ongoing_requests, threads, no_prefix_cache) -> None:
     """Serve ENGINE_DIRs over the OpenAI and Workers AI APIs.

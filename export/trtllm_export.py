@@ -105,6 +105,15 @@ def trtllm_versions() -> dict[str, str]:
     return versions
 
 
+PLUGIN_CONFIG = {"use_paged_context_fmha": True}
+"""``BuildConfig.plugin_config`` fields every build sets. Paged context FMHA is what lets the executor run
+chunked prefill (it refuses ``enable_chunked_prefill`` without it) and reuse KV blocks across requests
+(silently off without it): ``cpp/tensorrt_llm/batch_manager/trtGptModelInflightBatching.cpp``,
+https://github.com/NVIDIA/TensorRT-LLM/blob/main/cpp/tensorrt_llm/batch_manager/trtGptModelInflightBatching.cpp
+Its default differs between TensorRT-LLM versions (False in the old dataclass PluginConfig, True in the
+pydantic one), so it is set explicitly; ``tests/data/tensorrt_llm_api.json`` records both."""
+
+
 def _allowed_precisions(recipe) -> tuple[str, ...]:
     return tuple(p for p in recipe.trtllm.precisions if p in QUANT_ALGOS)
 
@@ -115,7 +124,8 @@ def trtllm_build_plan(recipe, precision: str, checkpoint_config: dict[str, Any] 
 
     Returns ``{"backend", "dtype", "tensor_parallel_size", "build_config", "quant_algo",
     "enable_chunked_prefill", "logprobs", "max_attention_window"}``: ``build_config`` holds the
-    ``BuildConfig`` keyword arguments; ``quant_algo`` is the ``QuantAlgo`` member name or None;
+    ``BuildConfig`` keyword arguments, except ``plugin_config`` (``PLUGIN_CONFIG``: fields set on the
+    BuildConfig's PluginConfig after construction); ``quant_algo`` is the ``QuantAlgo`` member name or None;
     ``dtype`` follows the recipe / checkpoint (``engine_dtype``). ``max_input_len`` is one less than
     the context window so that every accepted prompt leaves room for at least one generated token
     (TensorRT-LLM requires ``max_input_len <= max_seq_len``); the serving engine runs with chunked
@@ -145,6 +155,7 @@ def trtllm_build_plan(recipe, precision: str, checkpoint_config: dict[str, Any] 
             "max_num_tokens": int(recipe.trtllm.max_num_tokens),
             "max_seq_len": context,
             "max_input_len": context - 1,
+            "plugin_config": dict(PLUGIN_CONFIG),
         },
         "quant_algo": QUANT_ALGOS[precision],
         "enable_chunked_prefill": True,
@@ -163,11 +174,14 @@ def _llm_kwargs(api: TrtLlmApi, checkpoint_dir: Path, plan: dict[str, Any]) -> d
         "tensor_parallel_size": plan["tensor_parallel_size"],
     }
     build = dict(plan["build_config"])
+    plugins = build.pop("plugin_config", {})
     if plan.get("lora"):
         lora_config = trtllm_lora_config(plan["lora"])
         build["lora_config"] = lora_config
         kwargs.update(enable_lora=True, lora_config=lora_config)
     kwargs["build_config"] = api.BuildConfig(**build)
+    for name, value in plugins.items():  # upstream's own idiom (trtllm-bench build): set on the default PluginConfig
+        setattr(kwargs["build_config"].plugin_config, name, value)
     if plan["quant_algo"] is not None:
         kwargs["quant_config"] = api.QuantConfig(quant_algo=getattr(api.QuantAlgo, plan["quant_algo"]))
     return kwargs

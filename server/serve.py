@@ -92,7 +92,7 @@ def load_engines(dirs: Sequence[Path], loras: Sequence[str] = (), max_loras: int
                  prefix_cache: bool = True) -> dict[str, Engine]:
     """``{recipe name: unstarted engine}`` for each directory (one engine per recipe), with its ``--lora`` adapters.
 
-    ``prefix_cache=False`` (``--no-prefix-cache``) turns the ONNX engines' prefix cache off.
+    ``prefix_cache=False`` (``--no-prefix-cache``) turns prefix caching off (ONNX: the prefix cache; TensorRT-LLM: KV block reuse).
     """
     from toolkit.runtime import load_engine
     from toolkit.runtime.scheduler import SchedulerConfig

@@ -14,7 +14,12 @@ It also reproduces the recorded behaviours the toolkit depends on:
   ``min(max_input_len, max_num_tokens)`` (the engine's ``config.json`` build_config) is rejected by the
   runtime: the stream raises, as the C++ executor's error does;
 * logprobs need ``LLM(gather_generation_logits=True)`` (``generate_async`` raises ``ValueError``);
-* a streamed result's ``finish_reason`` is one of the recorded four.
+* a streamed result's ``finish_reason`` is one of the recorded four;
+* paged context FMHA (``paged_context_fmha`` behaviour): serving an engine whose ``config.json`` says
+  ``plugin_config.use_paged_context_fmha`` is False with ``enable_chunked_prefill=True`` raises at
+  ``LLM(...)``, as the executor's check does; KV block reuse is then silently off (``LLM.block_reuse``),
+  as it is with ``gather_context_logits``. ``LLM.save`` writes the engine's ``config.json`` from its
+  ``BuildConfig`` (plugin_config as a dict).
 
 LoRA (recorded ``LoraConfig`` in ``tensorrt_llm.lora_helper``, ``LoRARequest`` in ``tensorrt_llm.executor``):
 ``LoraConfig`` refuses target modules outside the recorded TensorRT-LLM module names; ``LoRARequest`` refuses a
@@ -199,6 +204,31 @@ def _check_lora_request(llm: Any, request: Any) -> None:
         raise ValueError(f"LoRA {request.lora_name!r} targets {sorted(set(targets) - allowed)}, not built into the engine")
 
 
+class PluginConfig(Recorded):
+    """``BuildConfig().plugin_config``: a pydantic model with ``validate_assignment=True``, so assigning a
+    name that is not a recorded field, or a value of the wrong type, raises."""
+
+    NAME, SPEC = "PluginConfig", CLASSES["PluginConfig"]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        fields = self.SPEC["fields"]
+        if name in fields:
+            _check_type(self.NAME, name, fields[name][0], value, PydanticLikeError)
+        elif name != "kwargs":
+            raise PydanticLikeError(f'"PluginConfig" object has no field "{name}" (not in the recorded {VERSION} API)')
+        object.__setattr__(self, name, value)
+
+    def to_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.SPEC["fields"]}
+
+
+def paged_context_fmha(engine_config: dict) -> bool:
+    """What the runtime reads from a saved engine: ``build_config.plugin_config.use_paged_context_fmha``
+    (the recorded default when the engine's config does not spell it out)."""
+    plugin = (engine_config.get("build_config") or {}).get("plugin_config") or {}
+    return bool(plugin.get("use_paged_context_fmha", CLASSES["PluginConfig"]["fields"]["use_paged_context_fmha"][1]))
+
+
 class KvCacheConfig(Recorded):
     NAME, SPEC = "KvCacheConfig", CLASSES["KvCacheConfig"]
 
@@ -314,6 +344,10 @@ class FakeTrtLlm:
             NAME, SPEC = "BuildConfig", CLASSES["BuildConfig"]
 
             def validate(self):
+                if "plugin_config" not in self.kwargs:  # the recorded default: a fresh PluginConfig()
+                    self.plugin_config = PluginConfig()
+                elif not isinstance(self.plugin_config, PluginConfig):
+                    raise TypeError("BuildConfig.plugin_config must be a tensorrt_llm PluginConfig")
                 if self.kwargs.get("lora_config") is not None and not isinstance(self.lora_config, LoraConfig):
                     raise TypeError("BuildConfig.lora_config must be a tensorrt_llm LoraConfig")
                 if self.max_seq_len is not None and self.max_input_len > self.max_seq_len:
@@ -344,6 +378,14 @@ class FakeTrtLlm:
                         raise PydanticLikeError(f"LLM {name} must be a {cls.NAME}, got {type(value).__name__}")
                 self.calls, self.saved, self.shutdowns, self.lora_requests = [], [], 0, []
                 self.engine_config = fake.engine_config(self.kwargs["model"])
+                paged = paged_context_fmha(self.engine_config)
+                if self.engine_config and self.enable_chunked_prefill and not paged:
+                    raise RuntimeError("[TensorRT-LLM][ERROR] Chunked context requires context FMHA, paged kv_cache "
+                                       "and paged context FMHA all enabled at the same time.")
+                kv = self.kwargs.get("kv_cache_config")  # the recorded default: KvCacheConfig()
+                context_logits = bool((self.engine_config.get("build_config") or {}).get("gather_context_logits"))
+                # the executor's fixExecutorConfig: reuse silently off without paged context FMHA / with context logits
+                self.block_reuse = (kv.enable_block_reuse if kv is not None else True) and paged and not context_logits
                 fake.llms.append(self)
 
             def input_limit(self) -> int:
@@ -354,7 +396,13 @@ class FakeTrtLlm:
                 return max_input if self.enable_chunked_prefill else min(max_input, max_num_tokens)
 
             def save(self, engine_dir):
+                """Writes the engine's ``config.json`` (its build_config, plugin_config as a dict), as the real save does."""
                 self.saved.append(engine_dir)
+                build = self.kwargs.get("build_config")
+                if build is not None and Path(engine_dir).is_dir():
+                    config = {k: v for k, v in build.kwargs.items() if k not in ("plugin_config", "lora_config")}
+                    config["plugin_config"] = build.plugin_config.to_dict()
+                    (Path(engine_dir) / "config.json").write_text(json.dumps({"version": VERSION, "build_config": config}))
 
             def generate_async(self, inputs, sampling_params=None, lora_request=None, streaming=False):
                 if fake.reject is not None:
@@ -395,7 +443,7 @@ class FakeTrtLlm:
 
         self.BuildConfig, self.QuantConfig, self.LLM, self.SamplingParams = BuildConfig, QuantConfig, LLM, SamplingParams
         self.GuidedDecodingParams = GuidedDecodingParams
-        self.KvCacheConfig = KvCacheConfig
+        self.KvCacheConfig, self.PluginConfig = KvCacheConfig, PluginConfig
         self.LoraConfig, self.LoRARequest = LoraConfig, LoRARequest
 
     @staticmethod
@@ -419,11 +467,13 @@ class FakeTrtLlm:
         llmapi.QuantAlgo = FakeQuantAlgo
         quantization = types.ModuleType("tensorrt_llm.quantization")
         quantization.QuantAlgo = FakeQuantAlgo
+        plugin = types.ModuleType("tensorrt_llm.plugin")
+        plugin.PluginConfig = PluginConfig
         lora_helper = types.ModuleType("tensorrt_llm.lora_helper")
         lora_helper.LoraConfig = LoraConfig
         executor = types.ModuleType("tensorrt_llm.executor")
         executor.LoRARequest = LoRARequest
         root._tensorrt_engine, root.llmapi, root.quantization = engine, llmapi, quantization
-        root.lora_helper, root.executor = lora_helper, executor
-        for module in (root, engine, llmapi, quantization, lora_helper, executor):
+        root.lora_helper, root.executor, root.plugin = lora_helper, executor, plugin
+        for module in (root, engine, llmapi, quantization, lora_helper, executor, plugin):
             monkeypatch.setitem(sys.modules, module.__name__, module)

@@ -13,7 +13,7 @@ from gpu_check import trtllm_gpu_skip_reason
 from toolkit.artifact.trtllm import TRTLLM_MISSING_MESSAGE, TrtLlmUnavailableError
 from toolkit.export import trtllm_export
 from toolkit.export.trtllm_export import build_trtllm_engine, trtllm_build_plan, trtllm_versions
-from toolkit.recipes import all_recipes
+from toolkit.recipes import all_recipes, get_recipe
 
 PRECISIONS = ("fp16", "int8")
 # Set by hand from recipes/codellama-70b-instruct.toml, not read from the recipe, so a changed
@@ -42,6 +42,8 @@ def test_build_makes_exact_trtllm_calls(fake_trtllm: FakeTrtLlm, tmp_path: Path,
         "max_input_len": recipe.context_window - 1,
     }
     assert [b.kwargs for b in fake_trtllm.build_configs] == [build_kwargs]
+    # paged context FMHA set on the BuildConfig's PluginConfig: chunked prefill and KV reuse need it
+    assert fake_trtllm.build_configs[0].plugin_config.use_paged_context_fmha is True
     if precision == "int8":
         assert [q.kwargs for q in fake_trtllm.quant_configs] == [{"quant_algo": FakeQuantAlgo.W8A16}]
     else:
@@ -64,7 +66,7 @@ def test_build_makes_exact_trtllm_calls(fake_trtllm: FakeTrtLlm, tmp_path: Path,
         "backend": "tensorrt",
         "dtype": EXPECTED_DTYPE.get(recipe.name, "float16"),
         "tensor_parallel_size": tp,
-        "build_config": build_kwargs,
+        "build_config": {**build_kwargs, "plugin_config": {"use_paged_context_fmha": True}},
         "quant_algo": "W8A16" if precision == "int8" else None,
         "enable_chunked_prefill": True,
         "logprobs": False,
@@ -243,3 +245,17 @@ def test_gpu_smoke_script_stops_with_one_sentence_without_tensorrt_llm(no_trtllm
     out = capsys.readouterr().out.strip()
     assert out.count("\n") == 0 and out.endswith(".") and "TensorRT-LLM 1.2.x is not importable" in out
     assert not (tmp_path / "smoke").exists()  # stopped before any work
+
+
+def test_exported_engine_config_has_paged_context_fmha_so_chunked_prefill_and_reuse_start(fake_trtllm: FakeTrtLlm,
+                                                                                          tmp_path: Path) -> None:
+    """What the build writes is what the runtime checks: the saved config.json's plugin_config lets
+    LLM(enable_chunked_prefill=True) start (the executor refuses it otherwise) with block reuse on."""
+    recipe = get_recipe("qwen2-7b-instruct")
+    out_dir = tmp_path / "engine"
+    out_dir.mkdir()
+    build_trtllm_engine(tmp_path / "ckpt", recipe, "fp16", out_dir)
+    saved = json.loads((out_dir / "config.json").read_text())
+    assert saved["build_config"]["plugin_config"]["use_paged_context_fmha"] is True
+    llm = fake_trtllm.LLM(model=str(out_dir), enable_chunked_prefill=True)
+    assert llm.block_reuse

@@ -243,8 +243,10 @@ def test_streams_token_by_token_and_maps_everything(fake_trtllm: FakeTrtLlm, tmp
 
     outputs = _run(scenario())
     [llm] = fake_trtllm.llms
+    kv = llm.kwargs.pop("kv_cache_config")
     assert llm.kwargs == {"model": str(engine.engine_dir), "gather_generation_logits": True,
                           "guided_decoding_backend": "xgrammar", "enable_chunked_prefill": True}
+    assert kv.kwargs == {"enable_block_reuse": True} and llm.block_reuse  # TensorRT-LLM's prefix caching
     prompt_ids = _ids(tokenizer, render_chat("chatml", MESSAGES))
     [(inputs, sampling, streaming)] = llm.calls
     assert (inputs, streaming) == (prompt_ids, True)
@@ -869,3 +871,33 @@ def test_logit_bias_reaches_trtllm_as_embedding_bias(fake_trtllm, tmp_path, toke
     bias = fake_trtllm.llms[0].calls[0][1].kwargs["embedding_bias"]
     assert len(bias) == engine.prompts.vocab_size and float(bias[5]) == 100.0 and float(bias[9]) == -100.0
     assert sum(float(b) != 0.0 for b in bias) == 2
+
+
+def _without_paged_context_fmha(engine_dir: Path) -> None:
+    config = json.loads((engine_dir / "config.json").read_text())
+    config["build_config"]["plugin_config"] = {"use_paged_context_fmha": False}
+    (engine_dir / "config.json").write_text(json.dumps(config))
+
+
+def test_engine_built_without_paged_context_fmha_runs_without_chunked_prefill_and_reuse(fake_trtllm, tmp_path, tokenizer_dir):
+    """The executor refuses chunked prefill on such an engine (and drops block reuse): serve it without both,
+    with the shorter input limit, instead of failing at start."""
+    engine_dir = _engine_dir(tmp_path, tokenizer_dir, max_seq_len=96, max_num_tokens=40)
+    _without_paged_context_fmha(engine_dir)
+    engine = TrtLlmEngine(engine_dir, _manifest(), RECIPE)
+    _run(engine.start())
+    [llm] = fake_trtllm.llms
+    assert llm.kwargs["enable_chunked_prefill"] is False and llm.kwargs["kv_cache_config"].enable_block_reuse is False
+    assert engine.input_limit == 40
+    with pytest.raises(PromptTooLongError, match="max_num_tokens, no chunked prefill"):
+        _run(engine.generate(GenerateRequest(list(range(41)), SamplingParams(max_tokens=4))))
+    _run(engine.stop())
+
+
+def test_no_prefix_cache_turns_trtllm_block_reuse_off(fake_trtllm, tmp_path, tokenizer_dir):
+    engine = TrtLlmEngine(_engine_dir(tmp_path, tokenizer_dir), _manifest(), RECIPE, prefix_cache=False)
+    _run(engine.start())
+    [llm] = fake_trtllm.llms
+    assert llm.kwargs["kv_cache_config"].enable_block_reuse is False and not llm.block_reuse
+    assert llm.kwargs["enable_chunked_prefill"] is True
+    _run(engine.stop())

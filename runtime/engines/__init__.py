@@ -27,6 +27,6 @@ def load_engine(engine_dir: str | Path, **options):
         config = options.get("config")
         extra = {key: options[key] for key in ("adapters", "max_loras") if key in options}
         if config is not None:
-            extra["max_waiting"] = config.max_waiting
+            extra["max_waiting"], extra["prefix_cache"] = config.max_waiting, config.prefix_cache
         return TrtLlmEngine(engine_dir, manifest, recipe, **extra)
     raise EngineDirError(f"{engine_dir}: unknown target {manifest.target!r}; re-export")

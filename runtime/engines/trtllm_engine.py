@@ -20,7 +20,10 @@ Run-time options read from the manifest's export options (``export/trtllm_export
 ``logprobs`` (only then ``LLM(gather_generation_logits=True)``; otherwise a request for logprobs
 is an ``InvalidRequestError``), ``max_attention_window`` (the per-layer sliding windows, given as
 ``KvCacheConfig(max_attention_window=...)``) and ``enable_chunked_prefill`` (on unless the manifest
-says otherwise). A prompt longer than the runtime's input limit (``max_input_len``, and
+says otherwise). Chunked prefill and KV block reuse (TensorRT-LLM's prefix caching,
+``KvCacheConfig(enable_block_reuse=True)``; off with ``--no-prefix-cache``) both need an engine built with
+``plugin_config.use_paged_context_fmha``: the executor refuses the first and silently drops the second
+without it, so an engine whose ``config.json`` says it lacks it is served without both. A prompt longer than the runtime's input limit (``max_input_len``, and
 ``max_num_tokens`` too without chunked prefill) is refused with ``PromptTooLongError`` before
 TensorRT-LLM would reject it mid-stream.
 
@@ -79,11 +82,21 @@ def _abort_quietly(result: Any) -> None:
         pass
 
 
+def built_with_paged_context_fmha(build_config: dict) -> bool:
+    """Whether the engine's ``config.json`` build_config says paged context FMHA is built in.
+
+    Engines exported by the toolkit set it (``export.trtllm_export.PLUGIN_CONFIG``); an engine that does not
+    spell it out gets the 1.2 line's default, True (``tests/data/tensorrt_llm_api.json``, PluginConfig).
+    """
+    plugins = build_config.get("plugin_config") or {}
+    return bool(plugins.get("use_paged_context_fmha", True))
+
+
 class TrtLlmEngine:
     """The Engine protocol over ``tensorrt_llm._tensorrt_engine.LLM(model=engine_dir)`` (needs a GPU)."""
 
     def __init__(self, engine_dir: Path, manifest: Manifest, recipe: Recipe, max_waiting: int = 256,
-                 adapters: dict[str, Path] | None = None, max_loras: int | None = None):
+                 adapters: dict[str, Path] | None = None, max_loras: int | None = None, prefix_cache: bool = True):
         self.engine_dir, self.manifest, self.recipe = Path(engine_dir), manifest, recipe
         self.max_waiting = max_waiting
         self.model_names = recipe.model_names
@@ -93,7 +106,11 @@ class TrtLlmEngine:
         self.context_length = min(manifest.context_length, int(build.get("max_seq_len") or manifest.context_length))
         self.max_batch_size = int(build.get("max_batch_size") or recipe.trtllm.max_batch_size)
         self.logprobs = bool(options.get("logprobs", False))
-        self.chunked_prefill = bool(options.get("enable_chunked_prefill", True))
+        # both need an engine built with paged context FMHA (the executor refuses chunked prefill without it and
+        # turns block reuse off): an engine whose config says it was built without runs without them
+        self.paged_context_fmha = built_with_paged_context_fmha(build)
+        self.chunked_prefill = bool(options.get("enable_chunked_prefill", True)) and self.paged_context_fmha
+        self.block_reuse = prefix_cache and self.paged_context_fmha and not build.get("gather_context_logits")
         self.input_limit = self._input_limit(build)
         window = options.get("max_attention_window")
         if window is None:  # an older manifest: derive it from TensorRT-LLM's copy of the model config
@@ -127,13 +144,16 @@ class TrtLlmEngine:
 
     def llm_kwargs(self) -> dict[str, Any]:
         """``LLM`` arguments: the engine dir (TP size comes from its config), xgrammar, chunked prefill,
-        generation logits only for an engine exported with ``--logprobs``, the per-layer attention windows."""
+        generation logits only for an engine exported with ``--logprobs``, KV block reuse (prefix caching; off
+        with ``--no-prefix-cache``) and the per-layer attention windows."""
         kwargs: dict[str, Any] = {"model": str(self.engine_dir), "guided_decoding_backend": "xgrammar",
                                   "enable_chunked_prefill": self.chunked_prefill}
         if self.logprobs:
             kwargs["gather_generation_logits"] = True
+        kv: dict[str, Any] = {"enable_block_reuse": self.block_reuse}  # TensorRT-LLM's prefix caching
         if self.max_attention_window:
-            kwargs["kv_cache_config"] = self._llmapi.KvCacheConfig(max_attention_window=list(self.max_attention_window))
+            kv["max_attention_window"] = list(self.max_attention_window)
+        kwargs["kv_cache_config"] = self._llmapi.KvCacheConfig(**kv)
         if self.lora:
             config = lora_config(self.lora, self.max_loras, len(self.adapter_sources))
             kwargs.update(enable_lora=True, lora_config=config)
