@@ -39,6 +39,7 @@ class RequestRecord:
 
     start: float
     token_times: list[float] = field(default_factory=list)
+    text: str = ""  # the streamed content, joined
     usage_tokens: int | None = None
     usage: dict[str, Any] | None = None  # the server's last usage object (token details: cached, accepted)
     status: int | None = None
@@ -161,6 +162,7 @@ async def _read_events(response: httpx.Response, schema: str, record: RequestRec
             record.usage = json.loads(data).get("usage")
         if text:
             record.token_times.append(time.perf_counter())
+            record.text += text
             if disconnect_after is not None and len(record.token_times) >= disconnect_after:
                 record.done = True  # a deliberate disconnect: leaving the block closes the connection
                 return

@@ -243,7 +243,7 @@ def test_chat_route_and_usage_details():
             return await stream_request(client, spec, body)
 
     record = serve_fake(fake, one)
-    assert record.error is None and len(record.token_times) == 4
+    assert record.error is None and len(record.token_times) == 4 and record.text == "t0 t1 t2 t3 "
     assert fake.paths == ["/v1/chat/completions"] and fake.bodies == [body]
     assert record.usage == {"prompt_tokens": 10, "completion_tokens": 12} and record.output_tokens == 12
     with pytest.raises(ValueError, match="route"):
