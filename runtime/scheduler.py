@@ -6,6 +6,13 @@ never stalls the running batch for more than one budget's worth of work.
 
 With ``prefix_cache`` on (the default), an admitted request starts from the longest cached
 block-aligned prefix of its prompt (``runtime/prefix_cache.py``) and prefills only the rest.
+
+With ``step_budget_ms`` set, the prompt chunks of a step that also decodes are cut to what fits in
+that time after the decode, as predicted by ``runtime/step_cost.py`` from the steps already run, so
+a running stream waits about one budget between tokens however many prompts arrive (the token
+budget alone let a step carry ~500 prompt tokens, ~0.5 s on a 2-core CPU, between two tokens of
+every stream). At least ``min_prefill_chunk`` prompt tokens still run every step, so prefill never
+starves; with nothing decoding, prefill takes the whole token budget.
 """
 
 from __future__ import annotations
@@ -16,28 +23,48 @@ from dataclasses import dataclass, field
 from toolkit.runtime.kv_cache import KVCacheManager
 from toolkit.runtime.prefix_cache import PrefixCache
 from toolkit.runtime.sequence import Sequence, SequenceGroup
+from toolkit.runtime.step_cost import StepCostModel
+
+
+#: Off until measured with benchmarks/itl_budget.py.
+DEFAULT_STEP_BUDGET_MS: float | None = None
+DEFAULT_MIN_PREFILL_CHUNK = 32
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Batching limits: rows decoded together, tokens per step, queue length before Overloaded; prefix caching on/off."""
+    """Batching limits: rows decoded together, tokens per step, queue length before Overloaded; prefix caching on/off.
+
+    ``step_budget_ms``: model time a step that decodes may take, prompt chunks included (None or 0:
+    the token budget alone). ``min_prefill_chunk``: prompt tokens a step runs even when the budget
+    has no room left (measured: smaller chunks cost several times more per token).
+    """
 
     max_batch_size: int = 16
     max_num_tokens: int = 512
     max_waiting: int = 256
     prefix_cache: bool = True
+    step_budget_ms: float | None = DEFAULT_STEP_BUDGET_MS
+    min_prefill_chunk: int = DEFAULT_MIN_PREFILL_CHUNK
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_num_tokens <= self.max_batch_size or self.max_waiting < 0:
             raise ValueError("need max_batch_size >= 1, max_num_tokens > max_batch_size, max_waiting >= 0")
+        if (self.step_budget_ms or 0) < 0 or self.min_prefill_chunk < 1:
+            raise ValueError("need step_budget_ms >= 0 (0 or None: off) and min_prefill_chunk >= 1")
 
 
 @dataclass
 class StepPlan:
-    """One step's work: prompt chunks ``(group, start, stop)`` and whether the batch decodes."""
+    """One step's work: prompt chunks ``(group, start, stop)`` and whether the batch decodes.
+
+    ``rows`` and ``context`` (the longest row's tokens) describe the decode for the cost model.
+    """
 
     prefill: list[tuple[SequenceGroup, int, int]] = field(default_factory=list)
     decode: bool = False
+    rows: int = 0
+    context: int = 0
 
     @property
     def empty(self) -> bool:
@@ -54,6 +81,7 @@ class Scheduler:
         self.prefilling: list[SequenceGroup] = []
         self.running: list[Sequence] = []
         self.prefix_cache = PrefixCache(kv) if config.prefix_cache else None
+        self.cost = StepCostModel()
 
     def _rows_committed(self) -> int:
         return len(self.running) + sum(len(g.sequences) for g in self.prefilling)
@@ -81,17 +109,38 @@ class Scheduler:
             self.prefilling.append(self.waiting.popleft())
 
     def schedule(self) -> StepPlan:
-        """Admit what fits, then plan prompt chunks within the token budget and the decode."""
+        """Admit what fits, then plan the decode and prompt chunks within the token and time budgets."""
         self._admit()
-        plan = StepPlan(decode=bool(self.running))
-        budget = self.config.max_num_tokens - len(self.running)
+        rows = len(self.running)
+        timed = bool(self.config.step_budget_ms and rows)
+        context = max(len(s.group.prompt_ids) + len(s.output_ids) for s in self.running) if timed else 0
+        plan = StepPlan(decode=bool(rows), rows=rows, context=context)
+        budget = self.config.max_num_tokens - rows
+        seconds = self._prefill_seconds(rows, context) if timed else None
         for group in self.prefilling:
             chunk = min(group.prefill_remaining, budget)
+            if seconds is not None:
+                fits = self.cost.chunk_tokens_within(seconds, group.prefilled)
+                floor = self.config.min_prefill_chunk if not plan.prefill else 0  # progress every step
+                chunk = min(chunk, max(fits, floor))
+                seconds -= self.cost.chunk_seconds(chunk, group.prefilled)
             if chunk <= 0:
                 break
             plan.prefill.append((group, group.prefilled, group.prefilled + chunk))
             budget -= chunk
         return plan
+
+    def _prefill_seconds(self, rows: int, context: int) -> float | None:
+        """Time left for prompt chunks after this step's decode; None: the token budget alone applies."""
+        if not self.cost.ready:  # the first steps teach the cost model
+            return None
+        return self.config.step_budget_ms / 1000 - self.cost.decode_seconds(rows, context)
+
+    def observe_step(self, plan: StepPlan, prefill_s: float, decode_s: float) -> None:
+        """Teach the cost model what ``plan``'s prompt chunks and decode took."""
+        self.cost.observe_prefill([(stop - start, start) for _, start, stop in plan.prefill], prefill_s)
+        if plan.decode:
+            self.cost.observe_decode(plan.rows, plan.context, decode_s)
 
     def prefill_done(self, group: SequenceGroup) -> None:
         """Cache the full blocks of ``group``'s prefilled prompt and unpin the blocks it matched."""

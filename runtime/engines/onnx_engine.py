@@ -203,11 +203,13 @@ class OnnxEngine:
             if self.fault_hook is not None:
                 self.fault_hook(plan)
             prefilled = self._run_prefill(plan)
+            decode_started = time.perf_counter()
             logits = self._run_decode() if plan.decode else None
         except Exception as exc:  # a failed step fails only the requests in it
             self._fail_step(plan, EngineFailureError(f"model step failed: {type(exc).__name__}: {exc}"))
             return
         model_done = time.perf_counter()
+        self.scheduler.observe_step(plan, decode_started - started, model_done - decode_started)  # step time budget
         self._postprocess(prefilled, logits)
         self.timings.steps += 1
         self.timings.model_s += model_done - started

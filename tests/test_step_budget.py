@@ -1,0 +1,266 @@
+"""The per-step time budget: the online cost model (``runtime/step_cost.py``) and the scheduler's use of it.
+
+Everything here is deterministic: the cost model is fed synthetic timings from a known linear cost
+(seeded noise), never timed real runs; the engine test freezes a synthetically trained model so the
+plans do not depend on how fast this machine is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from test_scheduler_kv import Group, kv_manager
+
+from toolkit.export.golden import Reference
+from toolkit.recipes import get_recipe
+from toolkit.runtime import load_engine
+from toolkit.runtime.sampling_params import SamplingParams
+from toolkit.runtime.scheduler import Scheduler, SchedulerConfig
+from toolkit.runtime.step_cost import OnlineLinearFit, StepCostModel
+from toolkit.runtime.types import GenerateRequest
+
+#: A synthetic machine: decode 12 ms + 2.5 ms per row + 20 ns per row x context token;
+#: prompt chunks 8 ms per run + 1 ms per token + 1 ns per token x cached token.
+DECODE = (12e-3, 2.5e-3, 20e-9)
+PREFILL = (8e-3, 1e-3, 1e-9)
+
+
+def true_decode(rows: int, context: int) -> float:
+    return DECODE[0] + DECODE[1] * rows + DECODE[2] * rows * context
+
+
+def true_prefill(chunks: list[tuple[int, int]]) -> float:
+    return sum(PREFILL[0] + PREFILL[1] * n + PREFILL[2] * n * past for n, past in chunks)
+
+
+def trained(observations: int = 300, noise: float = 0.03, spikes: float = 0.0, seed: int = 0,
+            scale: float = 1.0, model: StepCostModel | None = None) -> StepCostModel:
+    """A cost model fed ``observations`` steps of the synthetic machine (``spikes``: share of 4x slow steps)."""
+    rng = random.Random(seed)
+    model = model or StepCostModel()
+    for _ in range(observations):
+        slow = 4.0 if rng.random() < spikes else 1.0
+        factor = scale * slow * (1 + rng.uniform(-noise, noise))
+        rows, context = rng.randint(1, 16), rng.randint(16, 2048)
+        model.observe_decode(rows, context, factor * true_decode(rows, context))
+        chunks = [(rng.randint(1, 512), rng.choice([0, rng.randint(0, 2048)])) for _ in range(rng.randint(1, 3))]
+        model.observe_prefill(chunks, factor * true_prefill(chunks))
+    return model
+
+
+def assert_close(model: StepCostModel, tolerance: float, scale: float = 1.0) -> None:
+    for rows, context in [(1, 20), (4, 300), (16, 236), (16, 2000), (9, 1024)]:
+        assert model.decode_seconds(rows, context) == pytest.approx(scale * true_decode(rows, context), rel=tolerance)
+    for tokens, past in [(16, 0), (32, 100), (108, 0), (256, 1024), (512, 0)]:
+        assert model.chunk_seconds(tokens, past) == pytest.approx(scale * true_prefill([(tokens, past)]), rel=tolerance)
+
+
+# ---- the cost model ---------------------------------------------------------------------------------
+def test_cost_model_learns_a_linear_cost():
+    assert_close(trained(noise=0.03), tolerance=0.03)
+
+
+def test_cost_model_shrugs_off_steps_slowed_by_other_processes():
+    model = trained(spikes=0.1)  # one step in ten runs 4x slower
+    assert_close(model, tolerance=0.06)
+    plain = OnlineLinearFit((1.0, 16.0), huber=float("inf"))  # the same fit without the robust weights
+    rng = random.Random(0)
+    for _ in range(300):
+        rows = rng.randint(1, 16)
+        plain.observe((1, rows), (4.0 if rng.random() < 0.1 else 1.0) * (DECODE[0] + DECODE[1] * rows))
+    assert plain.predict((1, 8)) > 1.2 * (DECODE[0] + DECODE[1] * 8), "the spikes should mislead a plain fit"
+
+
+def test_cost_model_follows_a_lasting_change_of_speed():
+    model = trained()
+    trained(observations=300, seed=1, scale=1.5, model=model)  # e.g. another process now shares the cores
+    assert_close(model, tolerance=0.05, scale=1.5)
+
+
+def test_cost_coefficients_never_go_negative():
+    fit = OnlineLinearFit((1.0, 100.0))
+    for tokens, seconds in [(10, 0.001), (200, 0.3), (400, 0.6)]:  # a line through these has a negative intercept
+        fit.observe((1, tokens), seconds)
+    assert (fit.weights >= 0).all()
+    assert fit.predict((1, 0)) >= 0 and fit.predict((1, 1)) > 0
+
+
+def test_chunk_tokens_within_inverts_the_prefill_cost():
+    model = trained(noise=0.0)
+    for seconds, past in [(0.05, 0), (0.05, 1000), (0.2, 64), (0.5, 0)]:
+        n = model.chunk_tokens_within(seconds, past)
+        assert model.chunk_seconds(n, past) <= seconds + 1e-12 < model.chunk_seconds(n + 1, past)
+    assert model.chunk_tokens_within(PREFILL[0] / 2, 0) == 0  # not even the run's fixed cost fits
+
+
+def test_the_model_is_ready_only_after_both_kinds_were_seen():
+    model = StepCostModel()
+    for _ in range(StepCostModel.MIN_OBSERVATIONS):
+        model.observe_decode(4, 100, true_decode(4, 100))
+    assert not model.ready
+    for _ in range(StepCostModel.MIN_OBSERVATIONS):
+        model.observe_prefill([(64, 0)], true_prefill([(64, 0)]))
+    assert model.ready
+
+
+# ---- the scheduler --------------------------------------------------------------------------------
+SYNTHETIC = trained(noise=0.0)
+
+
+def running_row(context: int):
+    """What the scheduler reads of a running sequence: its group's prompt and its output so far."""
+    return SimpleNamespace(seq_id=f"row{context}", group=SimpleNamespace(prompt_ids=(0,) * (context - 5)), output_ids=[0] * 5)
+
+
+def budgeted(budget_ms: float | None, max_num_tokens: int = 512, min_chunk: int = 32, cost: StepCostModel | None = None):
+    config = SchedulerConfig(max_batch_size=64, max_num_tokens=max_num_tokens, prefix_cache=False,
+                             step_budget_ms=budget_ms, min_prefill_chunk=min_chunk)
+    s = Scheduler(config, kv_manager(10_000))
+    s.cost = cost or copy.deepcopy(SYNTHETIC)
+    return s
+
+
+def predicted(s: Scheduler, plan) -> float:
+    return s.cost.decode_seconds(plan.rows, plan.context) + sum(
+        s.cost.chunk_seconds(stop - start, start) for _, start, stop in plan.prefill)
+
+
+def test_predicted_step_time_stays_within_the_budget_and_uses_it():
+    rng = random.Random(7)
+    cut = 0
+    for _ in range(300):
+        budget_ms = rng.uniform(30, 200)
+        s = budgeted(budget_ms, min_chunk=16)
+        s.running = [running_row(rng.randint(20, 1500)) for _ in range(rng.randint(1, 16))]
+        for i in range(rng.randint(1, 5)):
+            group = Group(f"g{i}", prompt_len=rng.randint(1, 700))
+            group.prefilled = rng.randint(0, group.prompt_len - 1)
+            s.waiting.append(group)
+        plan = s.schedule()
+        assert plan.decode and plan.prefill, "a step with prompts waiting must prefill some"
+        tokens = sum(stop - start for _, start, stop in plan.prefill)
+        assert tokens <= s.config.max_num_tokens - plan.rows
+        forced = len(plan.prefill) == 1 and tokens <= s.config.min_prefill_chunk
+        assert predicted(s, plan) <= budget_ms / 1000 + 1e-9 or forced
+        # nothing more fits: the token budget is spent, the prompts are done, or one more token would overrun
+        group, start, stop = plan.prefill[-1]
+        if tokens < s.config.max_num_tokens - plan.rows and not forced:
+            extra = s.cost.chunk_seconds(stop - start + 1, start) - s.cost.chunk_seconds(stop - start, start)
+            if stop == group.prompt_len:
+                later = s.prefilling[len(plan.prefill):]
+                extra = s.cost.chunk_seconds(1, later[0].prefilled) if later else None
+            assert extra is None or predicted(s, plan) + extra > budget_ms / 1000
+        cut += any(stop < g.prompt_len for g, _, stop in plan.prefill)
+    assert cut > 100, "the budget should have cut many prompts"
+
+
+def test_prefill_progresses_even_when_decode_alone_overruns_the_budget():
+    s = budgeted(budget_ms=20, min_chunk=32)  # 16 rows decode in ~52 ms: no room at all
+    s.running = [running_row(200) for _ in range(16)]
+    group = Group("long", prompt_len=200)
+    s.waiting.append(group)
+    steps = 0
+    while group.prefill_remaining:
+        plan = s.schedule()
+        assert [(start, stop) for _, start, stop in plan.prefill] == [(group.prefilled, min(group.prefilled + 32, 200))]
+        group.prefilled = plan.prefill[0][2]
+        steps += 1
+    assert steps == 7  # ceil(200 / 32)
+
+
+def test_with_nothing_decoding_prefill_takes_the_whole_token_budget():
+    s = budgeted(budget_ms=20, max_num_tokens=512)
+    for i in range(4):
+        s.waiting.append(Group(f"g{i}", prompt_len=300))
+    plan = s.schedule()
+    assert not plan.decode
+    assert [(start, stop) for _, start, stop in plan.prefill] == [(0, 300), (0, 212)]
+
+
+def test_without_a_budget_or_before_the_model_learned_the_token_budget_applies():
+    for s in (budgeted(None), budgeted(50, cost=StepCostModel())):
+        s.running = [running_row(100) for _ in range(12)]
+        for i in range(3):
+            s.waiting.append(Group(f"g{i}", prompt_len=300))
+        assert [(start, stop) for _, start, stop in s.schedule().prefill] == [(0, 300), (0, 200)]
+
+
+def test_observe_step_teaches_the_scheduler_s_cost_model():
+    s = budgeted(100, cost=StepCostModel())
+    s.running = [running_row(100) for _ in range(8)]
+    group = Group("g", prompt_len=10_000)
+    s.waiting.append(group)
+    for _ in range(50):
+        plan = s.schedule()
+        chunks = [(stop - start, start) for _, start, stop in plan.prefill]
+        s.observe_step(plan, true_prefill(chunks), true_decode(plan.rows, plan.context))
+        group.prefilled = plan.prefill[0][2]
+    assert s.cost.ready
+    assert predicted(s, plan) == pytest.approx(true_prefill(chunks) + true_decode(plan.rows, plan.context), rel=0.02)
+    assert predicted(s, plan) <= 0.1 + 1e-9 and chunks[0][0] > 32
+
+
+@pytest.mark.parametrize("kwargs", [dict(step_budget_ms=-1), dict(min_prefill_chunk=0)])
+def test_config_rejects_a_negative_budget_or_an_empty_chunk(kwargs):
+    with pytest.raises(ValueError):
+        SchedulerConfig(**kwargs)
+
+
+# ---- the engine -------------------------------------------------------------------------------------
+class FrozenCost(StepCostModel):
+    """Trained on the synthetic machine, then deaf to the engine's real timings."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = False
+        trained(noise=0.0, model=self)
+        self.frozen = True
+
+    def observe_decode(self, *args) -> None:
+        if not self.frozen:
+            super().observe_decode(*args)
+
+    def observe_prefill(self, *args) -> None:
+        if not self.frozen:
+            super().observe_prefill(*args)
+
+
+@pytest.mark.parametrize("graph", ["optimum", "gqa"])
+def test_greedy_outputs_are_identical_with_and_without_the_budget(graph, tiny_engine):
+    engine_dir = tiny_engine(get_recipe("gemma-7b-it"), "fp32", graph)
+    reference = Reference.load(engine_dir)
+    greedy = dict(temperature=0, ignore_eos=True)
+
+    async def run(budget_ms):
+        engine = load_engine(engine_dir, config=SchedulerConfig(max_batch_size=8, max_num_tokens=64,
+                                                                step_budget_ms=budget_ms, min_prefill_chunk=4))
+        await engine.start()
+        engine.scheduler.cost = FrozenCost()  # 20 ms with one row decoding leaves room for 4 tokens at most
+        plans = []
+        engine.fault_hook = plans.append
+
+        async def one(case, max_tokens):
+            request = GenerateRequest(case.prompt_ids, SamplingParams(max_tokens=max_tokens, **greedy))
+            return [t for out in [o async for o in await engine.generate(request)] for c in out.choices for t in c.token_ids]
+
+        first = asyncio.create_task(one(reference.cases[0], 96))
+        while not engine.scheduler.running:  # the others arrive while the first decodes
+            await asyncio.sleep(0.001)
+        rest = await asyncio.gather(*[one(case, 24) for case in reference.cases[1:]])
+        outputs = [await first, *rest]
+        await engine.stop()
+        return outputs, plans
+
+    plain, _ = asyncio.run(run(None))
+    budgeted_outputs, plans = asyncio.run(run(20))
+    assert budgeted_outputs == plain
+    assert [o[:24] for o in plain] == [c.greedy_ids[:24] for c in reference.cases]
+    mixed = [p for p in plans if p.decode and p.prefill]
+    assert mixed, "prompt chunks never shared a step with decoding"
+    assert all(sum(stop - start for _, start, stop in p.prefill) <= 4 for p in mixed)
+    assert np.mean([len(c.prompt_ids) for c in reference.cases[1:]]) > 4  # so the budget really cut prompts
