@@ -314,13 +314,15 @@ def bench(url, offline, engine_dir, model, schema, concurrency, rate, requests_p
 @click.option("--target-ongoing-requests", type=float, default=8.0, show_default=True, help="With --ray, autoscaling: requests per replica (running + queued) to steer towards.")
 @click.option("--threads", type=int, help="With --ray: onnxruntime threads per replica, also the CPUs each replica reserves (default 1 CPU).")
 @click.option("--no-prefix-cache", "no_prefix_cache", is_flag=True, help="Do not reuse the KV of prompt prefixes shared between requests (ONNX: the prefix cache; TensorRT-LLM: KV block reuse; README: Prefix caching).")
+@click.option("--step-budget-ms", type=click.FloatRange(min=0), default=None, help="ONNX engines: model time per step while streams decode; prompt chunks are cut to fit (smoother inter-token latency, later first tokens). 0: token budget only. Default: SchedulerConfig's (README: Smooth streams).")
 def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, request_timeout_s, public_metrics, cors_origins, log_level, loras, max_loras,
-          use_ray, ray_address, replicas, min_replicas, max_replicas, target_ongoing_requests, threads, no_prefix_cache) -> None:
+          use_ray, ray_address, replicas, min_replicas, max_replicas, target_ongoing_requests, threads, no_prefix_cache,
+          step_budget_ms) -> None:
     """Serve ENGINE_DIRs over the OpenAI and Workers AI APIs.
 
     With no ENGINE_DIR and no --models-dir, serves the embedded default model (exported first if needed).
     """
-    from toolkit.server.serve import ServeError, engine_dirs_to_serve
+    from toolkit.server.serve import ServeError, engine_dirs_to_serve, scheduler_options
     from toolkit.server.serve import serve as run_server
 
     try:
@@ -338,20 +340,21 @@ def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, 
         except _export_errors() as exc:
             raise click.ClickException(str(exc)) from None
     if use_ray:
+        scheduler = scheduler_options(not no_prefix_cache, step_budget_ms)
         _serve_on_ray(dirs, host, port, api_keys, ray_address, grace_s=grace_s, replicas=replicas,
                       min_replicas=min_replicas, max_replicas=max_replicas,
                       target_ongoing_requests=target_ongoing_requests, threads=threads,
                       max_body_bytes=int(max_body_mib * 1024 * 1024), log_level=log_level,
                       request_timeout_s=request_timeout_s, public_metrics=public_metrics,
                       cors_origins=tuple(cors_origins), loras=tuple(loras), max_loras=max_loras,
-                      **({"scheduler": {"prefix_cache": False}} if no_prefix_cache else {}))
+                      **({"scheduler": scheduler} if scheduler else {}))
         return
     try:
         run_server(
             dirs, host, port, api_keys, grace_s=grace_s,
             max_body_bytes=int(max_body_mib * 1024 * 1024), log_level=log_level, request_timeout_s=request_timeout_s,
             public_metrics=public_metrics, cors_origins=tuple(cors_origins), loras=tuple(loras), max_loras=max_loras,
-            prefix_cache=not no_prefix_cache,
+            prefix_cache=not no_prefix_cache, step_budget_ms=step_budget_ms,
         )
     except ServeError as exc:
         raise click.ClickException(str(exc)) from None

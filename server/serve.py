@@ -88,11 +88,19 @@ def assign_adapters(dirs: Sequence[Path], loras: Sequence[str]) -> dict[Path, di
     return assigned
 
 
+def scheduler_options(prefix_cache: bool = True, step_budget_ms: float | None = None) -> dict[str, Any]:
+    """The ``SchedulerConfig`` fields ``--no-prefix-cache`` / ``--step-budget-ms`` change (empty: all defaults)."""
+    return {**({} if prefix_cache else {"prefix_cache": False}),
+            **({} if step_budget_ms is None else {"step_budget_ms": step_budget_ms})}
+
+
 def load_engines(dirs: Sequence[Path], loras: Sequence[str] = (), max_loras: int | None = None,
-                 prefix_cache: bool = True) -> dict[str, Engine]:
+                 prefix_cache: bool = True, step_budget_ms: float | None = None) -> dict[str, Engine]:
     """``{recipe name: unstarted engine}`` for each directory (one engine per recipe), with its ``--lora`` adapters.
 
     ``prefix_cache=False`` (``--no-prefix-cache``) turns prefix caching off (ONNX: the prefix cache; TensorRT-LLM: KV block reuse).
+    ``step_budget_ms`` (``--step-budget-ms``): the ONNX engines' model time per decoding step, prompt chunks
+    included (None: ``SchedulerConfig``'s default; 0: the token budget alone).
     """
     from toolkit.runtime import load_engine
     from toolkit.runtime.scheduler import SchedulerConfig
@@ -101,8 +109,8 @@ def load_engines(dirs: Sequence[Path], loras: Sequence[str] = (), max_loras: int
     adapters = assign_adapters(dirs, loras) if loras else {}
     for engine_dir in dirs:
         options = {"adapters": adapters[engine_dir], "max_loras": max_loras} if adapters.get(engine_dir) else {}
-        if not prefix_cache:
-            options["config"] = SchedulerConfig(prefix_cache=False)
+        if scheduler := scheduler_options(prefix_cache, step_budget_ms):
+            options["config"] = SchedulerConfig(**scheduler)
         engine = load_engine(engine_dir, **options)
         key = engine.recipe.name
         if key in engines:
@@ -117,7 +125,8 @@ def build_app(engine_dirs: Sequence[str | Path] = (), api_keys: Sequence[str] = 
               models_dir: str | Path | None = None, *, grace_s: float = 10.0,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S, loras: Sequence[str] = (),
-              max_loras: int | None = None, prefix_cache: bool = True, **app_options: Any) -> Any:
+              max_loras: int | None = None, prefix_cache: bool = True, step_budget_ms: float | None = None,
+              **app_options: Any) -> Any:
     """Load the engines and build the app; raises ServeError.
 
     ``loras``: ``--lora NAME[=PATH]`` options (``assign_adapters``); ``max_loras``: adapters kept loaded per engine.
@@ -133,7 +142,7 @@ def build_app(engine_dirs: Sequence[str | Path] = (), api_keys: Sequence[str] = 
         dirs = engine_dirs_to_serve(engine_dirs, models_dir)
         if not dirs:
             raise ServeError("no engine directory to serve: give ENGINE_DIR or a --models-dir holding engine directories")
-        engines = load_engines(dirs, loras, max_loras, prefix_cache)
+        engines = load_engines(dirs, loras, max_loras, prefix_cache, step_budget_ms)
         return create_app(engines, api_keys_from_env(api_keys), max_body_bytes=max_body_bytes,
                           shutdown_grace_s=grace_s, request_timeout_s=request_timeout_s, **app_options)
     except (EngineDirError, UnknownRecipeError, FileNotFoundError, ValueError) as exc:

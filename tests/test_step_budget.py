@@ -264,3 +264,22 @@ def test_greedy_outputs_are_identical_with_and_without_the_budget(graph, tiny_en
     assert mixed, "prompt chunks never shared a step with decoding"
     assert all(sum(stop - start for _, start, stop in p.prefill) <= 4 for p in mixed)
     assert np.mean([len(c.prompt_ids) for c in reference.cases[1:]]) > 4  # so the budget really cut prompts
+
+
+def test_step_budget_option_reaches_the_engine(monkeypatch, tmp_path, tiny_engine):
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+    from toolkit.server import serve as serve_module
+
+    calls = []
+    monkeypatch.setattr(serve_module, "serve", lambda dirs, *a, **k: calls.append(k))
+    for args in (["serve", str(tmp_path)], ["serve", "--step-budget-ms", "80", str(tmp_path)],
+                 ["serve", "--step-budget-ms", "0", str(tmp_path)]):
+        assert CliRunner().invoke(main, args).exit_code == 0
+    assert [k["step_budget_ms"] for k in calls] == [None, 80, 0]
+    assert CliRunner().invoke(main, ["serve", "--step-budget-ms", "-5", str(tmp_path)]).exit_code == 2
+    assert serve_module.scheduler_options(False, 80) == {"prefix_cache": False, "step_budget_ms": 80}  # --ray
+    engine_dir = tiny_engine(get_recipe("gemma-7b-it"), "fp32", "optimum")
+    engines = [serve_module.load_engines([engine_dir], step_budget_ms=budget)["gemma-7b-it"] for budget in (None, 80, 0)]
+    assert [e.config.step_budget_ms for e in engines] == [SchedulerConfig().step_budget_ms, 80, 0]
