@@ -20,10 +20,8 @@ from pathlib import Path
 EDIT_FILE_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "inventory.py"
 EDIT_FILE_TEXT = EDIT_FILE_PATH.read_text(encoding="utf-8")
 
-EDIT_INSTRUCTION = (
-    "Rename the method `low_stock` to `items_below_reorder_level` everywhere in this file "
-    "(its definition and every call). Reply with the complete updated file only, no explanation."
-)
+EDIT_SYSTEM = "You are a code editor. You reply with the complete edited file and nothing else."
+EDIT_INSTRUCTION = "Rename `low_stock` to `items_below_reorder_level` in this file:"
 
 FREE_TEXT_QUESTION = (
     "Write a short original story (about 150 words) about a lighthouse keeper who finds a "
@@ -32,8 +30,11 @@ FREE_TEXT_QUESTION = (
 
 
 def editing_messages() -> list[dict]:
-    """The chat messages of the editing workload (instruction, then the file in a code block)."""
-    return [{"role": "user", "content": f"{EDIT_INSTRUCTION}\n\n```python\n{EDIT_FILE_TEXT}```"}]
+    """The chat messages of the editing workload: a system prompt asking for the whole file back, then the
+    instruction and the file in a code block (the default model, gemma-3-270m, copies the file with
+    this phrasing; with the instruction alone it drifts into a loop)."""
+    return [{"role": "system", "content": EDIT_SYSTEM},
+            {"role": "user", "content": f"{EDIT_INSTRUCTION}\n\n```python\n{EDIT_FILE_TEXT}```"}]
 
 
 def editing_chat_body(model: str, max_tokens: int, prediction: bool = True) -> dict:
