@@ -1,83 +1,108 @@
-"""Compare 8-bit schemes (and fp16) on the default model, side by side in one run (README: "Why MatMulNBits").
+"""Compare int8 schemes for the default model's gqa engine, side by side in one run (issue #13, README "Why MatMulNBits").
 
-For the fp32 engine, MatMulNBits int8 (our export) and onnxruntime's ``quantize_dynamic`` (built
-here from the fp32 model): teacher-forced top-1 agreement with the fp32 reference on the golden
-prompts, and batch-1 decode tokens/s (128 greedy tokens after a 108-token prompt), alternating
-the models for several rounds.
+The LM head (262,144 x 640) is a third of a batched decode step's kernel time
+(``benchmarks/op_profile.py``), so its scheme is compared here: starting from an int8 gqa engine
+whose head is still the builder's (8-bit ``MatMulNBits``, block 32, accuracy level 4; built here
+with ``build_gqa_model(head=None)`` unless ``--base`` names one), each variant is made by
+re-quantizing the head from the fp32 weights (``toolkit.export.lm_head_quant``), validated like
+``toolkit validate`` (greedy / top-1 / cosine against the fp32 reference, the int8 bars), and
+timed with decode steps at several batch sizes, the variants alternated step by step.
 
-    python benchmarks/int8_methods.py [--rounds 3] [--threads 2]
+    python benchmarks/int8_methods.py [--base ENGINE_DIR] [--work DIR] [--batches 1,16,32,64] [--steps 10]
+
+Variants: the builder's head; MatMulNBits block 128; MatMulNBits 4-bit; per-channel
+``DynamicQuantizeMatMul`` unsmoothed and smoothed (SmoothQuant alpha 0.5, the export's default).
+Each variant is a full copy of the engine (~1 GB) under ``--work``.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # op_profile beside this script
 
-from toolkit.export.golden import Reference
-from toolkit.export.ort_runner import OrtCausalLM
-from toolkit.export.sources import cache_dir
+from op_profile import cpu_line, time_engines  # noqa: E402
 
+from toolkit.artifact.manifest import describe_files, load_manifest, write_manifest  # noqa: E402
+from toolkit.export.lm_head_quant import SMOOTH_ALPHA, HeadScheme  # noqa: E402
 
-def quantize_dynamic_copy(fp32_model: Path, out_dir: Path) -> Path:
-    """onnxruntime's dynamic (activation-and-weight) int8 quantization of every MatMul."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    out = out_dir / "model.onnx"
-    quantize_dynamic(str(fp32_model), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], use_external_data_format=True)
-    return out
-
-
-def top1(runner: OrtCausalLM, reference: Reference) -> float:
-    hits = total = 0
-    for case in reference.cases:
-        forced = runner.teacher_forced(case.prompt_ids, case.greedy_ids)
-        hits += int(np.sum(forced.argmax(-1) == np.asarray(case.greedy_ids)))
-        total += len(case.greedy_ids)
-    return hits / total
+VARIANTS = {
+    "builder (8-bit MatMulNBits, block 32)": None,
+    "MatMulNBits 8-bit block 128": HeadScheme("nbits", 8, 128, 4),
+    "MatMulNBits 4-bit block 32": HeadScheme("nbits", 4, 32, 4),
+    "DynamicQuantizeMatMul per-channel": HeadScheme("dqmm"),
+    f"DynamicQuantizeMatMul smoothed a={SMOOTH_ALPHA}": HeadScheme("dqmm", smooth_alpha=SMOOTH_ALPHA),
+}
 
 
-def decode_tps(runner: OrtCausalLM, prompt: list[int], tokens: int = 128) -> float:
-    logits, past = runner.forward(prompt, None)
-    token = int(logits[-1].argmax())
-    start = time.perf_counter()
-    for _ in range(tokens):
-        logits, past = runner.forward([token], past)
-        token = int(logits[-1].argmax())
-    return tokens / (time.perf_counter() - start)
+def build_base(work: Path) -> Path:
+    """The default model's int8 gqa engine with the builder's LM head (the default engine's other files copied)."""
+    from toolkit.export.gqa_export import build_gqa_model
+    from toolkit.export.pipeline import ensure_default_engine
+    from toolkit.export.progress import StageReporter
+    from toolkit.export.sources import cache_dir
+
+    default = ensure_default_engine(StageReporter(quiet=True), "int8", "gqa")
+    base = work / "base"
+    shutil.copytree(default, base, ignore=shutil.ignore_patterns("model.onnx*"))
+    manifest = load_manifest(default)
+    options = build_gqa_model(Path(manifest.source["path"]) if manifest.source.get("path") else cache_dir() / "checkpoints" / "default",
+                              "int8", base, head=None)
+    manifest.export_options = options
+    manifest.files = describe_files(base)
+    write_manifest(base, manifest)
+    return base
+
+
+def make_variant(base: Path, out: Path, scheme: HeadScheme) -> None:
+    """A full copy of ``base`` with its LM head re-quantized to ``scheme`` (calibrated as the export does)."""
+    from toolkit.export.gqa_export import requantize_head
+
+    shutil.copytree(base, out)
+    manifest = load_manifest(base, verify_hashes=False)
+    requantize_head(Path(manifest.source["path"]), out / "model.onnx", scheme)
+    manifest.export_options = {**manifest.export_options, "lm_head": scheme.options()}
+    manifest.files = describe_files(out)
+    write_manifest(out, manifest)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--base", type=Path, help="an int8 gqa engine with the builder's LM head (default: build one)")
+    parser.add_argument("--work", type=Path, help="where the variants go (default: a temporary directory)")
+    parser.add_argument("--batches", default="1,16,32,64")
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--context", type=int, default=170)
     args = parser.parse_args()
-    engines = cache_dir() / "engines"
-    fp32_dir, int8_dir, fp16_dir = (engines / f"default-onnx-{p}" for p in ("fp32", "int8", "fp16"))
-    reference = Reference.load(fp32_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        models = {
-            "fp32": fp32_dir / "model.onnx",
-            "int8 MatMulNBits (ours)": int8_dir / "model.onnx",
-            "int8 quantize_dynamic": quantize_dynamic_copy(fp32_dir / "model.onnx", Path(tmp)),
-        }
-        if (fp16_dir / "model.onnx").is_file():
-            models["fp16 (CPU provider)"] = fp16_dir / "model.onnx"
-        runners = {name: OrtCausalLM(path, threads=args.threads) for name, path in models.items()}
-        prompt = reference.cases[0].prompt_ids * 6
-        prompt = prompt[:108]
-        speeds: dict[str, list[float]] = {name: [] for name in runners}
-        for _ in range(args.rounds):
-            for name, runner in runners.items():
-                speeds[name].append(decode_tps(runner, prompt))
-        print(f"{'model':28s} {'top-1 vs fp32':>14s} {'decode tok/s (median)':>22s} {'vs fp32':>8s}")
-        base = float(np.median(speeds["fp32"]))
-        for name, runner in runners.items():
-            tps = float(np.median(speeds[name]))
-            print(f"{name:28s} {top1(runner, reference):14.3f} {tps:22.1f} {tps / base:7.2f}x")
+    from toolkit.export.validate import validate_engine_dir
+
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        work = Path(tmp)
+        base = args.base or build_base(work)
+        dirs = {}
+        for i, (name, scheme) in enumerate(VARIANTS.items()):
+            dirs[name] = base if scheme is None else work / f"variant-{i}"
+            if scheme is not None:
+                make_variant(base, dirs[name], scheme)
+        print(f"CPU: {cpu_line()}; threads {args.threads}")
+        print(f"{'LM head':44s} {'passed':>6s} {'greedy':>7s} {'top-1':>6s} {'min cos':>8s} {'max abs':>8s}")
+        for name, path in dirs.items():
+            v = validate_engine_dir(path, load_manifest(path))
+            print(f"{name:44s} {str(v['passed']):>6s} {v['greedy_agreement']:7.3f} {v['top1_agreement']:6.3f} "
+                  f"{v['min_cosine']:8.5f} {v['max_abs_diff']:8.3f}")
+        for rows in (int(b) for b in args.batches.split(",")):
+            timing = time_engines(list(dirs.values()), rows, args.context, args.steps, args.threads, False)
+            print(f"\nbatch {rows}: decode step, variants alternated step by step ({args.steps} steps, median, spinning off)")
+            base_ms = timing[str(base)]["model_cpu_ms"]
+            for name, path in dirs.items():
+                t = timing[str(path)]
+                print(f"  {name:44s} wall {t['model_ms']:8.1f} ms  CPU {t['model_cpu_ms']:8.1f} ms  "
+                      f"CPU vs builder {t['model_cpu_ms'] / base_ms:5.2f}x")
 
 
 if __name__ == "__main__":
