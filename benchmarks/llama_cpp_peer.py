@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peer import fidelity, llama_build, render, runs  # noqa: E402
 from peer.cpu import read_cpu  # noqa: E402
-from peer.servers import Server, llama_server_command, ours_command, ours_env, peer_plan  # noqa: E402
+from peer.servers import Server, free_port, llama_server_command, ours_command, ours_env, peer_plan  # noqa: E402
 
 OURS, PEER = render.OURS, render.PEER
 EDIT_VARIANTS = ("ours + prediction", "ours, no prediction", PEER)
@@ -53,8 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--editing-runs", type=int, default=3, help="editing-workload runs per variant (0: skip)")
     p.add_argument("--editing-max-tokens", type=int, default=600)
     p.add_argument("--jobs", type=int, default=2, help="parallel compilers when building llama.cpp")
-    p.add_argument("--port-ours", type=int, default=8720)
-    p.add_argument("--port-peer", type=int, default=8721)
+    p.add_argument("--port-ours", type=int, default=0, help="default: a free port")
+    p.add_argument("--port-peer", type=int, default=0, help="default: a free port")
     p.add_argument("--ready-timeout", type=float, default=1800.0, help="seconds to wait for a server (first run exports)")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     p.add_argument("--markdown-out", type=Path, default=None, help="Markdown report (default: OUT/llama-cpp-peer.md)")
@@ -157,6 +158,21 @@ def run_editing(args: argparse.Namespace, urls: dict[str, str], models: dict[str
     return {"runs": args.editing_runs, "variants": variants, "ours_outputs_identical": len(ours_texts) == 1}
 
 
+def measure_fidelity(engine_dir: Path, peer_url: str) -> dict:
+    """Both sides' teacher-forced top-1 against the fp32 reference stored with our engine."""
+    scores = {OURS: fidelity.ours_top1(engine_dir), PEER: fidelity.peer_top1(peer_url, engine_dir / "reference.json")}
+    print(f"fidelity: {json.dumps({side: v['top1_agreement'] for side, v in scores.items()})}", flush=True)
+    return scores
+
+
+def write_json(result: dict, out: Path) -> Path:
+    """``OUT/llama-cpp-peer.json`` (rewritten after every phase, so an interrupted run keeps its data)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "llama-cpp-peer.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
 def caveat(levels: list[dict]) -> str:
     """The contention note, with the 1-minute load averages seen around the levels."""
     loads = [row[key] for row in levels for key in ("loadavg_before", "loadavg_after")]
@@ -176,26 +192,34 @@ def measure(args: argparse.Namespace, levels: list[int], meta: dict) -> dict:
     logs = args.out / "llama-cpp-peer-logs"
     ours = Server(OURS, ours_command(args.port_ours), f"http://127.0.0.1:{args.port_ours}", logs / "toolkit.log",
                   env=ours_env(args.threads))
-    result: dict[str, Any] = {"meta": meta, "levels": []}
+    result: dict[str, Any] = {"meta": meta, "levels": [], "failures": []}
     peer: Server | None = None
+
+    def phase(name: str, work) -> None:
+        """Run one measurement; a failure is recorded and the others still run; the JSON so far is saved."""
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - one broken workload must not lose the table
+            result["failures"].append(f"{name}: {type(exc).__name__}: {exc}")
+            print(f"{name} failed: {exc!r}", flush=True)
+        write_json(result, args.out)
+
     try:
         ours.wait_ready(args.ready_timeout)
         urls, models = {OURS: ours.url}, {OURS: ours.model()}
         peer = start_peer(args, tools["llama-server"], q8, 1)  # one slot: fidelity, level 1, batch-1 workloads
         urls[PEER], models[PEER] = peer.url, peer.model()
-        result["fidelity"] = {OURS: fidelity.ours_top1(engine_dir),
-                              PEER: fidelity.peer_top1(peer.url, engine_dir / "reference.json")}
-        print(f"fidelity: {json.dumps({s: v['top1_agreement'] for s, v in result['fidelity'].items()})}", flush=True)
-        if args.prefix_runs:
-            result["prefix_cache"] = run_prefix(args, urls, models)
+        phase("fidelity", lambda: result.update(fidelity=measure_fidelity(engine_dir, peer.url)))
+        if args.prefix_runs:  # batch 1, on the one-slot server (a slot holds the ~1,000-token prefix)
+            phase("prefix cache", lambda: result.update(prefix_cache=run_prefix(args, urls, models)))
         if args.editing_runs:
-            result["editing"] = run_editing(args, urls, models)
+            phase("editing", lambda: result.update(editing=run_editing(args, urls, models)))
         for index, level in enumerate(sorted(set(levels))):
             if level != 1:
                 peer.stop()
                 peer = start_peer(args, tools["llama-server"], q8, level)
                 urls[PEER] = peer.url
-            result["levels"].append(run_level(args, index, level, urls, models))
+            phase(f"concurrency {level}", lambda: result["levels"].append(run_level(args, index, level, urls, models)))
     finally:
         if peer is not None:
             peer.stop()
@@ -206,9 +230,8 @@ def measure(args: argparse.Namespace, levels: list[int], meta: dict) -> dict:
 
 def save(result: dict, args: argparse.Namespace) -> None:
     """Write the JSON and the Markdown report; rewrite the README block when asked."""
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.from_json is None:
-        (args.out / "llama-cpp-peer.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(result, args.out)
     text = render.markdown(result)
     markdown_out = args.markdown_out or args.out / "llama-cpp-peer.md"
     markdown_out.parent.mkdir(parents=True, exist_ok=True)
@@ -222,6 +245,10 @@ def save(result: dict, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop both servers on SIGTERM too (finally)
+    args.port_ours = args.port_ours or free_port()
+    while not args.port_peer or args.port_peer == args.port_ours:
+        args.port_peer = free_port()
     if args.from_json:
         save(json.loads(args.from_json.read_text()), args)
         return

@@ -103,6 +103,8 @@ def markdown(result: dict[str, Any]) -> str:
         parts += ["", *prefix_rows(result["prefix_cache"])]
     if result.get("editing"):
         parts += ["", *editing_rows(result["editing"])]
+    if result.get("failures"):
+        parts += ["", "Not measured in this run: " + "; ".join(result["failures"])]
     if meta.get("caveat"):
         parts += ["", meta["caveat"]]
     return "\n".join(parts) + "\n"

@@ -14,6 +14,7 @@ Gemma template, the format ``toolkit.recipes.chat_format`` renders for this mode
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -40,6 +41,13 @@ def peer_plan(concurrency: int) -> PeerPlan:
     """As many slots as concurrent streams, ``SLOT_CTX`` each, at least ``MIN_CTX`` in all."""
     parallel = max(1, concurrency)
     return PeerPlan(parallel, max(MIN_CTX, parallel * SLOT_CTX))
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (other benchmarks may share the machine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def llama_server_command(binary: Path, gguf: Path, port: int, plan: PeerPlan, threads: int) -> list[str]:
