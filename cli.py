@@ -315,9 +315,11 @@ def bench(url, offline, engine_dir, model, schema, concurrency, rate, requests_p
 @click.option("--threads", type=int, help="With --ray: onnxruntime threads per replica, also the CPUs each replica reserves (default 1 CPU).")
 @click.option("--no-prefix-cache", "no_prefix_cache", is_flag=True, help="Do not reuse the KV of prompt prefixes shared between requests (ONNX: the prefix cache; TensorRT-LLM: KV block reuse; README: Prefix caching).")
 @click.option("--step-budget-ms", type=click.FloatRange(min=0), default=None, help="ONNX engines: model time per step while streams decode; prompt chunks are cut to fit (smoother inter-token latency, later first tokens). 0: token budget only. Default: SchedulerConfig's (README: Smooth streams).")
+@click.option("--no-prompt-lookup", "no_prompt_lookup", is_flag=True, help="ONNX engines: no prompt-lookup (n-gram) speculative decoding; OpenAI `prediction` drafts still apply (README: Speculative decoding).")
+@click.option("--max-draft-tokens", type=click.IntRange(min=1, max=32), default=None, help="ONNX engines: most draft tokens verified per step (prompt lookup and `prediction`). Default: SpeculativeConfig's.")
 def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, request_timeout_s, public_metrics, cors_origins, log_level, loras, max_loras,
           use_ray, ray_address, replicas, min_replicas, max_replicas, target_ongoing_requests, threads, no_prefix_cache,
-          step_budget_ms) -> None:
+          step_budget_ms, no_prompt_lookup, max_draft_tokens) -> None:
     """Serve ENGINE_DIRs over the OpenAI and Workers AI APIs.
 
     With no ENGINE_DIR and no --models-dir, serves the embedded default model (exported first if needed).
@@ -355,6 +357,8 @@ def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, 
             max_body_bytes=int(max_body_mib * 1024 * 1024), log_level=log_level, request_timeout_s=request_timeout_s,
             public_metrics=public_metrics, cors_origins=tuple(cors_origins), loras=tuple(loras), max_loras=max_loras,
             prefix_cache=not no_prefix_cache, step_budget_ms=step_budget_ms,
+            speculative={**({"prompt_lookup": False} if no_prompt_lookup else {}),
+                         **({"max_draft": max_draft_tokens} if max_draft_tokens else {})},
         )
     except ServeError as exc:
         raise click.ClickException(str(exc)) from None

@@ -17,13 +17,16 @@ import onnxruntime as ort
 from toolkit.artifact.layout import kv_spec
 from toolkit.artifact.onnx_session import create_session
 from toolkit.runtime.shared_kv import SharedKV, round_up
+from toolkit.runtime.speculative import LOGITS_KEEP_INPUT, verify_session
 
 
 class GqaModelRunner:
     """Chunked batch-1 prefill and batched decode over shared past/present buffers."""
 
-    def __init__(self, model_path: Path, threads: int | None = None, max_length: int = 1 << 15):
-        self.session = create_session(model_path, threads)
+    def __init__(self, model_path: Path, threads: int | None = None, max_length: int = 1 << 15, verify: bool = False):
+        """``verify``: open the graph so a run can return logits for several last positions (``verify``)."""
+        self.session = (verify_session(model_path, threads) if verify else None) or create_session(model_path, threads)
+        self.can_verify = LOGITS_KEEP_INPUT in {i.name for i in self.session.get_inputs()}
         self.spec = kv_spec(self.session, model_path)
         self.max_length = max_length
         self.past_names = self.spec.past_names
@@ -34,10 +37,12 @@ class GqaModelRunner:
         return SharedKV(self.past_names, self.spec.num_kv_heads, self.spec.head_dim, self.spec.dtype, self.max_length)
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, buffers: dict[str, np.ndarray],
-             lora: dict[str, np.ndarray] | None = None) -> np.ndarray:
+             lora: dict[str, np.ndarray] | None = None, keep: int = 1) -> np.ndarray:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
+        if self.can_verify:
+            binding.bind_cpu_input(LOGITS_KEEP_INPUT, np.array([-keep], np.int64))
         for name, value in (lora or {}).items():  # LoRA graph inputs (toolkit.runtime.lora)
             binding.bind_cpu_input(name, value)
         binding.bind_output("logits")
@@ -73,3 +78,28 @@ class GqaModelRunner:
         logits = self._run(np.asarray(last_tokens, np.int64)[:, None], mask, buffers, lora)
         batch.accept_step()
         return logits[:, -1].astype(np.float32, copy=False)
+
+    def verify(self, batch: SharedKV, tokens: list[list[int]], positions: list[int],
+               lora: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """Run ``tokens[i]`` (the row's last token + its draft, every row the same length) after each row's
+        cache; logits ``[rows, fed, vocab]``. The cache keeps all of them until ``batch.rollback``.
+
+        onnxruntime's CPU GroupQueryAttention refuses ``S > 1`` new tokens after a past at batch > 1
+        ("batch_size must be 1 when sequence_length > 1 and past context is given", onnxruntime 1.31),
+        so several rows verify one after the other, each over its own slot (a view of the shared
+        buffer, no copy). Speculation runs at batch 1 by default (``SpeculativeConfig.max_batch``),
+        where this is one run.
+        """
+        fed = len(tokens[0])
+        buffers, mask = batch.step_views(fed)
+        if batch.size == 1:
+            logits = self._run(np.asarray(tokens, np.int64), mask, buffers, lora, keep=fed)
+        else:
+            rows = []
+            for i, row_tokens in enumerate(tokens):
+                row_mask = np.ones((1, batch.lengths[i] + fed), np.int64)
+                row_buffers = {name: buffer[i:i + 1] for name, buffer in buffers.items()}
+                rows.append(self._run(np.asarray([row_tokens], np.int64), row_mask, row_buffers, lora, keep=fed)[0])
+            logits = np.stack(rows)
+        batch.accept_step(fed)
+        return logits.astype(np.float32, copy=False)

@@ -170,10 +170,32 @@ class BatchKV:
         self.mask = np.ascontiguousarray(self.mask[index, start:])
         return keep
 
-    def step_inputs(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Past arrays and the attention mask for one more token per row."""
-        mask = np.concatenate([self.mask, np.ones((self.size, 1), np.int64)], axis=1)
+    def step_inputs(self, tokens: int = 1) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Past arrays and the attention mask for ``tokens`` more tokens per row (> 1: a speculative verify)."""
+        mask = np.concatenate([self.mask, np.ones((self.size, tokens), np.int64)], axis=1)
         return self.past, mask
+
+    def rollback(self, kept: list[int], fed: int) -> None:
+        """After a ``fed``-token verify step, row i keeps only the first ``kept[i]`` of them.
+
+        The columns no row keeps are cut off the end; a row that kept fewer than the most is
+        shifted right by the difference (one row's copy), so every row stays right-aligned and
+        contiguous: no holes in the mask, which a sliding-window graph would count as positions.
+        """
+        most = max(kept)
+        end = self.length - (fed - most)
+        if end < self.length:
+            for name in self.names:
+                self.past[name] = np.ascontiguousarray(self.past[name][:, :, :end])
+            self.mask = np.ascontiguousarray(self.mask[:, :end])
+        for row, k in enumerate(kept):
+            shift = most - k
+            if shift:
+                for name in self.names:
+                    past = self.past[name]
+                    past[row, :, shift:] = past[row, :, : end - shift].copy()
+                self.mask[row, shift:] = self.mask[row, : end - shift].copy()
+                self.mask[row, :shift] = 0
 
     def accept_step(self, present: dict[str, np.ndarray], mask: np.ndarray) -> None:
         """Adopt the graph's present arrays (past + the new token) as the cache."""

@@ -9,13 +9,16 @@ import numpy as np
 from toolkit.artifact.layout import kv_spec
 from toolkit.artifact.onnx_session import create_session
 from toolkit.runtime.kv_cache import BatchKV
+from toolkit.runtime.speculative import LOGITS_KEEP_INPUT, verify_session
 
 
 class OnnxModelRunner:
     """Feeds optimum's ``text-generation-with-past`` graph; knows nothing of requests or sampling."""
 
-    def __init__(self, model_path: Path, threads: int | None = None):
-        self.session = create_session(model_path, threads)
+    def __init__(self, model_path: Path, threads: int | None = None, verify: bool = False):
+        """``verify``: open the graph so a run can return logits for several last positions (``verify``)."""
+        self.session = (verify_session(model_path, threads) if verify else None) or create_session(model_path, threads)
+        self.can_verify = LOGITS_KEEP_INPUT in {i.name for i in self.session.get_inputs()}
         self.spec = kv_spec(self.session)
         inputs = {i.name for i in self.session.get_inputs()}
         self.has_position_ids = "position_ids" in inputs
@@ -32,8 +35,10 @@ class OnnxModelRunner:
         return {name: np.zeros(shape, self.spec.dtype) for name in self.past_names}
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: dict[str, np.ndarray],
-             lora: dict[str, np.ndarray] | None = None):
+             lora: dict[str, np.ndarray] | None = None, keep: int = 1):
         feeds = {"input_ids": ids, "attention_mask": mask, **past, **(lora or {})}
+        if self.can_verify:
+            feeds[LOGITS_KEEP_INPUT] = np.array([-keep], np.int64)
         if self.has_position_ids:
             feeds["position_ids"] = positions
         outputs = self.session.run(self.output_names, feeds)
@@ -72,10 +77,29 @@ class OnnxModelRunner:
         return logits[:, -1].astype(np.float32, copy=False)
 
 
-def create_runner(graph: str, model_path: Path, threads: int | None, context_length: int):
-    """The model runner for an engine directory's graph flavour (``export_options.graph``)."""
+    def verify(self, batch: BatchKV, tokens: list[list[int]], positions: list[int],
+               lora: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """Run ``tokens[i]`` (last token + draft, the same count for every row) from ``positions[i]`` on;
+        logits ``[rows, fed, vocab]``. The cache keeps every fed token until ``batch.rollback``."""
+        fed = len(tokens[0])
+        past, mask = batch.step_inputs(fed)
+        logits, present = self._run(
+            np.asarray(tokens, np.int64),
+            mask,
+            np.asarray(positions, np.int64)[:, None] + np.arange(fed, dtype=np.int64)[None, :],
+            past,
+            lora,
+            keep=fed,
+        )
+        batch.accept_step(present, mask)
+        return logits.astype(np.float32, copy=False)
+
+
+def create_runner(graph: str, model_path: Path, threads: int | None, context_length: int, verify: bool = False):
+    """The model runner for an engine directory's graph flavour (``export_options.graph``); ``verify``: able
+    to run speculative verify steps (``runtime/speculative.py``; check ``runner.can_verify``)."""
     if graph == "gqa":
         from toolkit.runtime.gqa_runner import GqaModelRunner
 
-        return GqaModelRunner(model_path, threads, max_length=context_length)
-    return OnnxModelRunner(model_path, threads)
+        return GqaModelRunner(model_path, threads, max_length=context_length, verify=verify)
+    return OnnxModelRunner(model_path, threads, verify=verify)

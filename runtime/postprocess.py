@@ -16,12 +16,36 @@ class TokenProcessor:
         self.prompts = prompts
         self.context_length = context_length
 
-    def advance(self, group: SequenceGroup, seq: Sequence, logits_row: np.ndarray) -> None:
-        """Sample the next token of ``seq`` from ``logits_row`` and apply the stop rules."""
+    def advance_drafted(self, group: SequenceGroup, seq: Sequence, logits_rows: np.ndarray, draft: list[int]) -> list[int]:
+        """Apply a verify step: ``logits_rows[j]`` follows draft token ``j`` (row 0 the last emitted token).
+
+        Each position goes through ``advance`` exactly as plain decoding would (sampling, stops,
+        max_tokens, logprobs), with the draft token offered to the sampler; the run ends at the
+        first token that differs from the draft or when the sequence finishes, so at most
+        ``len(draft) + 1`` tokens are emitted and never fewer than one. Returns the emitted tokens.
+        """
+        emitted = []
+        for j in range(len(draft) + 1):
+            proposal = draft[j] if j < len(draft) else None
+            token = self.advance(group, seq, logits_rows[j], draft=proposal)
+            emitted.append(token)
+            if seq.finished or token != proposal:
+                break
+        return emitted
+
+    def remaining(self, group: SequenceGroup, seq: Sequence) -> int:
+        """Tokens ``seq`` may still generate (max_tokens and the context window)."""
+        return min(group.request.params.max_tokens, self.context_length - len(group.prompt_ids)) - len(seq.output_ids)
+
+    def advance(self, group: SequenceGroup, seq: Sequence, logits_row: np.ndarray, draft: int | None = None) -> int:
+        """Sample the next token of ``seq`` from ``logits_row``, apply the stop rules; returns the token.
+
+        ``draft``: a speculated token for this position (``advance_drafted``).
+        """
         params = group.request.params
         banned = self.stop_ids(params) if len(seq.output_ids) < params.min_tokens else ()
-        budget = min(params.max_tokens, self.context_length - len(group.prompt_ids)) - len(seq.output_ids)
-        result = seq.sampler.sample(logits_row, seq.output_ids, banned, budget=budget)
+        budget = self.remaining(group, seq)
+        result = seq.sampler.sample(logits_row, seq.output_ids, banned, budget=budget, draft=draft)
         token = result.token_id
         seq.output_ids.append(token)
         group.completion_tokens += 1  # the stop token counts: the model generated it (OpenAI, vLLM)
@@ -34,18 +58,19 @@ class TokenProcessor:
         if stop_token:
             if params.include_stop_str_in_output:
                 delta.text += seq.detok.push(token).text_delta
-            return self.finish(seq, "stop")
+            self.finish(seq, "stop")
+            return token
         out = seq.detok.push(token)
         delta.text += out.text_delta
         if out.stopped:
             if params.include_stop_str_in_output and out.stop_reason:
                 delta.text += out.stop_reason
-            return self.finish(seq, "stop")
-        if len(seq.output_ids) >= params.max_tokens or len(group.prompt_ids) + len(seq.output_ids) >= self.context_length:
-            return self.finish(seq, "length")
-        constraint = seq.sampler.constraint
-        if constraint is not None and constraint.is_finished():
-            return self.finish(seq, "stop")
+            self.finish(seq, "stop")
+        elif len(seq.output_ids) >= params.max_tokens or len(group.prompt_ids) + len(seq.output_ids) >= self.context_length:
+            self.finish(seq, "length")
+        elif (constraint := seq.sampler.constraint) is not None and constraint.is_finished():
+            self.finish(seq, "stop")
+        return token
 
     def stop_ids(self, params) -> tuple[int, ...]:
         """The token ids that end a sequence of ``params``: EOS (unless ignore_eos) and ``stop_token_ids``."""

@@ -138,18 +138,22 @@ class SequenceSampler:
                 and not self._has_penalties() and not self._bias_ids.size and not p.min_tokens)
 
     def sample(self, logits: np.ndarray, output_ids: Sequence[int], banned: Iterable[int] = (),
-               budget: int | None = None) -> SampleResult:
+               budget: int | None = None, draft: int | None = None) -> SampleResult:
         """Pick the next token from a float32 ``[vocab]`` row; ``logits`` is not modified.
 
         ``output_ids`` are the tokens generated so far (append-only between calls); ``banned``
         token ids are not drawn this step (the stop tokens while ``min_tokens`` is not reached).
         ``budget``: the tokens this sequence may still generate, this one included (max_tokens
         and context); a JSON constraint steers toward closing the value when it runs short.
+        ``draft``: a speculated token (``runtime/speculative.py``); greedy ignores it (the caller
+        compares), sampling keeps it with probability p(draft), else draws from p without it.
         """
         x = self.process(logits, output_ids, banned)
         p = self.params
         if p.greedy:
             token = int(np.argmax(x))
+        elif draft is not None:
+            token = verify_draft(x, draft, p.temperature, p.top_k, p.top_p, p.min_p, self._rng)
         else:
             token = sample_token(x, p.temperature, p.top_k, p.top_p, p.min_p, self._rng.random())
         if self.constraint is not None:
@@ -203,6 +207,13 @@ class SequenceSampler:
 def sample_token(x: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float,
                  u: float) -> int:
     """Draw a token id from row ``x`` with the given filters and a uniform ``u`` in [0, 1)."""
+    ids, z = _truncate(x, temperature, top_k, top_p, min_p)
+    local = _draw(z, u)
+    return int(local if ids is None else ids[local])
+
+
+def _truncate(x: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float):
+    """(kept ids or None for all, their temperature-scaled logits) after top_k, top_p and min_p."""
     ids = top_k_indices(x, top_k) if 0 < top_k < x.size else None
     z = np.divide(x if ids is None else x[ids], np.float32(temperature), dtype=np.float32)
     if top_p < 1.0:
@@ -210,8 +221,28 @@ def sample_token(x: np.ndarray, temperature: float, top_k: int, top_p: float, mi
     if min_p > 0.0:
         keep = np.flatnonzero(z >= z.max() + math.log(min_p))
         ids, z = (keep if ids is None else ids[keep]), z[keep]
-    local = _draw(z, u)
-    return int(local if ids is None else ids[local])
+    return ids, z
+
+
+def verify_draft(x: np.ndarray, draft: int, temperature: float, top_k: int, top_p: float, min_p: float,
+                 rng: np.random.Generator) -> int:
+    """Rejection sampling of a deterministic draft token: ``draft`` with probability p(draft), else a draw
+    from p with ``draft`` removed and renormalised, so the result is distributed exactly as p
+    (p: the truncated, temperature-scaled distribution ``sample_token`` draws from).
+
+    P(t) = p(d)·[t = d] + (1 − p(d))·p(t)/(1 − p(d))·[t ≠ d] = p(t).
+    """
+    ids, z = _truncate(x, temperature, top_k, top_p, min_p)
+    local = draft if ids is None else np.flatnonzero(ids == draft)
+    local = int(local) if ids is None else (int(local[0]) if local.size else None)
+    if local is not None and local < z.size and np.isfinite(z[local]):
+        e = np.exp(z - z.max(), dtype=np.float64)
+        if rng.random() < e[local] / e.sum():
+            return draft
+        z = z.copy()
+        z[local] = -np.inf
+    local_draw = _draw(z, rng.random())
+    return int(local_draw if ids is None else ids[local_draw])
 
 
 def top_k_indices(x: np.ndarray, k: int) -> np.ndarray:

@@ -108,23 +108,32 @@ class SharedKV:
         return order
 
     # ---- one decode step -----------------------------------------------------------------------
-    def step_views(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """The live rows' buffers (views, no copy) and the attention mask for one more token per row.
+    def step_views(self, tokens: int = 1) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The live rows' buffers (views, no copy) and the attention mask for ``tokens`` more tokens per row
+        (more than one: a speculative verify step, ``runtime/speculative.py``).
 
         onnxruntime's GroupQueryAttention costs time in proportion to the buffer's capacity, not
         only the rows' lengths (measured at batch 16, 236 cached tokens: 26 ms per step at capacity
         256, 35 ms at 512, 52 ms at 1024), so capacity grows in 64-token steps and shrinks once
         the longest row has left (each a copy of the live rows, at most once per 64 steps).
         """
-        needed = max(self.lengths) + 1
+        needed = max(self.lengths) + tokens
         if self.capacity - needed >= 2 * GROWTH_QUANTUM:
             self._reallocate(self.row_capacity, round_up(needed), needed)
         self.reserve(self.size, needed)
         views = {name: buffer[: self.size] for name, buffer in self.buffers.items()}
         lengths = np.asarray(self.lengths)
-        mask = (np.arange(int(lengths.max()) + 1)[None, :] <= lengths[:, None]).astype(np.int64)
+        mask = (np.arange(int(lengths.max()) + tokens)[None, :] < lengths[:, None] + tokens).astype(np.int64)
         return views, mask
 
-    def accept_step(self) -> None:
-        """Every row gained the token the step just wrote into its slot."""
-        self.lengths = [n + 1 for n in self.lengths]
+    def accept_step(self, tokens: int = 1) -> None:
+        """Every row gained the ``tokens`` tokens the step just wrote into its slot."""
+        self.lengths = [n + tokens for n in self.lengths]
+
+    def rollback(self, kept: list[int], fed: int) -> None:
+        """After a ``fed``-token verify step, row i keeps only the first ``kept[i]`` of them.
+
+        The rejected tokens' keys/values stay in the slot past the row's length, where the next
+        step overwrites them and the mask hides them: rolling back is only a length change.
+        """
+        self.lengths = [n - fed + k for n, k in zip(self.lengths, kept)]

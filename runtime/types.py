@@ -33,6 +33,8 @@ class GenerateRequest:
     arrival_time: float = field(default_factory=time.monotonic)
     adapter: str | None = None
     """The LoRA adapter to apply (its name in the engine's ``adapter_names``), or None for the base model."""
+    prediction_ids: tuple[int, ...] | None = None
+    """OpenAI's ``prediction`` (Predicted Outputs), tokenized: drafts for speculative decoding (``runtime/speculative.py``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt_ids, tuple):
@@ -77,6 +79,10 @@ class RequestOutput:
     finished: bool
     cached_tokens: int = 0
     """Prompt tokens whose KV came from the prefix cache (OpenAI's ``prompt_tokens_details.cached_tokens``)."""
+    accepted_prediction_tokens: int = 0
+    """Tokens of the request's ``prediction`` that the output kept (``completion_tokens_details``)."""
+    rejected_prediction_tokens: int = 0
+    """Tokens of the request's ``prediction`` that were verified and discarded (``completion_tokens_details``)."""
 
 
 @dataclass
@@ -110,6 +116,9 @@ class EngineStats:
     step_timings: StepTimings | None = None
     kv_cache_cached_tokens: int = 0
     """Tokens held by the prefix cache: counted against the budget apart from ``kv_cache_used_tokens``."""
+    memory: dict[str, int] = field(default_factory=dict)
+    """Bytes by part, where the engine knows them: ``kv_budget``, ``kv_decode`` (the decode batch's
+    buffers), ``kv_prefill`` (prompts being prefilled), ``prefix_cache``, ``weights`` (model files)."""
 
     @property
     def kv_cache_usage(self) -> float:

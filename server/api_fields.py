@@ -53,6 +53,8 @@ OPENAI_FIELDS: dict[str, str] = {
     "parallel_tool_calls": "honoured",
     "functions": "honoured",
     "function_call": "honoured",
+    # speed: drafts for speculative decoding (runtime/speculative.py); the output does not depend on them
+    "prediction": "honoured",
     # OpenAI features this server does not have
     "audio": "refused",
     "modalities": "refused",
@@ -67,7 +69,6 @@ OPENAI_FIELDS: dict[str, str] = {
     "prompt_cache_key": "ignored: a routing hint for OpenAI's prompt cache; this server has no prompt cache",
     "prompt_cache_retention": "ignored: a retention hint for OpenAI's prompt cache; this server has no prompt cache",
     "prompt_cache_options": "ignored: options of OpenAI's prompt cache; this server has no prompt cache",
-    "prediction": "ignored: predicted outputs only speed OpenAI's decoding up, the output does not depend on them",
     "reasoning_effort": "ignored: the served models do not reason; there is no reasoning to limit",
     "verbosity": "ignored: a length hint for OpenAI's reasoning models; use max_tokens here",
 }

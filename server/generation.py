@@ -47,6 +47,7 @@ class Generation:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.cached_tokens = 0  # prompt tokens from the engine's prefix cache
+        self.prediction_tokens = (0, 0)  # (accepted, rejected) tokens of the request's ``prediction``
         self._stream: OutputStream | None = None
         self._first: RequestOutput | None = None
         self._closed = False
@@ -160,6 +161,7 @@ class Generation:
         self.prompt_tokens = output.prompt_tokens
         self.completion_tokens = output.completion_tokens
         self.cached_tokens = output.cached_tokens
+        self.prediction_tokens = (output.accepted_prediction_tokens, output.rejected_prediction_tokens)
         if output.finished:
             self.finished = True
         if self.metrics is None:

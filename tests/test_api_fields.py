@@ -87,7 +87,7 @@ def test_no_op_values_of_refused_fields_are_accepted(client):
 
 IGNORED_VALUES = {"user": "u-1", "safety_identifier": "s-1", "metadata": {"k": "v"}, "store": True,
                   "service_tier": "flex", "prompt_cache_key": "k", "prompt_cache_retention": "24h",
-                  "prompt_cache_options": {"a": 1}, "prediction": {"type": "content", "content": "x"},
+                  "prompt_cache_options": {"a": 1},
                   "reasoning_effort": "low", "verbosity": "low"}
 
 

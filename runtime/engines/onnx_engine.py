@@ -27,6 +27,7 @@ from toolkit.runtime.model_runner import create_runner
 from toolkit.runtime.postprocess import TokenProcessor, collect_output
 from toolkit.runtime.scheduler import Scheduler, SchedulerConfig, StepPlan
 from toolkit.runtime.sequence import SequenceFactory, SequenceGroup
+from toolkit.runtime.speculative import SpeculativeConfig, Speculator
 from toolkit.runtime.types import EngineStats, GenerateRequest, OutputStream, StepTimings
 
 DEFAULT_KV_BUDGET_BYTES = 2 << 30
@@ -45,6 +46,7 @@ class OnnxEngine:
         threads: int | None = None,
         adapters: dict[str, Path] | None = None,
         max_loras: int | None = None,
+        speculative: SpeculativeConfig | None = None,
     ):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
@@ -71,6 +73,9 @@ class OnnxEngine:
         self.max_loras = max_loras
         self.lora = None  # toolkit.runtime.lora.LoraAdapters once started with adapters
         self._adapter_wait: list[SequenceGroup] = []  # requests whose adapter is loading
+        self.speculative = speculative or SpeculativeConfig()
+        self.speculator: Speculator | None = None  # drafts for verify steps (runtime/speculative.py); None with LoRA
+        self._drafts: list[list[int]] | None = None  # this step's drafts, one per running row
 
     @property
     def adapter_names(self) -> tuple[str, ...]:
@@ -99,7 +104,7 @@ class OnnxEngine:
             model = self.engine_dir / LORA_MODEL_FILE
             if LORA_MODEL_FILE not in self.manifest.files:
                 raise EngineStoppedError(f"{self.engine_dir} has no LoRA graph; add an adapter with `toolkit export-lora`")
-        self.runner = create_runner(self.graph, model, self.threads, self.context_length)
+        self.runner = create_runner(self.graph, model, self.threads, self.context_length, verify=self.speculative.enabled and not self.adapter_sources)
         if self.adapter_sources:
             self.lora = LoraAdapters(self.adapter_sources, graph_modules(self.runner.session),
                                      self.manifest.source.get("sha256", ""), self.max_loras or DEFAULT_MAX_LORAS,
@@ -107,6 +112,7 @@ class OnnxEngine:
         self._prompts = PromptBuilder(load_tokenizer(self.engine_dir), self.recipe)
         self.sequences = SequenceFactory(self._prompts, vocab_size=int(self.runner.session.get_outputs()[0].shape[-1] or 0))
         self.processor = TokenProcessor(self._prompts, self.context_length)
+        self.speculator = Speculator(self.speculative) if self.runner.can_verify else None
         self.batch = self.runner.new_batch()
 
     async def stop(self, grace_s: float = 0.0) -> None:
@@ -231,12 +237,41 @@ class OnnxEngine:
         last = [seq.output_ids[-1] for seq in running]
         positions = [len(seq.group.prompt_ids) + len(seq.output_ids) - 1 for seq in running]
         lora = {"lora": self.lora.row_feeds(tuple(seq.group.request.adapter for seq in running))} if self.lora is not None else {}
-        return self.runner.decode(self.batch, last, positions, **lora)
+        self._drafts = drafts = self._speculate(running, positions)
+        if drafts is None:
+            return self.runner.decode(self.batch, last, positions, **lora)
+        fed = 1 + max(map(len, drafts))  # rows with shorter drafts are padded, then rolled back
+        tokens = [[t, *d, *[t] * (fed - 1 - len(d))] for t, d in zip(last, drafts)]
+        return self.runner.verify(self.batch, tokens, positions, **lora)
+
+    def _speculate(self, running, positions: list[int]) -> list[list[int]] | None:
+        """Each row's draft for a verify step, or None for a plain decode step (``runtime/speculative.py``).
+
+        Every row feeds as many tokens as the longest draft (padding), so drafts are cut to what the
+        row closest to the context's end can hold.
+        """
+        if self.speculator is None:
+            return None
+        drafts = self.speculator.drafts(running, [self.processor.remaining(seq.group, seq) for seq in running])
+        room = self.context_length - max(positions) - 1
+        if drafts is not None and room < max(map(len, drafts)):
+            drafts = [d[:max(room, 0)] for d in drafts]
+            drafts = drafts if any(drafts) else None
+        return drafts
+
 
     def _postprocess(self, prefilled: list[SequenceGroup], logits: np.ndarray | None) -> None:
         touched: dict[str, SequenceGroup] = {}
         running = self.scheduler.running
-        if logits is not None:
+        if logits is not None and self._drafts is not None:
+            kept = []  # per row: fed tokens whose KV stays (the last token and the accepted drafts)
+            for row, seq in enumerate(running):
+                emitted = self.processor.advance_drafted(seq.group, seq, logits[row], self._drafts[row])
+                self.speculator.record(seq, self._drafts[row], emitted)
+                kept.append(len(emitted))
+                touched[seq.group.request_id] = seq.group
+            self.batch.rollback(kept, logits.shape[1])
+        elif logits is not None:
             for row, seq in enumerate(running):
                 self.processor.advance(seq.group, seq, logits[row])
                 touched[seq.group.request_id] = seq.group
@@ -250,6 +285,10 @@ class OnnxEngine:
         for group in touched.values():
             if (output := collect_output(group)) is not None:
                 output.cached_tokens = group.cached_tokens
+                if group.request.prediction_ids and self.speculator is not None:
+                    counts = [self.speculator.prediction_counts(seq) for seq in group.sequences]
+                    output.accepted_prediction_tokens = sum(a for a, _ in counts)
+                    output.rejected_prediction_tokens = sum(r for _, r in counts)
                 group.deliver(output)
 
     def _retire_finished_rows(self) -> None:

@@ -60,8 +60,34 @@ def prepare_chat(req: ChatCompletionRequest, entry: ModelEntry, origin: Origin) 
                                    entry, len(prompt_ids))
     params = _params(req, entry, max_tokens, logprobs=bool(req.logprobs),
                      top_logprobs=req.top_logprobs or 0, **json_fields)
-    return Prepared(origin.request(prompt_ids, params), plan, zero, _include_usage(req), bool(req.logprobs),
+    request = origin.request(prompt_ids, params)
+    prediction = prediction_text(req.prediction)
+    if prediction:
+        request = dataclasses.replace(request, prediction_ids=tuple(entry.engine.prompts.encode(prompt=prediction, raw=True)))
+    return Prepared(request, plan, zero, _include_usage(req), bool(req.logprobs),
                     continuous_usage=_continuous_usage(req))
+
+
+def prediction_text(prediction: Any) -> str | None:
+    """The text of OpenAI's ``prediction`` (Predicted Outputs): ``{"type": "content", "content": str | [text parts]}``.
+
+    It only speeds decoding up (speculative drafts, ``runtime/speculative.py``); the output is what
+    the model would produce without it. Any other shape is a 400 naming the field.
+    https://platform.openai.com/docs/api-reference/chat/create#chat-create-prediction
+    """
+    if prediction is None:
+        return None
+    shape = 'prediction must be {"type": "content", "content": a string or a list of {"type": "text", "text": ...}}'
+    if not isinstance(prediction, dict) or prediction.get("type") != "content" or set(prediction) - {"type", "content"}:
+        raise invalid(shape, "prediction")
+    content = prediction.get("content")
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not all(
+            isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            and not set(part) - {"type", "text"} for part in content):
+        raise invalid(shape, "prediction.content")
+    return "".join(part["text"] for part in content)
 
 
 def prepare_completion(req: CompletionRequest, entry: ModelEntry, origin: Origin) -> Prepared:

@@ -48,16 +48,23 @@ def gather(outputs: list[RequestOutput], n: int) -> list[ChoiceText]:
     return choices
 
 
-def usage(entry: ModelEntry, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+def usage(entry: ModelEntry, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+          prediction: tuple[int, int] | None = None) -> dict[str, Any]:
     """``usage`` with DeepInfra's ``estimated_cost`` from the recipe's prices and OpenAI's
-    ``prompt_tokens_details.cached_tokens`` (prompt tokens served by the engine's prefix cache)."""
-    return {
+    ``prompt_tokens_details.cached_tokens`` (prompt tokens served by the engine's prefix cache);
+    for a request with ``prediction``, ``completion_tokens_details.accepted_prediction_tokens`` /
+    ``rejected_prediction_tokens`` (``prediction`` = that pair, ``runtime/speculative.py`` counts them)."""
+    body = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
         "estimated_cost": entry.estimated_cost(prompt_tokens, completion_tokens),
     }
+    if prediction is not None:
+        body["completion_tokens_details"] = {"accepted_prediction_tokens": prediction[0],
+                                             "rejected_prediction_tokens": prediction[1]}
+    return body
 
 
 def chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:

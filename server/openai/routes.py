@@ -40,6 +40,8 @@ class _Reply:
     build: Callable[[list[ChoiceText], dict[str, Any]], dict[str, Any]]
     continuous_usage: bool = False
     single_call: bool = False
+    prediction: bool = False
+    """The request carried ``prediction``: usage reports ``completion_tokens_details``."""
 
     def chunks(self, output: RequestOutput) -> list[dict[str, Any]]:
         chunks = self.stream.chunks(output)
@@ -47,7 +49,9 @@ class _Reply:
             chunks = first_call_only(chunks)
         if self.continuous_usage:  # vLLM's stream_options.continuous_usage_stats: the usage so far on every chunk
             for chunk in chunks:
-                chunk["usage"] = usage(self.entry, output.prompt_tokens, output.completion_tokens, output.cached_tokens)
+                chunk["usage"] = usage(self.entry, output.prompt_tokens, output.completion_tokens, output.cached_tokens,
+                                       (output.accepted_prediction_tokens, output.rejected_prediction_tokens)
+                                       if self.prediction else None)
         return chunks
 
     def final(self, generation: Generation) -> list[dict[str, Any]]:
@@ -63,7 +67,8 @@ class _Reply:
         return self.build(gather(outputs, self.n), self._usage(generation))
 
     def _usage(self, generation: Generation) -> dict[str, Any]:
-        return usage(self.entry, generation.prompt_tokens, generation.completion_tokens, generation.cached_tokens)
+        return usage(self.entry, generation.prompt_tokens, generation.completion_tokens, generation.cached_tokens,
+                     generation.prediction_tokens if self.prediction else None)
 
 
 class OpenAIController(Controller):
@@ -83,7 +88,7 @@ class OpenAIController(Controller):
         meta, n = ResponseMeta.new("chatcmpl", body.model), p.request.params.n
         reply = _Reply(entry, n, ChatStream(meta, n, p.tools, p.logprobs, p.include_usage),
                        lambda choices, u: chat_response(meta, choices, p.tools, p.logprobs, u), p.continuous_usage,
-                       body.parallel_tool_calls is False)
+                       body.parallel_tool_calls is False, p.request.prediction_ids is not None)
         return await respond(request, entry, p.request, p.zero_tokens, reply, body.stream, error_body)
 
     @post(["/v1/completions", "/v1/openai/completions"], status_code=200,

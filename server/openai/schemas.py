@@ -165,8 +165,8 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     modalities: list[str] | None = None
     web_search_options: Any = None
     moderation: Any = None
+    prediction: Any = None  # Predicted Outputs: speculative drafts (adapter.prediction_text checks the shape)
     # accepted without effect
-    prediction: Any = None
     reasoning_effort: str | None = None
     verbosity: str | None = None
 
