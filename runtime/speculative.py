@@ -285,26 +285,27 @@ LOGITS_KEEP_INPUT = "toolkit_logits_keep"
 
 
 def _lm_head_input_chain(graph):
-    """(LM head node, the node that picks the last position, the full hidden states) or None.
+    """(the node that consumes the last-position hidden state, the full hidden states) or None.
 
     Both exports compute logits for the last position only (a prefill of N tokens would otherwise
     run the 262k-row LM head N times): optimum's through ``export/graph_surgery.keep_last_logits``
     (``Slice(hidden, [-1])``), onnxruntime-genai's builder through ``prune_lm_head``
-    (``Unsqueeze(Gather(hidden, -1))``).
+    (``Unsqueeze(Gather(hidden, -1))``). Walking back from ``logits`` through first inputs finds
+    the picker whatever the LM head's op (MatMul, MatMulNBits, DynamicQuantizeMatMul, ...).
     """
     producer = {out: node for node in graph.node for out in node.output}
     node = producer.get("logits")
-    while node is not None and node.op_type not in ("MatMul", "Gemm", "MatMulNBits"):
-        node = producer.get(node.input[0])
-    if node is None:
-        return None
-    picker = producer.get(node.input[0])
-    if picker is not None and picker.op_type == "Slice":
-        return node, picker.input[0]
-    if picker is not None and picker.op_type == "Unsqueeze":
-        gather = producer.get(picker.input[0])
-        if gather is not None and gather.op_type == "Gather":
-            return node, gather.input[0]
+    while node is not None and node.input:
+        picker = producer.get(node.input[0])
+        if picker is None:
+            return None
+        if picker.op_type == "Slice":
+            return node, picker.input[0]
+        if picker.op_type == "Unsqueeze":
+            gather = producer.get(picker.input[0])
+            if gather is not None and gather.op_type == "Gather":
+                return node, gather.input[0]
+        node = picker
     return None
 
 
