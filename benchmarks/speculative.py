@@ -15,7 +15,7 @@ Decode speed is (completion tokens - 1) / (time from the first output to the las
 is left out. Modes alternate within each round (the order reversed every other round) so every
 mode sees the same background load. Usage::
 
-    python benchmarks/speculative.py [--rounds 2] [--max-tokens 200] [--threads N] [ENGINE_DIR]
+    python benchmarks/speculative.py [--rounds 2] [--max-tokens 200] [--threads N] [--workloads editing,...] [ENGINE_DIR]
 
 Prints the CPU, every run, then per workload and mode the median tok/s, its ratio to plain, the
 draft acceptance (accepted / drafted tokens) and whether the tokens equal plain decoding's.
@@ -42,7 +42,7 @@ async def one_run(engine, prompt_ids, max_tokens: int, prediction_ids=None, temp
 
     spec = engine.speculator
     before = (spec.drafted, spec.accepted) if spec is not None else (0, 0)
-    request = GenerateRequest(prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=7),
+    request = GenerateRequest(prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=7, ignore_eos=True),
                               prediction_ids=prediction_ids)
     tokens, first, last, out = [], None, None, None
     async for out in await engine.generate(request):
@@ -57,7 +57,7 @@ async def one_run(engine, prompt_ids, max_tokens: int, prediction_ids=None, temp
             "prediction": (out.accepted_prediction_tokens, out.rejected_prediction_tokens)}
 
 
-async def main(engine_dir: Path, rounds: int, max_tokens: int, threads: int | None) -> None:
+async def main(engine_dir: Path, rounds: int, max_tokens: int, threads: int | None, workloads: set[str]) -> None:
     from toolkit.bench.workloads import EDIT_FILE_TEXT, FREE_TEXT_QUESTION, editing_messages
     from toolkit.runtime import load_engine
     from toolkit.runtime.speculative import SpeculativeConfig
@@ -78,6 +78,7 @@ async def main(engine_dir: Path, rounds: int, max_tokens: int, threads: int | No
              ("editing", "prediction", spec, edit, prediction, 0.0),
              ("free-text", "plain", plain, free, None, 0.0), ("free-text", "lookup", spec, free, None, 0.0),
              ("free-text T=1", "plain", plain, free, None, 1.0), ("free-text T=1", "lookup", spec, free, None, 1.0)]
+    modes = [m for m in modes if m[0] in workloads]
     await one_run(plain, free, 8)  # warm both sessions
     await one_run(spec, free, 8)
     results: dict[tuple[str, str], list[dict]] = {}
@@ -106,5 +107,7 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--workloads", default="editing,free-text,free-text T=1",
+                        help="comma-separated subset of: editing, free-text, free-text T=1")
     args = parser.parse_args()
-    asyncio.run(main(args.engine_dir, args.rounds, args.max_tokens, args.threads))
+    asyncio.run(main(args.engine_dir, args.rounds, args.max_tokens, args.threads, set(args.workloads.split(","))))
