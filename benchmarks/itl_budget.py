@@ -66,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peer", action="store_true", help="also measure llama-server (needs benchmarks/llama_cpp_peer.py's build)")
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--chunks", action="store_true", help="time prompt chunks and decode steps on the engine instead")
-    p.add_argument("--engine", type=Path, default=DEFAULT_ENGINE, help="with --chunks: the engine directory")
+    p.add_argument("--engine", type=Path, default=DEFAULT_ENGINE,
+                   help="the engine directory to serve / time (default: the cached default-model int8 gqa engine)")
     p.add_argument("--repeats", type=int, default=5, help="with --chunks: timings per size")
     p.add_argument("--simulate", type=Path, metavar="CHUNKS_JSON",
                    help="simulate the HTTP run's closed loop on the scheduler with the cost a --chunks run measured")
@@ -97,8 +98,8 @@ def start(label: str, args: argparse.Namespace, logs: Path) -> Server:
         command = llama_server_command(layout.tool("llama-server"), gguf, args.port, peer_plan(args.concurrency), args.threads)
         return Server(PEER, command, url, logs / "llama-server.log")
     budget = ["--step-budget-ms", "0" if label == "off" else label]
-    return Server(f"toolkit budget {label}", ours_command(args.port) + budget, url, logs / f"toolkit-{label}.log",
-                  env=ours_env(args.threads))
+    return Server(f"toolkit budget {label}", ours_command(args.port) + budget + [str(args.engine)], url,
+                  logs / f"toolkit-{label}.log", env=ours_env(args.threads))
 
 
 def peer_ready() -> bool:

@@ -26,8 +26,12 @@ from toolkit.runtime.sequence import Sequence, SequenceGroup
 from toolkit.runtime.step_cost import StepCostModel
 
 
-#: Off until measured with benchmarks/itl_budget.py.
-DEFAULT_STEP_BUDGET_MS: float | None = None
+#: Default model, int8 gqa, 2 AVX-512 VNNI cores, quiet: a decode step of 16 rows takes ~50 ms and a
+#: prompt chunk ~13 ms + ~1 ms per token (benchmarks/itl_budget.py --chunks); 100 ms leaves ~37
+#: prompt tokens per step at 16 streams and holds ITL p99 near 100 ms, under llama-server's 111 ms
+#: (issue 13), for ~6 % of throughput (--simulate; README: Smooth streams). Chunks under 32 tokens
+#: cost 1.5-6x more per token than long ones (the per-run weight read dominates), hence the floor.
+DEFAULT_STEP_BUDGET_MS: float | None = 100.0
 DEFAULT_MIN_PREFILL_CHUNK = 32
 
 
