@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -317,15 +318,25 @@ def bench(url, offline, engine_dir, model, schema, concurrency, rate, requests_p
 @click.option("--step-budget-ms", type=click.FloatRange(min=0), default=None, help="ONNX engines: model time per step while streams decode; prompt chunks are cut to fit (smoother inter-token latency, later first tokens). 0: token budget only. Default: SchedulerConfig's (README: Smooth streams).")
 @click.option("--no-prompt-lookup", "no_prompt_lookup", is_flag=True, help="ONNX engines: no prompt-lookup (n-gram) speculative decoding; OpenAI `prediction` drafts still apply (README: Speculative decoding).")
 @click.option("--max-draft-tokens", type=click.IntRange(min=1, max=32), default=None, help="ONNX engines: most draft tokens verified per step (prompt lookup and `prediction`). Default: SpeculativeConfig's.")
+@click.option("--kv-cache-gib", type=click.FloatRange(min=0, min_open=True), default=None, help="ONNX engines: KV cache budget in GiB, shared by the decode batch, prompts in prefill and the prefix cache. Default: a tenth of the machine's memory, at least one full-context sequence (README: Memory).")
+@click.option("--prefix-cache-share", type=click.FloatRange(0, 1), default=0.25, show_default=True, help="ONNX engines: the part of the KV budget cached prompt prefixes may hold.")
+@click.option("--ort-arena-mib", type=click.IntRange(min=0), default=None, help="onnxruntime CPU arena: one arena shared by the sessions, at most N MiB, grown by what is asked; 0: no arena (malloc). Default: onnxruntime's own per session.")
+@click.option("--malloc-trim-s", type=click.FloatRange(min=0), default=10.0, show_default=True, help="ONNX engines: hand glibc's freed heap back to the kernel every N seconds (0: never).")
 def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, request_timeout_s, public_metrics, cors_origins, log_level, loras, max_loras,
           use_ray, ray_address, replicas, min_replicas, max_replicas, target_ongoing_requests, threads, no_prefix_cache,
-          step_budget_ms, no_prompt_lookup, max_draft_tokens) -> None:
+          step_budget_ms, no_prompt_lookup, max_draft_tokens, kv_cache_gib, prefix_cache_share, ort_arena_mib, malloc_trim_s) -> None:
     """Serve ENGINE_DIRs over the OpenAI and Workers AI APIs.
 
     With no ENGINE_DIR and no --models-dir, serves the embedded default model (exported first if needed).
     """
+    from toolkit.artifact.onnx_session import ARENA_ENV
     from toolkit.server.serve import ServeError, engine_dirs_to_serve, scheduler_options
     from toolkit.server.serve import serve as run_server
+
+    if ort_arena_mib is not None:  # read by create_session, like $TOOLKIT_THREADS (Ray replicas inherit it)
+        os.environ[ARENA_ENV] = str(ort_arena_mib)
+    memory = {"prefix_cache_share": prefix_cache_share, "malloc_trim_s": malloc_trim_s,
+              **({"kv_budget_bytes": int(kv_cache_gib * 2**30)} if kv_cache_gib else {})}
 
     try:
         dirs = engine_dirs_to_serve(engine_dirs, models_dir)
@@ -359,6 +370,7 @@ def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, 
             prefix_cache=not no_prefix_cache, step_budget_ms=step_budget_ms,
             speculative={**({"prompt_lookup": False} if no_prompt_lookup else {}),
                          **({"max_draft": max_draft_tokens} if max_draft_tokens else {})},
+            memory=memory,
         )
     except ServeError as exc:
         raise click.ClickException(str(exc)) from None

@@ -3,6 +3,16 @@
 Export's reference runner and validation, and the serving runtime's model runners, all open the
 graph through ``create_session`` so they run with the same providers, optimisation level and
 thread count. onnxruntime is imported when a session is made, not when this module is.
+
+Memory (``toolkit serve --ort-arena-mib``, through ``$TOOLKIT_ORT_ARENA_MIB`` like ``$TOOLKIT_THREADS``):
+unset, each session keeps onnxruntime's own CPU arena (grows in powers of two, never shrinks);
+``0`` turns the arena off, so every tensor comes from malloc and goes back to it; ``N`` makes every
+session share one arena of at most N MiB that grows by what is asked (``kSameAsRequested``):
+onnxruntime's ``OrtArenaCfg`` registered as an environment allocator and opted into with
+``session.use_env_allocators``
+(https://onnxruntime.ai/docs/get-started/with-c.html#features, and the config keys in
+https://github.com/microsoft/onnxruntime/blob/main/include/onnxruntime/core/session/onnxruntime_session_options_config_keys.h).
+A run that would need more than N MiB fails with onnxruntime's allocation error.
 """
 
 from __future__ import annotations
@@ -10,6 +20,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+
+ARENA_ENV = "TOOLKIT_ORT_ARENA_MIB"
+_shared_arena_mib: int | None = None  # the shared arena registered in this process, if any
 
 
 def available_providers(prefer_gpu: bool = True) -> list[str]:
@@ -21,10 +34,34 @@ def available_providers(prefer_gpu: bool = True) -> list[str]:
     return [p for p in order if p in have] or ["CPUExecutionProvider"]
 
 
+def arena_mib(value: str | None = None) -> int | None:
+    """The arena setting: None (onnxruntime's own), 0 (off) or a cap in MiB, from ``$TOOLKIT_ORT_ARENA_MIB``."""
+    value = os.environ.get(ARENA_ENV, "") if value is None else value
+    if not value.strip():
+        return None
+    mib = int(value)
+    if mib < 0:
+        raise ValueError(f"{ARENA_ENV} must be >= 0 (MiB; 0 turns the arena off), not {value!r}")
+    return mib
+
+
+def _use_shared_arena(ort: Any, mib: int) -> None:
+    """Register the process's shared CPU arena of ``mib`` MiB (once; onnxruntime keeps the first)."""
+    global _shared_arena_mib
+    if _shared_arena_mib is not None:
+        if _shared_arena_mib != mib:
+            raise ValueError(f"this process already shares a {_shared_arena_mib} MiB onnxruntime arena, not {mib}")
+        return
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg({"max_mem": mib << 20, "arena_extend_strategy": 1}))
+    _shared_arena_mib = mib
+
+
 def create_session(model_path: Path, threads: int | None = None, prefer_gpu: bool = True) -> Any:
     """An ``onnxruntime.InferenceSession`` with all graph optimisations and ``threads`` intra-op threads.
 
-    ``threads`` defaults to ``$TOOLKIT_THREADS``, else every core.
+    ``threads`` defaults to ``$TOOLKIT_THREADS``, else every core; the CPU arena follows
+    ``$TOOLKIT_ORT_ARENA_MIB`` (module docstring).
     """
     import onnxruntime as ort
 
@@ -32,4 +69,10 @@ def create_session(model_path: Path, threads: int | None = None, prefer_gpu: boo
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or int(os.environ.get("TOOLKIT_THREADS", "0")) or (os.cpu_count() or 1)
     options.log_severity_level = 3
+    mib = arena_mib()
+    if mib == 0:
+        options.enable_cpu_mem_arena = False
+    elif mib is not None:
+        _use_shared_arena(ort, mib)
+        options.add_session_config_entry("session.use_env_allocators", "1")
     return ort.InferenceSession(str(model_path), options, providers=available_providers(prefer_gpu))

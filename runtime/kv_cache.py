@@ -15,11 +15,33 @@ becomes the next step's past as is; rows are only copied when a sequence joins o
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
 BLOCK = 16
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory, or the cgroup (v2) limit when that is lower (a container's share)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def default_kv_budget_bytes(bytes_per_token: int, context_length: int, memory_bytes: int | None = None) -> int:
+    """The KV budget when none is given: a tenth of the machine's memory, within [one full-context sequence, 16 GiB].
+
+    A tenth leaves the weights, onnxruntime's working memory and neighbours most of the machine
+    (24 GiB: 2.4 GiB, 65k tokens of the default model); one full-context sequence is the floor
+    so every request the context allows can run (the default model: 32,768 × 36 KiB = 1.1 GiB).
+    """
+    memory = machine_memory_bytes() if memory_bytes is None else memory_bytes
+    return min(max(memory // 10, bytes_per_token * context_length), 16 << 30)
 
 
 @dataclass(frozen=True)
@@ -46,14 +68,24 @@ class KVCacheManager:
 
     ``rectangular``: the cache is one slot per sequence, each as long as the longest reservation
     (``SharedKV``), so a set of reservations costs ``count × longest`` rather than their sum.
+    ``prefix_cache_share``: the part of the budget the prefix cache may hold at most (unpinned
+    cached blocks are evicted for reservations either way).
     """
 
-    def __init__(self, geometry: KvGeometry, budget_bytes: int, rectangular: bool = False):
+    def __init__(self, geometry: KvGeometry, budget_bytes: int, rectangular: bool = False,
+                 prefix_cache_share: float = 1.0):
         self.geometry = geometry
         self.total_blocks = max(1, budget_bytes // (geometry.bytes_per_token * BLOCK))
+        self.budget_bytes = self.total_blocks * self.block_bytes
         self.rectangular = rectangular
+        self.prefix_cache_blocks = min(self.total_blocks, int(self.total_blocks * prefix_cache_share))
+        """The most blocks the prefix cache may hold (``toolkit serve --prefix-cache-share``)."""
         self._reserved: dict[str, int] = {}
         self.prefix_cache = None  # a PrefixCache registers itself here
+
+    @property
+    def block_bytes(self) -> int:
+        return self.geometry.bytes_per_token * BLOCK
 
     @property
     def cached_blocks(self) -> int:

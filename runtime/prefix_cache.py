@@ -10,18 +10,25 @@ least one prompt token is left to prefill (the step needs its logits), starts it
 from those blocks' KV and prefills only the rest. When its prefill ends, the full blocks of its
 prompt are added to the cache.
 
-Memory: a block holds its own copy of the KV (``[1, kv_heads, 16, head_dim]`` per past input); the
-running batch's rows are dense copies too, so a request still reserves its whole prompt +
-``max_tokens`` and cached blocks are counted *in addition* against the same budget
-(``KVCacheManager.cached_blocks``). A request pins the blocks it matched from admission until its
-prefill ends or it is dropped; unpinned blocks are evicted least recently used when admission or
-a new block needs room. Touching a chain moves its deepest block to the recent end first, so a
+Memory: blocks live in one slot pool (``BlockPool``): an anonymous memory map of ``max_blocks``
+slots, each slot every past input's ``[1, kv_heads, 16, head_dim]`` side by side. The map costs
+address space only; a slot's pages become resident when a block is written into it and are handed
+back to the kernel (``madvise(MADV_DONTNEED)``) when it is evicted, so the cache's resident bytes
+are exactly its held blocks, with no heap fragmentation from thousands of small arrays (measured:
+per-block numpy arrays left glibc's heap holding freed holes). Freed slots are reused most
+recently freed first. The running batch's rows are dense copies too, so a request still reserves
+its whole prompt + ``max_tokens`` and cached blocks are counted *in addition* against the same
+budget (``KVCacheManager.cached_blocks``); ``max_blocks`` (``toolkit serve --prefix-cache-gib``)
+caps the cache's share. A request pins the blocks it matched from admission until its prefill ends
+or it is dropped; unpinned blocks are evicted least recently used when admission, the cap or a
+new block needs room. Touching a chain moves its deepest block to the recent end first, so a
 parent is never evicted before its children and every cached block stays reachable.
 """
 
 from __future__ import annotations
 
 import hashlib
+import mmap
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -37,7 +44,57 @@ class CachedBlock:
     key: bytes
     tokens: tuple[int, ...]
     kv: dict[str, np.ndarray]
+    slot: int = -1
     refs: int = 0
+
+
+class BlockPool:
+    """``capacity`` fixed-size slots in an anonymous memory map; a freed slot's pages go back to the kernel.
+
+    Slot ``i`` holds, for every past input ``name``, a ``[1, kv_heads, BLOCK, head_dim]`` array
+    (``views(i)``). The layout is taken from the first past written (``ensure_layout``).
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.names: list[str] = []
+        self.slot_bytes = 0
+        self._map: mmap.mmap | None = None
+        self._array: np.ndarray | None = None
+        self._free: list[int] = []  # most recently freed last
+        self._next = 0  # slots below this have been used at least once
+
+    def ensure_layout(self, past: dict[str, np.ndarray]) -> None:
+        """Map the pool for ``past``'s inputs, head count, head size and dtype (once)."""
+        if self._map is not None:
+            return
+        first = next(iter(past.values()))
+        self.names = list(past)
+        block_shape = (1, first.shape[1], BLOCK, first.shape[3])
+        self.slot_bytes = len(self.names) * int(np.prod(block_shape)) * first.dtype.itemsize
+        # private: a shared anonymous map is shmem, whose pages MADV_DONTNEED would not free
+        self._map = mmap.mmap(-1, max(1, self.capacity * self.slot_bytes), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._array = np.frombuffer(self._map, first.dtype, self.capacity * self.slot_bytes // first.dtype.itemsize)
+        self._array = self._array.reshape(self.capacity, len(self.names), *block_shape)
+
+    def take(self) -> int:
+        """A free slot (the cache holds fewer blocks than ``capacity``)."""
+        if self._free:
+            return self._free.pop()
+        self._next += 1
+        return self._next - 1
+
+    def views(self, slot: int) -> dict[str, np.ndarray]:
+        return {name: self._array[slot, j] for j, name in enumerate(self.names)}
+
+    def release(self, slot: int) -> None:
+        """Free ``slot`` and return its whole pages to the kernel (they read as zeros when next used)."""
+        page = mmap.PAGESIZE
+        start = -(-slot * self.slot_bytes // page) * page
+        stop = (slot + 1) * self.slot_bytes // page * page
+        if stop > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        self._free.append(slot)
 
 
 def block_keys(prompt_ids: tuple[int, ...], adapter: str | None, blocks: int) -> list[bytes]:
@@ -65,8 +122,10 @@ class PrefixMatch:
 class PrefixCache:
     """Hash → block store with pin counts and LRU eviction, accounted in ``kv.cached_blocks``."""
 
-    def __init__(self, kv: KVCacheManager):
+    def __init__(self, kv: KVCacheManager, max_blocks: int | None = None):
         self.kv = kv
+        self.max_blocks = min(kv.total_blocks, kv.prefix_cache_blocks if max_blocks is None else max_blocks)
+        self.pool = BlockPool(self.max_blocks)
         self.blocks: OrderedDict[bytes, CachedBlock] = OrderedDict()  # front: evicted first
         self.evicted = 0  # blocks evicted since start
         kv.prefix_cache = self
@@ -75,6 +134,11 @@ class PrefixCache:
     @property
     def held_blocks(self) -> int:
         return len(self.blocks)
+
+    @property
+    def held_bytes(self) -> int:
+        """Resident bytes of the cached blocks (their pool slots)."""
+        return len(self.blocks) * self.pool.slot_bytes
 
     @property
     def evictable_blocks(self) -> int:
@@ -89,7 +153,7 @@ class PrefixCache:
             if block.refs == 0:
                 victims.append(key)
         for key in victims:
-            del self.blocks[key]
+            self.pool.release(self.blocks.pop(key).slot)
         self.evicted += len(victims)
         return len(victims)
 
@@ -136,11 +200,15 @@ class PrefixCache:
             for i, key in enumerate(block_keys(prompt_ids, adapter, len(prompt_ids) // BLOCK)):
                 block = self.blocks.get(key)
                 if block is None:
-                    if not self.kv.make_room_for_cached(1):
+                    if not self._room_for_one():
                         break
                     window = slice(i * BLOCK, (i + 1) * BLOCK)
-                    kv = {name: np.ascontiguousarray(array[:1, :, window]) for name, array in past.items()}
-                    block = self.blocks[key] = CachedBlock(key, tuple(prompt_ids[window]), kv)
+                    self.pool.ensure_layout(past)
+                    slot = self.pool.take()
+                    kv = self.pool.views(slot)
+                    for name, array in past.items():
+                        kv[name][...] = array[:1, :, window]
+                    block = self.blocks[key] = CachedBlock(key, tuple(prompt_ids[window]), kv, slot)
                     added += 1
                 block.refs += 1  # pinned while the walk goes on, so making room never evicts the chain
                 chain.append(block)
@@ -149,3 +217,9 @@ class PrefixCache:
                 block.refs -= 1
             self._touch(chain)
         return added
+
+    def _room_for_one(self) -> bool:
+        """A pool slot and budget room for one more block, evicting unpinned blocks for either."""
+        if len(self.blocks) >= self.max_blocks and not self.evict(1):
+            return False
+        return self.kv.make_room_for_cached(1)

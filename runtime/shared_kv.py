@@ -9,13 +9,21 @@ Copies happen only when the batch changes shape: a joining sequence's prefill ca
 its slot once; a leaving row's slot is refilled by moving the last row into it (one row); and
 the buffers are reallocated in 64-token steps as the longest row grows or leaves (at most once
 per 64 steps), never per step.
+
+Rows are allocated in steps of ``ROW_QUANTUM`` and given back when the batch shrinks to a quarter
+of them (all of them once it is empty), so a burst's buffer does not outlive the burst: measured on
+the default model after a burst of 12 streams, the idle server kept a ``[16, 1, 320, 256]`` buffer
+per past input (189 MB) until the next burst.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from toolkit.runtime.native_memory import trim_after_free
+
 GROWTH_QUANTUM = 64
+ROW_QUANTUM = 4
 
 
 def round_up(n: int, quantum: int = GROWTH_QUANTUM) -> int:
@@ -49,6 +57,11 @@ class SharedKV:
     def capacity(self) -> int:
         return next(iter(self.buffers.values())).shape[2]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the allocated buffers (live rows and spare slots)."""
+        return sum(buffer.nbytes for buffer in self.buffers.values())
+
     def _allocate(self, rows: int, length: int) -> dict[str, np.ndarray]:
         shape = (rows, self.num_kv_heads, length, self.head_dim)
         return {name: np.zeros(shape, self.dtype) for name in self.names}
@@ -57,7 +70,7 @@ class SharedKV:
         """Make room for ``rows`` slots of ``length`` tokens, keeping every live row's cache."""
         if rows <= self.row_capacity and length <= self.capacity:
             return
-        new_rows = self.row_capacity if rows <= self.row_capacity else max(rows, 2 * self.row_capacity)
+        new_rows = max(self.row_capacity, round_up(rows, ROW_QUANTUM))
         self._reallocate(new_rows, max(self.capacity, min(self.max_length, round_up(length))), length)
 
     def _reallocate(self, new_rows: int, new_len: int, length: int) -> None:
@@ -68,8 +81,9 @@ class SharedKV:
             used = max(self.lengths)
             for name in self.names:
                 fresh[name][: self.size, :, :used] = self.buffers[name][: self.size, :, :used]
-        self.buffers = fresh
+        freed, self.buffers = self.nbytes, fresh
         self.reallocations += 1
+        trim_after_free(freed)
 
     # ---- batch membership --------------------------------------------------------------------
     def add_rows(self, rows: dict[str, np.ndarray], lengths: list[int]) -> None:
@@ -105,7 +119,19 @@ class SharedKV:
             self.lengths[hole] = length
         del order[new_size:]
         self.lengths = self.lengths[:new_size]
+        self._shrink_rows()
         return order
+
+    def _shrink_rows(self) -> None:
+        """Give the slots back once at most a quarter are live (every slot once the batch is empty)."""
+        if not self.size:
+            if self.row_capacity:
+                freed, self.buffers = self.nbytes, self._allocate(0, 0)
+                self.reallocations += 1
+                trim_after_free(freed)
+        elif self.size * 4 <= self.row_capacity and self.row_capacity > ROW_QUANTUM:
+            needed = max(self.lengths) + 1
+            self._reallocate(round_up(2 * self.size, ROW_QUANTUM), min(self.max_length, round_up(needed)), needed)
 
     # ---- one decode step -----------------------------------------------------------------------
     def step_views(self, tokens: int = 1) -> tuple[dict[str, np.ndarray], np.ndarray]:

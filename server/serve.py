@@ -96,7 +96,7 @@ def scheduler_options(prefix_cache: bool = True, step_budget_ms: float | None = 
 
 def load_engines(dirs: Sequence[Path], loras: Sequence[str] = (), max_loras: int | None = None,
                  prefix_cache: bool = True, step_budget_ms: float | None = None,
-                 speculative: dict[str, Any] | None = None) -> dict[str, Engine]:
+                 speculative: dict[str, Any] | None = None, memory: dict[str, Any] | None = None) -> dict[str, Engine]:
     """``{recipe name: unstarted engine}`` for each directory (one engine per recipe), with its ``--lora`` adapters.
 
     ``prefix_cache=False`` (``--no-prefix-cache``) turns prefix caching off (ONNX: the prefix cache; TensorRT-LLM: KV block reuse).
@@ -116,6 +116,7 @@ def load_engines(dirs: Sequence[Path], loras: Sequence[str] = (), max_loras: int
             from toolkit.runtime.speculative import SpeculativeConfig
 
             options["speculative"] = SpeculativeConfig(**speculative)
+        options.update(memory or {})  # ONNX engines: kv_budget_bytes, prefix_cache_share, malloc_trim_s (README: Memory)
         engine = load_engine(engine_dir, **options)
         key = engine.recipe.name
         if key in engines:
@@ -131,7 +132,7 @@ def build_app(engine_dirs: Sequence[str | Path] = (), api_keys: Sequence[str] = 
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S, loras: Sequence[str] = (),
               max_loras: int | None = None, prefix_cache: bool = True, step_budget_ms: float | None = None,
-              speculative: dict[str, Any] | None = None,
+              speculative: dict[str, Any] | None = None, memory: dict[str, Any] | None = None,
               **app_options: Any) -> Any:
     """Load the engines and build the app; raises ServeError.
 
@@ -148,7 +149,7 @@ def build_app(engine_dirs: Sequence[str | Path] = (), api_keys: Sequence[str] = 
         dirs = engine_dirs_to_serve(engine_dirs, models_dir)
         if not dirs:
             raise ServeError("no engine directory to serve: give ENGINE_DIR or a --models-dir holding engine directories")
-        engines = load_engines(dirs, loras, max_loras, prefix_cache, step_budget_ms, speculative)
+        engines = load_engines(dirs, loras, max_loras, prefix_cache, step_budget_ms, speculative, memory)
         return create_app(engines, api_keys_from_env(api_keys), max_body_bytes=max_body_bytes,
                           shutdown_grace_s=grace_s, request_timeout_s=request_timeout_s, **app_options)
     except (EngineDirError, UnknownRecipeError, FileNotFoundError, ValueError) as exc:

@@ -22,15 +22,14 @@ from toolkit.recipes import Recipe
 from toolkit.runtime.errors import (EngineFailureError, EngineStoppedError, InvalidRequestError, OverloadedError,
                                     PromptTooLongError)
 from toolkit.runtime.engines.common import ThroughputMeter
-from toolkit.runtime.kv_cache import KVCacheManager, KvGeometry
+from toolkit.runtime.kv_cache import KVCacheManager, KvGeometry, default_kv_budget_bytes
 from toolkit.runtime.model_runner import create_runner
+from toolkit.runtime.native_memory import Trimmer
 from toolkit.runtime.postprocess import TokenProcessor, collect_output
 from toolkit.runtime.scheduler import Scheduler, SchedulerConfig, StepPlan
 from toolkit.runtime.sequence import SequenceFactory, SequenceGroup
 from toolkit.runtime.speculative import SpeculativeConfig, Speculator
 from toolkit.runtime.types import EngineStats, GenerateRequest, OutputStream, StepTimings
-
-DEFAULT_KV_BUDGET_BYTES = 2 << 30
 
 
 class OnnxEngine:
@@ -42,10 +41,12 @@ class OnnxEngine:
         manifest: Manifest,
         recipe: Recipe,
         config: SchedulerConfig | None = None,
-        kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES,
+        kv_budget_bytes: int | None = None,
         threads: int | None = None,
         adapters: dict[str, Path] | None = None,
         max_loras: int | None = None,
+        prefix_cache_share: float = 1.0,
+        malloc_trim_s: float = 10.0,
         speculative: SpeculativeConfig | None = None,
     ):
         self.engine_dir = Path(engine_dir)
@@ -55,7 +56,13 @@ class OnnxEngine:
         self.context_length = manifest.context_length
         self.config = config or SchedulerConfig()
         self.graph = manifest.export_options.get("graph", "optimum")
-        self.kv = KVCacheManager(KvGeometry.of_layout(manifest.kv_layout), kv_budget_bytes, rectangular=self.graph == "gqa")
+        geometry = KvGeometry.of_layout(manifest.kv_layout)
+        if kv_budget_bytes is None:  # toolkit serve --kv-cache-gib; default: a tenth of the machine's memory
+            kv_budget_bytes = default_kv_budget_bytes(geometry.bytes_per_token, self.context_length)
+        self.kv = KVCacheManager(geometry, kv_budget_bytes, rectangular=self.graph == "gqa",
+                                 prefix_cache_share=prefix_cache_share)
+        self.weights_bytes = 0  # the model files' size, once loaded (stats().memory)
+        self.trimmer = Trimmer(malloc_trim_s)  # hands glibc's freed heap back (runtime/native_memory.py)
         self.threads = threads
         self.scheduler = Scheduler(self.config, self.kv)
         self.fault_hook: Callable[[StepPlan], None] | None = None  # test hook: raise to fail a step
@@ -104,6 +111,7 @@ class OnnxEngine:
             model = self.engine_dir / LORA_MODEL_FILE
             if LORA_MODEL_FILE not in self.manifest.files:
                 raise EngineStoppedError(f"{self.engine_dir} has no LoRA graph; add an adapter with `toolkit export-lora`")
+        self.weights_bytes = sum(f.stat().st_size for f in (model, model.with_name(model.name + ".data")) if f.exists())
         self.runner = create_runner(self.graph, model, self.threads, self.context_length, verify=self.speculative.enabled and not self.adapter_sources)
         if self.adapter_sources:
             self.lora = LoraAdapters(self.adapter_sources, graph_modules(self.runner.session),
@@ -114,6 +122,7 @@ class OnnxEngine:
         self.processor = TokenProcessor(self._prompts, self.context_length)
         self.speculator = Speculator(self.speculative) if self.runner.can_verify else None
         self.batch = self.runner.new_batch()
+        self.trimmer.start()
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Stop accepting, let running requests finish for up to ``grace_s``, abort the rest, stop the loop."""
@@ -127,6 +136,7 @@ class OnnxEngine:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
         self._fail_all(EngineStoppedError("the engine is shutting down"))
+        self.trimmer.stop()
         if self.lora is not None:
             self.lora.close()
 
@@ -186,7 +196,19 @@ class OnnxEngine:
             generated_tokens_total=self.throughput.total,
             tokens_per_second=self.throughput.rate(),
             step_timings=dataclasses.replace(self.timings),
+            memory=self._memory(),
         )
+
+    def _memory(self) -> dict[str, int]:
+        """Bytes of what holds KV (read from the event loop while the engine thread runs: a snapshot)."""
+        batch = getattr(self, "batch", None)
+        arrays = getattr(batch, "buffers", None) or getattr(batch, "past", None) or {}
+        prefilling = [g.prefill_past for g in list(self.scheduler.prefilling) if g.prefill_past]
+        cache = self.scheduler.prefix_cache
+        return {"kv_budget": self.kv.budget_bytes, "weights": self.weights_bytes,
+                "kv_decode": sum(a.nbytes for a in list(arrays.values())),
+                "kv_prefill": sum(a.nbytes for past in prefilling for a in past.values()),
+                "prefix_cache": cache.held_bytes if cache is not None else 0}
 
     # ---- the engine loop (background thread) -----------------------------------------------
     def _loop(self) -> None:
@@ -258,7 +280,6 @@ class OnnxEngine:
             drafts = [d[:max(room, 0)] for d in drafts]
             drafts = drafts if any(drafts) else None
         return drafts
-
 
     def _postprocess(self, prefilled: list[SequenceGroup], logits: np.ndarray | None) -> None:
         touched: dict[str, SequenceGroup] = {}
