@@ -4,9 +4,10 @@ For each engine directory and batch size: a GQA decode step (one new token per r
 holding ``--context`` cached tokens, as in ``toolkit bench --offline``'s 108-token prompt plus part
 of its 128 generated tokens) is run ``--steps`` times under onnxruntime's profiler
 (``SessionOptions.enable_profiling``, https://onnxruntime.ai/docs/performance/tune-performance/profiling-tools.html),
-and the kernel times are summed per operator type and per node. Also printed: the step's wall
-time without the profiler, alternating the engines step by step so that a neighbour's load hits
-every engine alike, and the Python side of a step (the logits copy out of onnxruntime and the
+and the kernel times are summed per operator type and per node; engines are alternated step by
+step (one profiling session each) so that a neighbour's load hits every engine alike. Also
+printed: the step's wall and process-CPU time without the profiler, alternated the same way, and
+the Python side of a step (the logits copy out of onnxruntime and the
 greedy argmax over the vocabulary).
 
     python benchmarks/op_profile.py ENGINE_DIR [ENGINE_DIR ...] [--batches 1,16,32,64] [--json out.json]
@@ -109,25 +110,32 @@ def aggregate(profile_file: Path, steps: int) -> tuple[dict[str, float], dict[st
     return dict(by_op), {node: (op, ms) for node, (op, ms) in by_node.items()}
 
 
-def profile_engine(engine_dir: Path, rows: int, context: int, steps: int, threads: int, spinning: bool | None) -> dict:
-    """Run ``steps`` profiled decode steps (after warm-up) and aggregate the kernel times."""
+def profile_engines(engines: list[Path], rows: int, context: int, steps: int, threads: int, spinning: bool | None) -> dict:
+    """Profile ``steps`` decode steps per engine (after warm-up), the engines alternated step by step; per-engine aggregates."""
     with tempfile.TemporaryDirectory(prefix="op-profile-") as tmp:
-        session = make_session(engine_dir / "model.onnx", threads, str(Path(tmp) / "profile"), spinning)
-        step = DecodeStep(session, engine_dir, rows, context)
+        steppers = {}
+        for i, engine in enumerate(engines):
+            session = make_session(engine / "model.onnx", threads, str(Path(tmp) / f"profile-{i}"), spinning)
+            steppers[str(engine)] = DecodeStep(session, engine, rows, context)
         for _ in range(2):
-            step.run()
-        # the profiler records from session start: warm-up runs are dropped by counting only the last ``steps`` model_runs
+            for stepper in steppers.values():
+                stepper.run()
         for _ in range(steps):
-            step.run()
-        profile_file = Path(session.end_profiling())
-        events = json.loads(profile_file.read_text())
-        runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
-        cut = runs[-steps]["ts"] if len(runs) >= steps else 0
-        kept = [e for e in events if e.get("ts", 0) >= cut]
-        profile_file.write_text(json.dumps(kept))
-        by_op, by_node = aggregate(profile_file, steps)
-        run_ms = sum(e["dur"] for e in kept if e.get("name") == "model_run") / 1000.0 / steps
-    return {"rows": rows, "model_run_ms": run_ms, "by_op": by_op, "by_node": by_node}
+            for stepper in steppers.values():
+                stepper.run()
+        out = {}
+        for name, stepper in steppers.items():
+            profile_file = Path(stepper.session.end_profiling())
+            events = json.loads(profile_file.read_text())
+            # the profiler records from session start: keep only the last ``steps`` model runs (warm-up dropped)
+            runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+            cut = runs[-steps]["ts"] if len(runs) >= steps else 0
+            kept = [e for e in events if e.get("ts", 0) >= cut]
+            profile_file.write_text(json.dumps(kept))
+            by_op, by_node = aggregate(profile_file, steps)
+            run_ms = sum(e["dur"] for e in kept if e.get("name") == "model_run") / 1000.0 / steps
+            out[name] = {"rows": rows, "model_run_ms": run_ms, "by_op": by_op, "by_node": by_node}
+    return out
 
 
 def time_engines(engines: list[Path], rows: int, context: int, steps: int, threads: int, spinning: bool | None) -> dict:
@@ -194,10 +202,9 @@ def main() -> None:
                   f"  python {t['python_ms']:6.2f} ms  {t['tok_s']:8.1f} tok/s")
         if args.no_profile:
             continue
-        for engine in args.engines:
-            prof = profile_engine(engine, rows, args.context, args.steps, args.threads, spinning)
-            out["profiles"].setdefault(str(engine), {})[rows] = prof
-            print_profile(str(engine), prof, args.top)
+        for engine, prof in profile_engines(args.engines, rows, args.context, args.steps, args.threads, spinning).items():
+            out["profiles"].setdefault(engine, {})[rows] = prof
+            print_profile(engine, prof, args.top)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
         print(f"\nsaved {args.json}")
