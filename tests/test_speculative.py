@@ -299,3 +299,17 @@ def test_bad_prediction_shapes_are_a_400_naming_the_field(served_spec, predictio
     response = _chat(served_spec, prediction=prediction)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+def test_serve_options_reach_the_engine(tiny_engine):
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+    from toolkit.server.serve import load_engines
+
+    engine_dir = tiny_engine(QWEN, "fp32", "gqa")
+    engine = load_engines([engine_dir], speculative={"prompt_lookup": False, "max_draft": 3})[QWEN.name]
+    assert (engine.speculative.prompt_lookup, engine.speculative.max_draft) == (False, 3)
+    assert load_engines([engine_dir])[QWEN.name].speculative == SpeculativeConfig()
+    result = CliRunner().invoke(main, ["serve", str(engine_dir), "--max-draft-tokens", "0"])
+    assert result.exit_code == 2 and "--max-draft-tokens" in result.output
