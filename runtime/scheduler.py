@@ -140,11 +140,11 @@ class Scheduler:
             return None
         return self.config.step_budget_ms / 1000 - self.cost.decode_seconds(rows, context)
 
-    def observe_step(self, plan: StepPlan, prefill_s: float, decode_s: float) -> None:
-        """Teach the cost model what ``plan``'s prompt chunks and decode took."""
+    def observe_step(self, plan: StepPlan, prefill_s: float, decode_s: float, tokens_per_row: int = 1) -> None:
+        """Teach the cost model what ``plan``'s prompt chunks and decode took (``tokens_per_row`` > 1: a verify step)."""
         self.cost.observe_prefill([(stop - start, start) for _, start, stop in plan.prefill], prefill_s)
         if plan.decode:
-            self.cost.observe_decode(plan.rows, plan.context, decode_s)
+            self.cost.observe_decode(plan.rows, plan.context, decode_s, tokens_per_row)
 
     def prefill_done(self, group: SequenceGroup) -> None:
         """Cache the full blocks of ``group``'s prefilled prompt and unpin the blocks it matched."""

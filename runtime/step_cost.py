@@ -9,8 +9,10 @@ machine instead of a token count tuned for one).
 Both costs are linear in a few features, fitted online from the timings the engine loop already
 takes (``OnnxEngine.step``), so the model follows the machine and the model it serves:
 
-- decode step: ``a + b * rows + c * rows * context`` (weights read once per step, per-row work,
-  attention over the padded batch cache, ``context`` = the longest row's tokens);
+- decode step: ``a + b * tokens + c * tokens * context`` with ``tokens`` = rows x tokens fed per row
+  (weights read once per step, per-token work, attention over the padded batch cache, ``context`` =
+  the longest row's tokens); a speculative verify step feeds each row its draft too
+  (``runtime/speculative.py``), and counting its tokens keeps it from passing for a slow decode;
 - prompt chunks of a step, summed: ``d * chunks + e * tokens + f * tokens * past`` (per-run weight
   read, per-token work, attention over the tokens already cached).
 
@@ -89,17 +91,18 @@ class StepCostModel:
         return self.decode.count >= self.MIN_OBSERVATIONS and self.prefill.count >= self.MIN_OBSERVATIONS
 
     @staticmethod
-    def decode_features(rows: int, context: int) -> tuple[float, float, float]:
-        return 1.0, float(rows), float(rows * context)
+    def decode_features(rows: int, context: int, tokens_per_row: int = 1) -> tuple[float, float, float]:
+        tokens = rows * tokens_per_row
+        return 1.0, float(tokens), float(tokens * context)
 
     @staticmethod
     def prefill_features(chunks: list[tuple[int, int]]) -> tuple[float, float, float]:
         """Summed features of ``(tokens, past)`` chunks, each run on its own."""
         return float(len(chunks)), float(sum(n for n, _ in chunks)), float(sum(n * past for n, past in chunks))
 
-    def observe_decode(self, rows: int, context: int, seconds: float) -> None:
+    def observe_decode(self, rows: int, context: int, seconds: float, tokens_per_row: int = 1) -> None:
         if rows:
-            self.decode.observe(self.decode_features(rows, context), seconds)
+            self.decode.observe(self.decode_features(rows, context, tokens_per_row), seconds)
 
     def observe_prefill(self, chunks: list[tuple[int, int]], seconds: float) -> None:
         """``chunks``: ``(tokens, past)`` of each prompt chunk the step ran, ``seconds`` their total."""

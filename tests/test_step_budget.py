@@ -82,6 +82,19 @@ def test_cost_model_follows_a_lasting_change_of_speed():
     assert_close(model, tolerance=0.05, scale=1.5)
 
 
+def test_verify_steps_count_their_draft_tokens_not_as_slow_decodes():
+    rng = random.Random(3)
+    counted, naive = StepCostModel(), StepCostModel()
+    for _ in range(300):
+        rows, context, fed = rng.randint(1, 16), rng.randint(16, 2048), rng.choice([1, 1, 3, 9])
+        seconds = DECODE[0] + DECODE[1] * rows * fed + DECODE[2] * rows * fed * context  # fed tokens per row
+        counted.observe_decode(rows, context, seconds, tokens_per_row=fed)
+        naive.observe_decode(rows, context, seconds)
+    plain = true_decode(16, 236)
+    assert counted.decode_seconds(16, 236) == pytest.approx(plain, rel=0.01)
+    assert naive.decode_seconds(16, 236) > 1.3 * plain  # what the budget would believe without the count
+
+
 def test_cost_coefficients_never_go_negative():
     fit = OnlineLinearFit((1.0, 100.0))
     for tokens, seconds in [(10, 0.001), (200, 0.3), (400, 0.6)]:  # a line through these has a negative intercept

@@ -237,7 +237,8 @@ class OnnxEngine:
             self._fail_step(plan, EngineFailureError(f"model step failed: {type(exc).__name__}: {exc}"))
             return
         model_done = time.perf_counter()
-        self.scheduler.observe_step(plan, decode_started - started, model_done - decode_started)  # step time budget
+        fed = 1 + max(map(len, self._drafts)) if plan.decode and self._drafts else 1  # a verify step feeds drafts
+        self.scheduler.observe_step(plan, decode_started - started, model_done - decode_started, fed)  # step time budget
         self._postprocess(prefilled, logits)
         self.timings.steps += 1
         self.timings.model_s += model_done - started
