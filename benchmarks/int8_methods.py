@@ -48,8 +48,10 @@ def build_base(work: Path) -> Path:
 
     default = ensure_default_engine(StageReporter(quiet=True), "int8", "gqa")
     base = work / "base"
-    shutil.copytree(default, base, ignore=shutil.ignore_patterns("model.onnx*"))
-    manifest = load_manifest(default)
+    # The default engine's manifest stays behind: its file hashes describe the default's graph, not
+    # the one built here, and load_manifest would reject them; a fresh one is written below.
+    shutil.copytree(default, base, ignore=shutil.ignore_patterns("model.onnx*", "toolkit.json"))
+    manifest = load_manifest(default, verify_hashes=False)
     options = build_gqa_model(Path(manifest.source["path"]) if manifest.source.get("path") else cache_dir() / "checkpoints" / "default",
                               "int8", base, head=None)
     manifest.export_options = options
