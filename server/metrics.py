@@ -68,7 +68,7 @@ class EngineStatsCollector(Collector):
 
 
 class NativeMemoryCollector(Collector):
-    """glibc's freed-but-held heap bytes (``runtime/native_memory.py``): what ``malloc_trim`` can give back."""
+    """glibc's free heap bytes (``runtime/native_memory.py``): fragmentation, resident until ``malloc_trim``."""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """Yield ``toolkit_malloc_free_bytes`` (nothing without glibc)."""
@@ -76,7 +76,8 @@ class NativeMemoryCollector(Collector):
 
         free = malloc_free_bytes()
         if free is not None:
-            yield GaugeMetricFamily("toolkit_malloc_free_bytes", "Freed heap bytes glibc malloc still holds", value=free)
+            yield GaugeMetricFamily("toolkit_malloc_free_bytes", "Free bytes in glibc's heaps (pages malloc_trim gave back included)",
+                                     value=free)
 
 
 class Metrics:
