@@ -7,6 +7,7 @@ import asyncio
 import mmap
 
 import numpy as np
+import pytest
 from engine_helpers import until_idle
 
 from toolkit.recipes import get_recipe
@@ -211,3 +212,36 @@ def test_metrics_export_process_memory_and_kv_bytes_consistent_with_the_engine(t
     assert parts["kv_decode"] == 0 and parts["prefix_cache"] > 0  # idle: the batch is empty, the prompt is cached
     assert sum(parts.values()) <= memory["kv_budget"]
     assert samples[("toolkit_malloc_free_bytes", ())] >= 0
+
+
+# ---- the onnxruntime arena option ---------------------------------------------------------------------
+ARENA_CHECK = """
+import sys, numpy as np
+from pathlib import Path
+from toolkit.runtime.gqa_runner import GqaModelRunner
+model = Path(sys.argv[1]) / "model.onnx"
+runners = [GqaModelRunner(model, 1, 256) for _ in range(2)]  # two sessions: a shared arena serves both
+logits = [r.prefill([1, 2, 3, 4, 5], None, 0)[0] for r in runners]
+np.save(sys.argv[2], np.stack(logits))
+"""
+
+
+def test_arena_off_and_shared_capped_arena_compute_the_same_logits(tiny_engine, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from toolkit.artifact.onnx_session import ARENA_ENV, arena_mib
+
+    engine_dir = tiny_engine(QWEN, "fp32", "gqa")
+    results = {}
+    for setting in ("", "0", "64"):  # onnxruntime's own arena, none, one shared arena of 64 MiB (process-wide: subprocesses)
+        out = tmp_path / f"logits{setting or 'default'}.npy"
+        env = {**os.environ, ARENA_ENV: setting}
+        subprocess.run([sys.executable, "-c", ARENA_CHECK, str(engine_dir), str(out)], env=env, check=True, timeout=300)
+        results[setting] = np.load(out)
+    for setting in ("0", "64"):
+        assert np.array_equal(results[setting], results[""])
+    assert arena_mib("") is None and arena_mib("0") == 0 and arena_mib("512") == 512
+    with pytest.raises(ValueError, match=ARENA_ENV):
+        arena_mib("-1")
