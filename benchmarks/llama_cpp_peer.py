@@ -173,14 +173,6 @@ def write_json(result: dict, out: Path) -> Path:
     return path
 
 
-def caveat(levels: list[dict]) -> str:
-    """The contention note, with the 1-minute load averages seen around the levels."""
-    loads = [row[key] for row in levels for key in ("loadavg_before", "loadavg_after")]
-    seen = f" (1-minute load average {min(loads):.1f}–{max(loads):.1f} around the levels)" if loads else ""
-    return (f"The machine was shared{seen}: other processes used the same cores during the run, so absolute "
-            "numbers move between runs; the ratios come from one run with the sides alternated.")
-
-
 def measure(args: argparse.Namespace, levels: list[int], meta: dict) -> dict:
     """Start the servers, run fidelity, the table and the workloads; stop everything."""
     from toolkit.export.pipeline import ensure_default_engine
@@ -224,7 +216,6 @@ def measure(args: argparse.Namespace, levels: list[int], meta: dict) -> dict:
         if peer is not None:
             peer.stop()
         ours.stop()
-    meta["caveat"] = caveat(result["levels"])
     return result
 
 

@@ -217,14 +217,15 @@ def level(tok_s, ttft, itl50, itl99, per_request=128.0):
 RECORDED = {
     "meta": {"date": "2026-12-05 00:30 UTC", "command": "python benchmarks/llama_cpp_peer.py --levels 1,16",
              "cpu": parse_lscpu(LSCPU_EPYC.read_text()).as_dict(), "threads": 2, "prompt_tokens": 108,
-             "max_tokens": 128, "llama_cpp": {"version": "0.3.36", "server_flags": "-np N -c max(8192, 512 x N)"},
-             "caveat": "The machine was shared."},
+             "max_tokens": 128, "llama_cpp": {"version": "0.3.36", "server_flags": "-np N -c max(8192, 512 x N)"}},
     "fidelity": {"ours": {"top1_agreement": 0.9765625, "positions": 256, "source": "manifest"},
                  "llama.cpp": {"top1_agreement": 0.97265625, "positions": 256}},
     "levels": [
-        {"concurrency": 1, "peer_plan": "-np 1 -c 8192", "ours": level(82.4, 82, 11.4, 18.2),
+        {"concurrency": 1, "peer_plan": "-np 1 -c 8192", "loadavg_before": 1.2, "loadavg_after": 1.9,
+         "ours": level(82.4, 82, 11.4, 18.2),
          "llama.cpp": level(70.4, 1165, 12.5, 19.6)},
-        {"concurrency": 16, "peer_plan": "-np 16 -c 8192", "ours": level(255.9, 725, 50.0, 354.9),
+        {"concurrency": 16, "peer_plan": "-np 16 -c 8192", "loadavg_before": 2.1, "loadavg_after": 2.4,
+         "ours": level(255.9, 725, 50.0, 354.9),
          "llama.cpp": level(165.8, 2096, 78.0, 111.4, 120.0)},
     ],
     "prefix_cache": {"prefix_tokens": 1003, "runs": 5,
@@ -234,7 +235,8 @@ RECORDED = {
         "ours + prediction": {"decode_tok_s_p50": 200.0, "completion_tokens_p50": 450, "accepted_p50": 400,
                               "rejected_p50": 30},
         "ours, no prediction": {"decode_tok_s_p50": 80.0, "completion_tokens_p50": 450},
-        "llama.cpp": {"decode_tok_s_p50": 64.0, "completion_tokens_p50": 440}}},
+        "llama.cpp": {"decode_tok_s_p50": 64.0, "completion_tokens_p50": 440}},
+        "ours_outputs_identical": True},
 }
 
 
@@ -247,7 +249,19 @@ def test_markdown_of_a_recorded_result():
     assert "| cached / uncached | 10% | 12% |" in text and "| cached tokens reported (median) | 992 | - |" in text
     assert "| ours + prediction | 200.0 | 3.12× | 450 | 400 / 30 |" in text
     assert "| llama.cpp | 64.0 | 1.00× | 440 | - / - |" in text
-    assert text.rstrip().endswith("The machine was shared.")
+    assert "Our greedy outputs with and without `prediction` identical: yes." in text
+    assert text.rstrip().endswith("The 1-minute load average was 1.2–2.4 on 2 CPUs around the levels: other processes "
+                                  "shared the cores, so absolute numbers move between runs; the ratios come from one "
+                                  "run with the sides alternated.")
+
+
+def test_caveat_flags_an_oversubscribed_machine():
+    busy = json.loads(json.dumps(RECORDED))
+    busy["levels"][1]["loadavg_after"] = 12.4
+    text = render.caveat(busy)
+    assert "1.2–12.4 on 2 CPUs" in text and "oversubscribed" in text and "batch-1 throughput here: 70.4 tok/s" in text
+    assert "oversubscribed" not in render.caveat(RECORDED)
+    assert "not recorded" in render.caveat({**RECORDED, "levels": []})
 
 
 def test_markdown_without_workloads_renders_the_table_only():
@@ -274,3 +288,16 @@ def test_from_json_rerenders_a_saved_run(tmp_path):
     assert "| 16 | 255.9 | 165.8 | 1.54× |" in section and section.startswith("intro\n")
     assert (tmp_path / "out" / "llama-cpp-peer.md").read_text() == render.markdown(RECORDED)
     assert not (tmp_path / "out" / "llama-cpp-peer.json").exists()  # re-rendering does not rewrite the data
+
+
+def test_markdown_of_the_recorded_run_in_tests_data():
+    """The run the README's block came from (per-request texts trimmed): every level's row shows
+    its recorded throughputs and their ratio, the CPU line names the recorded flags."""
+    recorded = json.loads((ROOT / "tests" / "data" / "llama_cpp_peer_result.json").read_text())
+    text = render.markdown(recorded)
+    assert recorded["meta"]["cpu"]["summary"] in text
+    assert recorded["levels"], "the recorded run has no HTTP table"
+    for row in recorded["levels"]:
+        ours, peer = row["ours"]["output_tokens_per_s"], row["llama.cpp"]["output_tokens_per_s"]
+        assert f"| {row['concurrency']} | {ours:,.1f} | {peer:,.1f} | {ours / peer:.2f}× |" in text
+        assert row["ours"]["tokens_per_request"] == row["llama.cpp"]["tokens_per_request"] == 128  # ignore_eos held

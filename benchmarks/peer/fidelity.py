@@ -86,4 +86,4 @@ def ours_top1(engine_dir: Path) -> dict[str, Any]:
     positions = sum(len(greedy) for _, greedy in load_cases(engine_dir / "reference.json"))
     return {"top1_agreement": validation.get("top1_agreement"), "positions": positions,
             "per_case": [case.get("top1_agreement") for case in validation.get("cases") or []],
-            "precision": manifest.get("precision"), "source": "its manifest's validation (toolkit validate)"}
+            "precision": manifest.get("precision"), "source": "its manifest, from `toolkit validate`"}

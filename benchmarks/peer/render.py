@@ -49,13 +49,13 @@ def fidelity_line(fidelity: dict[str, Any]) -> str:
     ours, peer = fidelity.get(OURS) or {}, fidelity.get(PEER) or {}
     return (f"Fidelity, teacher-forced top-1 against our fp32 reference on the {peer.get('positions') or ours.get('positions')} "
             f"golden positions `toolkit validate` scores: ours int8 **{_num(ours.get('top1_agreement'), 3)}** "
-            f"({ours.get('source', 'manifest')}), llama.cpp Q8_0 **{_num(peer.get('top1_agreement'), 3)}** "
+            f"(its manifest, from `toolkit validate`), llama.cpp Q8_0 **{_num(peer.get('top1_agreement'), 3)}** "
             f"(llama-server `/completion`, one position per request).")
 
 
 def prefix_rows(prefix: dict[str, Any]) -> list[str]:
     """TTFT p50 with and without a cached ~1,000-token shared prefix, both sides."""
-    lines = [f"Prefix cache (batch 1, a {prefix['prefix_tokens']}-token shared prefix plus a short question, "
+    lines = [f"Prefix cache (batch 1, a {prefix['prefix_tokens']:,}-token shared prefix plus a short question, "
              f"{prefix['runs']} runs per kind alternated; TTFT p50):", "",
              "| | ours | llama-server |", "|---|---|---|"]
     ours, peer = prefix[OURS], prefix[PEER]
@@ -80,7 +80,28 @@ def editing_rows(editing: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} | {_num(v.get('decode_tok_s_p50'))} | {_ratio(v.get('decode_tok_s_p50'), peer)} "
                      f"| {_num(v.get('completion_tokens_p50'), 0)} "
                      f"| {_pair(v.get('accepted_p50'), v.get('rejected_p50'), 0, '')} |")
+    if "ours_outputs_identical" in editing:
+        lines += ["", f"Our greedy outputs with and without `prediction` identical: "
+                      f"{'yes' if editing['ours_outputs_identical'] else '**no**'}."]
     return lines
+
+
+def caveat(result: dict[str, Any]) -> str:
+    """How busy the machine was around the levels (1-minute load average against its CPUs), and
+    what that does to the figures."""
+    loads = [row[key] for row in result["levels"] for key in ("loadavg_before", "loadavg_after") if key in row]
+    cpus = result["meta"]["cpu"].get("cpus") or 1
+    if not loads:
+        return "The machine's load was not recorded; the ratios come from one run with the sides alternated."
+    text = (f"The 1-minute load average was {min(loads):.1f}–{max(loads):.1f} on {cpus} CPUs around the levels: "
+            "other processes shared the cores, so absolute numbers move between runs; the ratios come from one "
+            "run with the sides alternated.")
+    if max(loads) > 2 * cpus:
+        batch1 = next((row[PEER]["output_tokens_per_s"] for row in result["levels"] if row["concurrency"] == 1), None)
+        slow = f" (its batch-1 throughput here: {batch1:.1f} tok/s)" if batch1 is not None else ""
+        text += (f" The machine was oversubscribed: both sides lost speed, llama-server far more than ours{slow}, "
+                 "so these ratios are not an idle machine's; rerun there for those.")
+    return text
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -105,8 +126,7 @@ def markdown(result: dict[str, Any]) -> str:
         parts += ["", *editing_rows(result["editing"])]
     if result.get("failures"):
         parts += ["", "Not measured in this run: " + "; ".join(result["failures"])]
-    if meta.get("caveat"):
-        parts += ["", meta["caveat"]]
+    parts += ["", caveat(result)]
     return "\n".join(parts) + "\n"
 
 
