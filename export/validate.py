@@ -12,6 +12,14 @@ measured the same way and judged as their own group against the same bars, so a 
 failure (an ignored sliding window, attention cut to the last N tokens) fails validation by itself
 instead of being averaged away by the short chats. The top-level metrics stay those of the short chats.
 
+The *batched* row (onnxruntime artifacts): the short chats teacher-forced together, each a row of
+one decode batch after its own batch-1 prefill, as the server decodes them. An int8 LM head that
+quantizes its activations with one scale per run (``DynamicQuantizeMatMul``,
+``export/lm_head_quant.py``) makes a row's logits depend on the other rows, which a batch-1 check
+cannot see. Every position, the first included (each prompt's last token is fed in the batch),
+comes from a batched decode step, and the row is judged like the main one, against the same bars:
+teacher-forced top-1, first-position cosine and max-abs against the fp32 reference.
+
 ``validate_engine_dir`` (``toolkit validate``, and the last step of export) runs an engine
 directory's artifact on its stored golden prompts and judges it.
 """
@@ -95,6 +103,7 @@ class ValidationResult:
     failures: list[str]
     long_cases: list[CaseResult] = field(default_factory=list)
     long: dict | None = None  # the long prompts' aggregate (same keys as the top level), None without them
+    batched: dict | None = None  # the short chats as one decode batch (module doc), None when not run
 
     def as_manifest(self) -> dict:
         return asdict(self)
@@ -155,12 +164,16 @@ def _failures(metrics: dict, bars: Thresholds, label: str = "") -> list[str]:
     return failures
 
 
-def judge(precision: str, cases: list[CaseResult], graph: str = "optimum", long_cases: list[CaseResult] | None = None) -> ValidationResult:
+def judge(precision: str, cases: list[CaseResult], graph: str = "optimum", long_cases: list[CaseResult] | None = None,
+          batched: dict | None = None) -> ValidationResult:
     """Aggregate case metrics and check them against ``thresholds_for(precision, graph)``: the short
-    chats as one group, the long prompts (when there are any) as another, each against the bars."""
+    chats as one group, the long prompts (when there are any) as another, the batched row
+    (``batched_metrics``, when run) as a third, each against the bars."""
     bars = thresholds_for(precision, graph)
     overall = _aggregate(cases)
     failures = _failures(overall, bars)
+    if batched is not None:
+        failures += _failures(batched, bars, f"batched ({batched['rows']} rows): ")
     long_cases = list(long_cases or [])
     long = _aggregate(long_cases) if long_cases else None
     if long is not None:
@@ -174,15 +187,87 @@ def judge(precision: str, cases: list[CaseResult], graph: str = "optimum", long_
         failures=failures,
         long_cases=long_cases,
         long=long,
+        batched=batched,
         **overall,
     )
 
 
-def validate_runner(runner: CausalRunner, reference: Reference, precision: str, graph: str = "optimum") -> ValidationResult:
-    """Validate ``runner`` on every golden case of ``reference``, the long prompts included."""
+def _batched_past(pasts: list[dict[str, np.ndarray]], lengths: list[int], left: bool) -> dict[str, np.ndarray]:
+    """Batch-1 caches stacked into one ``[rows, heads, longest, dim]`` cache, zero-padded on the left
+    (optimum graphs: masked, explicit positions) or the right (GroupQueryAttention: rows left-aligned)."""
+    longest = max(lengths)
+    batched = {}
+    for name in pasts[0]:
+        first = pasts[0][name]
+        out = np.zeros((len(pasts), first.shape[1], longest, first.shape[3]), first.dtype)
+        for row, (past, n) in enumerate(zip(pasts, lengths)):
+            if left:
+                out[row, :, longest - n:] = past[name][0, :, :n]
+            else:
+                out[row, :, :n] = past[name][0, :, :n]
+        batched[name] = out
+    return batched
+
+
+def teacher_forced_batch(runner, prompts: list[list[int]], continuations: list[list[int]]) -> list[np.ndarray]:
+    """Logits predicting each continuation token, every prompt one row of one decode batch
+    (``runner``: an ``OrtCausalLM``), ``[len(continuation), vocab]`` per row.
+
+    Each row's prompt but its last token is prefilled alone, as the server prefills; then every
+    position, the first included, comes from a batched decode step over all rows (the prompt's
+    last token, then the continuation). Continuations share one length.
+    """
+    pasts, lengths = [], []
+    for prompt in prompts:
+        _, past = runner.forward(list(prompt[:-1]), None)
+        pasts.append(past)
+        lengths.append(len(prompt) - 1)
+    optimum = "position_ids" in runner.input_names  # GroupQueryAttention graphs take no positions
+    past = _batched_past(pasts, lengths, left=optimum)
+    lengths = np.asarray(lengths)
+    feeds_per_step = [[p[-1] for p in prompts]] + [[c[t] for c in continuations] for t in range(len(continuations[0]) - 1)]
+    rows: list[list[np.ndarray]] = [[] for _ in prompts]
+    for tokens in feeds_per_step:
+        width = int(lengths.max()) + 1
+        columns = np.arange(width)[None, :]
+        valid = columns >= width - 1 - lengths[:, None] if optimum else columns <= lengths[:, None]
+        feeds = {"input_ids": np.asarray(tokens, np.int64)[:, None], "attention_mask": valid.astype(np.int64), **past}
+        if optimum:
+            feeds["position_ids"] = lengths[:, None].astype(np.int64)
+        outputs = dict(zip(runner.output_names, runner.session.run(runner.output_names, feeds)))
+        past = {name.replace("present.", "past_key_values.", 1): value
+                for name, value in outputs.items() if name.startswith("present.")}
+        for row, logits in zip(rows, outputs["logits"]):
+            row.append(logits[-1].astype(np.float32))
+        lengths = lengths + 1
+    return [np.stack(row) for row in rows]
+
+
+def batched_metrics(runner, cases) -> dict:
+    """The batched row: ``cases`` teacher-forced as one batch (``teacher_forced_batch``), measured as
+    ``compare_case`` measures one case: top-1 against the reference tokens, cosine and max-abs of
+    the first position's logits against the reference's top-k."""
+    together = teacher_forced_batch(runner, [c.prompt_ids for c in cases], [c.greedy_ids for c in cases])
+    top1, cosines, max_abs = [], [], []
+    for case, got in zip(cases, together):
+        top1.append(float(np.mean(got.argmax(axis=-1) == np.asarray(case.greedy_ids))))
+        ref = np.asarray(case.first_topk_logits, dtype=np.float64)
+        first = got[0][np.asarray(case.first_topk_ids)].astype(np.float64)
+        cosines.append(_cosine(ref, first))
+        max_abs.append(float(np.max(np.abs(ref - first))))
+    # No free-running continuation here: the greedy bar is left to the main row (reported as 1.0).
+    return {"rows": len(cases), "greedy_agreement": 1.0, "top1_agreement": float(np.mean(top1)),
+            "worst_top1_agreement": min(top1), "min_cosine": min(cosines), "max_abs_diff": max(max_abs)}
+
+
+def validate_runner(runner: CausalRunner, reference: Reference, precision: str, graph: str = "optimum",
+                    batched: bool = False) -> ValidationResult:
+    """Validate ``runner`` on every golden case of ``reference``, the long prompts included, and with
+    ``batched`` (an ``OrtCausalLM``) the short chats as one decode batch."""
     cases = [compare_case(runner, case, reference.max_new_tokens) for case in reference.cases]
     long_cases = [compare_case(runner, case, reference.max_new_tokens) for case in reference.long_cases]
-    return judge(precision, cases, graph, long_cases)
+    together = batched_metrics(runner, reference.cases) if batched and len(reference.cases) > 1 else None
+    return judge(precision, cases, graph, long_cases, together)
 
 
 def make_runner(engine_dir: Path, manifest: Manifest) -> CausalRunner:
@@ -213,7 +298,8 @@ def validate_engine_dir(engine_dir: Path, manifest: Manifest) -> dict:
     """
     reference = load_reference(engine_dir)
     graph = manifest.export_options.get("graph", "optimum")
-    result = validate_runner(make_runner(engine_dir, manifest), reference, manifest.precision, graph).as_manifest()
+    result = validate_runner(make_runner(engine_dir, manifest), reference, manifest.precision, graph,
+                             batched=manifest.target == "onnx").as_manifest()
     torch_check = reference.pytorch_check or {}
     result["pytorch_check"] = torch_check
     if not torch_check.get("passed", False):
