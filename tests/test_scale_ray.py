@@ -49,8 +49,11 @@ class Cluster:
                          loras=self.loras, max_loras=2)
 
     def replicas(self) -> list[dict]:
+        """The live replicas' info; a replica that died since the broadcast went out answers with an
+        exception (``ActorDiedError``, while Ray replaces a killed one), which is left out."""
         handle = serve.get_deployment_handle(ray_serve.DEPLOYMENT_NAME, ray_serve.APP_NAME)
-        return handle.broadcast("replica_info").results(timeout_s=30, return_exceptions=True)
+        results = handle.broadcast("replica_info").results(timeout_s=30, return_exceptions=True)
+        return [r for r in results if isinstance(r, dict)]
 
     def running(self) -> int:
         status = serve.status().applications[ray_serve.APP_NAME].deployments[ray_serve.DEPLOYMENT_NAME]
