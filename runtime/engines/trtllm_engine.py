@@ -86,7 +86,8 @@ def built_with_paged_context_fmha(build_config: dict) -> bool:
     """Whether the engine's ``config.json`` build_config says paged context FMHA is built in.
 
     Engines exported by the toolkit set it (``export.trtllm_export.PLUGIN_CONFIG``); an engine that does not
-    spell it out gets the 1.2 line's default, True (``tests/data/tensorrt_llm_api.json``, PluginConfig).
+    spell it out gets the recorded pydantic PluginConfig's default, True (``tests/data/tensorrt_llm_api.json``;
+    the older dataclass defaulted to False, which only an explicit False in config.json shows here).
     """
     plugins = build_config.get("plugin_config") or {}
     return bool(plugins.get("use_paged_context_fmha", True))
