@@ -126,9 +126,7 @@ class SharedKV:
         """Give the slots back once at most a quarter are live (every slot once the batch is empty)."""
         if not self.size:
             if self.row_capacity:
-                freed, self.buffers = self.nbytes, self._allocate(0, 0)
-                self.reallocations += 1
-                trim_after_free(freed)
+                self._reallocate(0, 0, 0)
         elif self.size * 4 <= self.row_capacity and self.row_capacity > ROW_QUANTUM:
             needed = max(self.lengths) + 1
             self._reallocate(round_up(2 * self.size, ROW_QUANTUM), min(self.max_length, round_up(needed)), needed)
