@@ -330,13 +330,13 @@ def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, 
     With no ENGINE_DIR and no --models-dir, serves the embedded default model (exported first if needed).
     """
     from toolkit.artifact.onnx_session import ARENA_ENV
-    from toolkit.server.serve import ServeError, engine_dirs_to_serve, scheduler_options
+    from toolkit.server.serve import ServeError, engine_dirs_to_serve, engine_options
     from toolkit.server.serve import serve as run_server
 
-    if ort_arena_mib is not None:  # read by create_session, like $TOOLKIT_THREADS (Ray replicas inherit it)
+    if ort_arena_mib is not None:  # read by create_session, like $TOOLKIT_THREADS (Ray replicas get it in their spec)
         os.environ[ARENA_ENV] = str(ort_arena_mib)
-    memory = {"prefix_cache_share": prefix_cache_share, "malloc_trim_s": malloc_trim_s,
-              **({"kv_budget_bytes": int(kv_cache_gib * 2**30)} if kv_cache_gib else {})}
+    engines = engine_options(no_prefix_cache, step_budget_ms, no_prompt_lookup, max_draft_tokens, kv_cache_gib,
+                             prefix_cache_share, malloc_trim_s)
 
     try:
         dirs = engine_dirs_to_serve(engine_dirs, models_dir)
@@ -353,24 +353,20 @@ def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, 
         except _export_errors() as exc:
             raise click.ClickException(str(exc)) from None
     if use_ray:
-        scheduler = scheduler_options(not no_prefix_cache, step_budget_ms)
         _serve_on_ray(dirs, host, port, api_keys, ray_address, grace_s=grace_s, replicas=replicas,
                       min_replicas=min_replicas, max_replicas=max_replicas,
                       target_ongoing_requests=target_ongoing_requests, threads=threads,
                       max_body_bytes=int(max_body_mib * 1024 * 1024), log_level=log_level,
                       request_timeout_s=request_timeout_s, public_metrics=public_metrics,
                       cors_origins=tuple(cors_origins), loras=tuple(loras), max_loras=max_loras,
-                      **({"scheduler": scheduler} if scheduler else {}))
+                      engine_options=engines, ort_arena_mib=ort_arena_mib)
         return
     try:
         run_server(
             dirs, host, port, api_keys, grace_s=grace_s,
             max_body_bytes=int(max_body_mib * 1024 * 1024), log_level=log_level, request_timeout_s=request_timeout_s,
             public_metrics=public_metrics, cors_origins=tuple(cors_origins), loras=tuple(loras), max_loras=max_loras,
-            prefix_cache=not no_prefix_cache, step_budget_ms=step_budget_ms,
-            speculative={**({"prompt_lookup": False} if no_prompt_lookup else {}),
-                         **({"max_draft": max_draft_tokens} if max_draft_tokens else {})},
-            memory=memory,
+            **engines,
         )
     except ServeError as exc:
         raise click.ClickException(str(exc)) from None
@@ -380,12 +376,14 @@ def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, 
 def _serve_on_ray(dirs, host, port, api_keys, address, *, grace_s, replicas, min_replicas, max_replicas,
                   target_ongoing_requests, threads, **app_options) -> None:
     """``toolkit serve --ray``: the same app as Ray Serve replicas (toolkit.scale.ray_serve)."""
-    from toolkit.scale.options import ScaleOptions, ScaleOptionsError
+    from toolkit.scale.options import ScaleOptions, ScaleOptionsError, check_local_kv
     from toolkit.server.serve import api_keys_from_env
 
     try:
         options = ScaleOptions(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
                                target_ongoing_requests=target_ongoing_requests, threads=threads, grace_s=grace_s)
+        if address is None:  # a local cluster: every replica on this machine, so their KV budgets must fit in it
+            check_local_kv(dirs, options, app_options["engine_options"]["memory"].get("kv_budget_bytes"))
     except ScaleOptionsError as exc:
         raise click.UsageError(str(exc)) from None
     try:

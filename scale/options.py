@@ -73,6 +73,11 @@ class ScaleOptions:
         return self.min_replicas is not None or self.max_replicas is not None
 
     @property
+    def most_replicas(self) -> int:
+        """The most replicas the deployment runs at once: ``replicas``, or the autoscaling maximum."""
+        return self.bounds[1] if self.autoscaling else self.replicas
+
+    @property
     def bounds(self) -> tuple[int, int]:
         """(min, max) replicas: a missing bound defaults to 1 (min) or to max(min, replicas) (max)."""
         lo = 1 if self.min_replicas is None else self.min_replicas
@@ -131,3 +136,52 @@ def replica_resources(engine_dirs: Sequence[str | Path], threads: int | None) ->
     if gpus:
         options["num_gpus"] = gpus
     return options
+
+
+def replicas_per_node(most_replicas: int, node_cpus: float, replica_cpus: float) -> int:
+    """How many replicas of the deployment one node can hold: all of them, or fewer where the node's
+    CPUs cannot (Ray places a replica only on a node with its ``num_cpus`` free)."""
+    return max(1, min(most_replicas, int(node_cpus // max(replica_cpus, 1e-9))))
+
+
+def replica_kv_budgets(engine_dirs: Sequence[str | Path], kv_budget_bytes: int | None, sharing: int,
+                       memory_bytes: int) -> dict[Path, int]:
+    """``{ONNX engine dir: KV budget bytes}`` for one replica of ``sharing`` on a node of ``memory_bytes``.
+
+    ``--kv-cache-gib`` is per replica, as vLLM's and Ray Serve LLM's engine settings are per engine
+    instance. Without it, plain ``toolkit serve``'s default (a tenth of the machine's memory, at least
+    one full-context sequence: ``runtime.kv_cache.default_kv_budget_bytes``) is the default for *all*
+    the replicas that can share the node: each replica gets its share, so ``--replicas 4`` keeps the
+    machine's KV at a tenth of it rather than four tenths. When the replicas' budgets add up to more
+    than the node's memory the deployment is refused (ScaleOptionsError): it would be killed by the
+    kernel under load instead.
+    """
+    from toolkit.artifact.manifest import load_manifest
+    from toolkit.runtime.kv_cache import KvGeometry, default_kv_budget_bytes
+
+    budgets: dict[Path, int] = {}
+    for engine_dir in map(Path, engine_dirs):
+        manifest = load_manifest(engine_dir, verify_hashes=False)
+        if manifest.target != "onnx":  # TensorRT-LLM sizes its KV cache itself, on the GPU
+            continue
+        per_token = KvGeometry.of_layout(manifest.kv_layout).bytes_per_token
+        budgets[engine_dir] = kv_budget_bytes or default_kv_budget_bytes(per_token, manifest.context_length,
+                                                                         memory_bytes // sharing)
+    total = sharing * sum(budgets.values())
+    if total > memory_bytes:
+        raise ScaleOptionsError(
+            f"{sharing} replicas on one machine would hold {total / 2**30:.1f} GiB of KV cache "
+            f"({sum(budgets.values()) / 2**30:.2f} GiB each), more than its {memory_bytes / 2**30:.1f} GiB of memory: "
+            "give a smaller --kv-cache-gib or fewer --replicas / --max-replicas")
+    return budgets
+
+
+def check_local_kv(engine_dirs: Sequence[str | Path], options: ScaleOptions, kv_budget_bytes: int | None) -> dict[Path, int]:
+    """:func:`replica_kv_budgets` for a local cluster (all replicas on this machine), before Ray starts."""
+    import os
+
+    from toolkit.runtime.kv_cache import machine_memory_bytes
+
+    cpus = replica_resources(engine_dirs, options.threads)["num_cpus"]
+    sharing = replicas_per_node(options.most_replicas, os.cpu_count() or 1, cpus)
+    return replica_kv_budgets(engine_dirs, kv_budget_bytes, sharing, machine_memory_bytes())

@@ -4,8 +4,10 @@ Imports ``ray`` (the ``toolkit[ray]`` extra): only ``toolkit serve --ray`` and t
 this module.
 
 Each replica is one Ray actor running :class:`ToolkitReplica`: Ray Serve's ingress calls
-``__serve_build_asgi_app__``, which loads the engine directories (with the replica's
-onnxruntime thread count) and builds the same Litestar app plain ``toolkit serve`` runs; Ray Serve
+``__serve_build_asgi_app__``, which loads the engine directories through the same
+``server.serve.load_engines`` with the same engine options as plain ``toolkit serve`` (plus the
+replica's onnxruntime thread count and its share of the machine's KV budget: ``scale.options.replica_kv_budgets``)
+and builds the same Litestar app plain ``toolkit serve`` runs; Ray Serve
 runs its lifespan (the engines start) and routes a replica no request until its
 ``check_health`` (engines started) passes. Ray Serve's HTTP proxy is the one endpoint; it streams
 each ASGI message as the replica sends it, and on a client disconnect cancels the replica's
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 import time
@@ -46,26 +49,24 @@ class ToolkitReplica:
         self._app: Any = None
 
     def __serve_build_asgi_app__(self) -> Any:
-        from toolkit.runtime import load_engine
+        from toolkit.artifact.onnx_session import ARENA_ENV
+        from toolkit.runtime.kv_cache import machine_memory_bytes
+        from toolkit.scale.options import replica_kv_budgets, replicas_per_node
         from toolkit.server.app import create_app
-
-        from toolkit.server.serve import assign_adapters
+        from toolkit.server.serve import load_engines
 
         spec = self._spec
         logging.basicConfig(level=spec.get("log_level", "INFO").upper())
-        engines: dict[str, Any] = {}
+        if spec.get("ort_arena_mib") is not None:  # --ort-arena-mib, read by create_session in this replica's process
+            os.environ[ARENA_ENV] = str(spec["ort_arena_mib"])
         dirs = [Path(d) for d in spec["engine_dirs"]]
-        adapters = assign_adapters(dirs, spec["loras"]) if spec.get("loras") else {}
-        for engine_dir in dirs:
-            options: dict[str, Any] = {"threads": spec["threads"]} if spec.get("threads") and _is_onnx(engine_dir) else {}
-            if adapters.get(engine_dir):  # every replica serves every --lora adapter; each loads one on its first request
-                options.update(adapters=adapters[engine_dir], max_loras=spec.get("max_loras"))
-            if spec.get("scheduler") and _is_onnx(engine_dir):
-                from toolkit.runtime.scheduler import SchedulerConfig
-
-                options["config"] = SchedulerConfig(**spec["scheduler"])
-            engine = load_engine(engine_dir, **options)
-            engines[engine.recipe.name] = engine
+        options = spec.get("engine_options") or {}  # toolkit serve's engine options (server.serve.engine_options)
+        sharing = replicas_per_node(spec.get("most_replicas", 1), _node_cpus(), spec.get("replica_cpus", 1.0))
+        budgets = replica_kv_budgets(dirs, (options.get("memory") or {}).get("kv_budget_bytes"), sharing,
+                                     machine_memory_bytes())
+        # every replica serves every --lora adapter; each loads one on its first request
+        engines = load_engines(dirs, spec.get("loras", ()), spec.get("max_loras"), threads=spec.get("threads"),
+                               kv_budgets=budgets, **options)
         self._app = create_app(engines, spec["api_keys"], **spec["app_options"])
         served = [name for engine in engines.values() for name in (getattr(engine, "adapter_names", ()) or ())]
         return AdapterResidency(AllReplicasMetrics(self._app, self._all_metrics), served, self.resident_adapter)
@@ -101,8 +102,6 @@ class ToolkitReplica:
 
     async def replica_info(self) -> dict[str, Any]:
         """Replica id and process id (the tests use it to kill one replica)."""
-        import os
-
         entries = self._ctx.models.entries
         stats = {e.names[0]: e.engine.stats().__dict__ for e in entries}
         loaded = {e.names[0]: list(getattr(getattr(e.engine, "lora", None), "loaded", ()) or ()) for e in entries}
@@ -119,10 +118,12 @@ class ToolkitReplica:
         return merge_expositions(good)
 
 
-def _is_onnx(engine_dir: str | Path) -> bool:
-    from toolkit.artifact.manifest import load_manifest
+def _node_cpus() -> float:
+    """The CPUs Ray counts on this replica's node (how many replicas it can hold: ``replicas_per_node``)."""
+    import ray
 
-    return load_manifest(engine_dir, verify_hashes=False).target == "onnx"
+    node = ray.get_runtime_context().get_node_id()
+    return float(next((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["NodeID"] == node), 1.0))
 
 
 class AdapterResidency:
@@ -196,28 +197,35 @@ class AllReplicasMetrics:
 def build_application(engine_dirs: Sequence[str | Path], api_keys: Sequence[str], options: ScaleOptions, *,
                       grace_s: float = 10.0, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                       request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S, log_level: str = "info",
-                      scheduler: dict[str, int] | None = None, loras: Sequence[str] = (), max_loras: int | None = None,
-                      **app_options: Any) -> Any:
+                      engine_options: dict[str, Any] | None = None, ort_arena_mib: int | None = None,
+                      loras: Sequence[str] = (), max_loras: int | None = None, **app_options: Any) -> Any:
     """The bound Ray Serve application: ``options`` replicas of the app over ``engine_dirs``.
 
     ``api_keys`` are final (the caller adds ``$TOOLKIT_API_KEY``: replicas may run elsewhere).
+    ``engine_options``: ``toolkit serve``'s engine options (``server.serve.engine_options``), given to
+    every replica's engines as plain ``toolkit serve`` gives them to its own; ``ort_arena_mib``: ``--ort-arena-mib``.
     Engine directories must be readable at the same path on every node that runs a replica.
     """
     dirs = [str(Path(d).resolve()) for d in engine_dirs]
-    spec = {
-        "engine_dirs": dirs,
-        "api_keys": list(api_keys),
-        "threads": options.threads,
-        "scheduler": scheduler,
-        "loras": list(loras),
-        "max_loras": max_loras,
-        "log_level": log_level,
-        "app_options": {"max_body_bytes": max_body_bytes, "shutdown_grace_s": grace_s,
-                        "request_timeout_s": request_timeout_s, **app_options},
-    }
+    resources = replica_resources(dirs, options.threads)
+    spec = replica_spec(dirs, api_keys, options, resources["num_cpus"], engine_options=engine_options,
+                        ort_arena_mib=ort_arena_mib, loras=loras, max_loras=max_loras, log_level=log_level,
+                        app_options={"max_body_bytes": max_body_bytes, "shutdown_grace_s": grace_s,
+                                     "request_timeout_s": request_timeout_s, **app_options})
     deployment = serve.deployment(serve.ingress()(_replica_class(max_loras or DEFAULT_MAX_LORAS)), name=DEPLOYMENT_NAME)
-    deployment = deployment.options(**options.deployment_options(replica_resources(dirs, options.threads)))
+    deployment = deployment.options(**options.deployment_options(resources))
     return deployment.bind(spec)
+
+
+def replica_spec(engine_dirs: Sequence[str], api_keys: Sequence[str], options: ScaleOptions, replica_cpus: float, *,
+                 engine_options: dict[str, Any] | None = None, ort_arena_mib: int | None = None,
+                 loras: Sequence[str] = (), max_loras: int | None = None, log_level: str = "info",
+                 app_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What every replica is handed (plain data, pickled by Ray): how to build its engines and app."""
+    return {"engine_dirs": list(engine_dirs), "api_keys": list(api_keys), "threads": options.threads,
+            "most_replicas": options.most_replicas, "replica_cpus": replica_cpus,
+            "engine_options": engine_options or {}, "ort_arena_mib": ort_arena_mib,
+            "loras": list(loras), "max_loras": max_loras, "log_level": log_level, "app_options": app_options or {}}
 
 
 def _replica_class(max_loras: int) -> type:
@@ -242,8 +250,6 @@ def proxy_env() -> dict[str, str]:
 
 def init_ray(address: str | None = None, **kwargs: Any) -> None:
     """``ray.init``: a local cluster (address None) or the one at ``address``, with :func:`proxy_env`."""
-    import os
-
     import ray
 
     os.environ.update(proxy_env())  # inherited by a local cluster's processes

@@ -94,14 +94,34 @@ def scheduler_options(prefix_cache: bool = True, step_budget_ms: float | None = 
             **({} if step_budget_ms is None else {"step_budget_ms": step_budget_ms})}
 
 
+def engine_options(no_prefix_cache: bool = False, step_budget_ms: float | None = None, no_prompt_lookup: bool = False,
+                   max_draft_tokens: int | None = None, kv_cache_gib: float | None = None,
+                   prefix_cache_share: float = 0.25, malloc_trim_s: float = 10.0) -> dict[str, Any]:
+    """``toolkit serve``'s engine options as :func:`load_engines` keyword arguments.
+
+    One translation for both ways of serving: plain ``toolkit serve`` and every ``--ray`` replica
+    (``toolkit.scale.ray_serve``) build their engines from this dict, so an option cannot reach one
+    and miss the other.
+    """
+    return {"prefix_cache": not no_prefix_cache, "step_budget_ms": step_budget_ms,
+            "speculative": {**({"prompt_lookup": False} if no_prompt_lookup else {}),
+                            **({"max_draft": max_draft_tokens} if max_draft_tokens else {})},
+            "memory": {"prefix_cache_share": prefix_cache_share, "malloc_trim_s": malloc_trim_s,
+                       "reserve_prefix_cache": True,  # the prefix cache's pool committed at start (README: Memory)
+                       **({"kv_budget_bytes": int(kv_cache_gib * 2**30)} if kv_cache_gib else {})}}
+
+
 def load_engines(dirs: Sequence[Path], loras: Sequence[str] = (), max_loras: int | None = None,
                  prefix_cache: bool = True, step_budget_ms: float | None = None,
-                 speculative: dict[str, Any] | None = None, memory: dict[str, Any] | None = None) -> dict[str, Engine]:
+                 speculative: dict[str, Any] | None = None, memory: dict[str, Any] | None = None,
+                 threads: int | None = None, kv_budgets: dict[Path, int] | None = None) -> dict[str, Engine]:
     """``{recipe name: unstarted engine}`` for each directory (one engine per recipe), with its ``--lora`` adapters.
 
     ``prefix_cache=False`` (``--no-prefix-cache``) turns prefix caching off (ONNX: the prefix cache; TensorRT-LLM: KV block reuse).
     ``step_budget_ms`` (``--step-budget-ms``): the ONNX engines' model time per decoding step, prompt chunks
     included (None: ``SchedulerConfig``'s default; 0: the token budget alone).
+    ``threads``: onnxruntime intra-op threads (Ray replicas' ``--threads``); ``kv_budgets``: a KV budget
+    per directory, over ``memory``'s (Ray replicas sharing a machine, ``toolkit.scale.options.replica_kv_budgets``).
     """
     from toolkit.runtime import load_engine
     from toolkit.runtime.scheduler import SchedulerConfig
@@ -110,6 +130,8 @@ def load_engines(dirs: Sequence[Path], loras: Sequence[str] = (), max_loras: int
     adapters = assign_adapters(dirs, loras) if loras else {}
     for engine_dir in dirs:
         options = {"adapters": adapters[engine_dir], "max_loras": max_loras} if adapters.get(engine_dir) else {}
+        if threads:  # TensorRT-LLM engines are handed only the options they take (runtime.engines.load_engine)
+            options["threads"] = threads
         if scheduler := scheduler_options(prefix_cache, step_budget_ms):
             options["config"] = SchedulerConfig(**scheduler)
         if speculative:  # --no-prompt-lookup / --max-draft-tokens (runtime/speculative.py)
@@ -117,6 +139,8 @@ def load_engines(dirs: Sequence[Path], loras: Sequence[str] = (), max_loras: int
 
             options["speculative"] = SpeculativeConfig(**speculative)
         options.update(memory or {})  # ONNX engines: kv_budget_bytes, prefix_cache_share, malloc_trim_s (README: Memory)
+        if kv_budgets and engine_dir in kv_budgets:
+            options["kv_budget_bytes"] = kv_budgets[engine_dir]
         engine = load_engine(engine_dir, **options)
         key = engine.recipe.name
         if key in engines:
