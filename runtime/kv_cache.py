@@ -68,18 +68,22 @@ class KVCacheManager:
 
     ``rectangular``: the cache is one slot per sequence, each as long as the longest reservation
     (``SharedKV``), so a set of reservations costs ``count × longest`` rather than their sum.
-    ``prefix_cache_share``: the part of the budget the prefix cache may hold at most (unpinned
-    cached blocks are evicted for reservations either way).
+    ``prefix_cache_share``: the part of the budget the prefix cache may hold at most.
+    ``reserve_prefix_cache``: the prefix cache commits its whole share up front
+    (``runtime/prefix_cache.py``); the share is then carved out of the budget (reservations fit in
+    the rest and never evict cached blocks, which would free no memory), so the resident KV stays
+    within the budget. Otherwise unpinned cached blocks are evicted for reservations.
     """
 
     def __init__(self, geometry: KvGeometry, budget_bytes: int, rectangular: bool = False,
-                 prefix_cache_share: float = 1.0):
+                 prefix_cache_share: float = 1.0, reserve_prefix_cache: bool = False):
         self.geometry = geometry
         self.total_blocks = max(1, budget_bytes // (geometry.bytes_per_token * BLOCK))
         self.budget_bytes = self.total_blocks * self.block_bytes
         self.rectangular = rectangular
         self.prefix_cache_blocks = min(self.total_blocks, int(self.total_blocks * prefix_cache_share))
         """The most blocks the prefix cache may hold (``toolkit serve --prefix-cache-share``)."""
+        self.reserve_prefix_cache = reserve_prefix_cache
         self._reserved: dict[str, int] = {}
         self.prefix_cache = None  # a PrefixCache registers itself here
 
@@ -91,6 +95,14 @@ class KVCacheManager:
     def cached_blocks(self) -> int:
         """Blocks held by the prefix cache (not in ``used_blocks``, which counts reservations)."""
         return self.prefix_cache.held_blocks if self.prefix_cache is not None else 0
+
+    @property
+    def _cache_share_blocks(self) -> int:
+        """Blocks the prefix cache takes from the budget: its whole pool when reserved, else the blocks it holds."""
+        cache = self.prefix_cache
+        if cache is None:
+            return 0
+        return cache.max_blocks if cache.reserved else cache.held_blocks
 
     @property
     def cached_tokens(self) -> int:
@@ -117,14 +129,20 @@ class KVCacheManager:
     def blocks_for(tokens: int) -> int:
         return math.ceil(tokens / BLOCK)
 
+    @property
+    def reservable_tokens(self) -> int:
+        """Tokens the running requests may reserve in an empty cache: the budget less a reserved prefix cache's pool."""
+        cache = self.prefix_cache
+        return (self.total_blocks - (cache.max_blocks if cache is not None and cache.reserved else 0)) * BLOCK
+
     def can_ever_fit(self, tokens: int) -> bool:
         """Whether ``tokens`` fit in an empty cache."""
-        return self.blocks_for(tokens) <= self.total_blocks
+        return self.blocks_for(tokens) * BLOCK <= self.reservable_tokens
 
     def can_allocate(self, tokens: int, count: int = 1) -> bool:
         """Whether ``count`` sequences of ``tokens`` tokens each fit now (next to the cached blocks)."""
         needed = self._footprint([*self._reserved.values(), *[self.blocks_for(tokens)] * count])
-        return needed + self.cached_blocks <= self.total_blocks
+        return needed + self._cache_share_blocks <= self.total_blocks
 
     def make_room(self, tokens: int, count: int = 1) -> bool:
         """``can_allocate``, evicting unpinned cached blocks when that makes it true (and only then)."""
@@ -132,15 +150,18 @@ class KVCacheManager:
         return self._evict_for(needed)
 
     def make_room_for_cached(self, blocks: int) -> bool:
-        """Whether the prefix cache may add ``blocks`` blocks, evicting its unpinned ones if needed."""
+        """Whether the prefix cache may add ``blocks`` blocks, evicting its unpinned ones if needed
+        (a reserved pool's room is its own: the cache's cap alone limits it)."""
+        if self.prefix_cache is not None and self.prefix_cache.reserved:
+            return True
         return self._evict_for(self.used_blocks + blocks)
 
     def _evict_for(self, needed: int) -> bool:
-        excess = needed + self.cached_blocks - self.total_blocks
+        excess = needed + self._cache_share_blocks - self.total_blocks
         if excess <= 0:
             return True
         cache = self.prefix_cache
-        if cache is None or excess > cache.evictable_blocks:
+        if cache is None or cache.reserved or excess > cache.evictable_blocks:
             return False
         cache.evict(excess)
         return True

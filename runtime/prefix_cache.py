@@ -11,18 +11,31 @@ from those blocks' KV and prefills only the rest. When its prefill ends, the ful
 prompt are added to the cache.
 
 Memory: blocks live in one slot pool (``BlockPool``): an anonymous memory map of ``max_blocks``
-slots, each slot every past input's ``[1, kv_heads, 16, head_dim]`` side by side. The map costs
-address space only; a slot's pages become resident when a block is written into it and are handed
-back to the kernel (``madvise(MADV_DONTNEED)``) when it is evicted, so the cache's resident bytes
-are exactly its held blocks, with no heap fragmentation from thousands of small arrays (measured:
-per-block numpy arrays left glibc's heap holding freed holes). Freed slots are reused most
-recently freed first. The running batch's rows are dense copies too, so a request still reserves
-its whole prompt + ``max_tokens`` and cached blocks are counted *in addition* against the same
-budget (``KVCacheManager.cached_blocks``); ``max_blocks`` (``toolkit serve --prefix-cache-gib``)
-caps the cache's share. A request pins the blocks it matched from admission until its prefill ends
-or it is dropped; unpinned blocks are evicted least recently used when admission, the cap or a
-new block needs room. Touching a chain moves its deepest block to the recent end first, so a
-parent is never evicted before its children and every cached block stays reachable.
+slots, each slot every past input's ``[1, kv_heads, 16, head_dim]`` side by side, so thousands of
+blocks leave no heap fragmentation (measured: per-block numpy arrays left glibc's heap holding
+freed holes). The pool is either *reserved* or *lazy*:
+
+* reserved (``toolkit serve``; ``KVCacheManager.reserve_prefix_cache``): the whole pool is committed
+  when the engine is made (``MAP_POPULATE``), as vLLM preallocates its KV cache from
+  ``gpu_memory_utilization`` (https://docs.vllm.ai/en/latest/configuration/optimization.html) and
+  llama-server allocates its ``-c`` context at start. Evicted slots keep their pages and are
+  simply overwritten when reused, so the resident set holds the pool from the first request on
+  and does not creep up while the cache fills (measured before: +25 % RSS over a 10-minute soak,
+  all of it the cache filling towards its cap). The pool is carved out of the KV budget: running
+  requests reserve within the rest, and are never admitted by evicting cached blocks, which would
+  free nothing.
+* lazy (the engine's default, e.g. tests and ``toolkit bench``): the map costs address space only;
+  a slot's pages become resident when a block is written into it and are handed back to the kernel
+  (``madvise(MADV_DONTNEED)``) when it is evicted, and cached blocks count against the same budget
+  as the running requests (``KVCacheManager.cached_blocks``), evicted before a request would wait.
+
+Freed slots are reused most recently freed first. The running batch's rows are dense copies, so a
+request still reserves its whole prompt + ``max_tokens``; ``max_blocks`` (``toolkit serve
+--prefix-cache-share``) caps the cache. A request pins the blocks it matched from admission until
+its prefill ends or it is dropped; unpinned blocks are evicted least recently used when admission
+(lazy pool), the cap or a new block needs room. Touching a chain moves its deepest block to the
+recent end first, so a parent is never evicted before its children and every cached block stays
+reachable.
 """
 
 from __future__ import annotations
@@ -49,33 +62,54 @@ class CachedBlock:
 
 
 class BlockPool:
-    """``capacity`` fixed-size slots in an anonymous memory map; a freed slot's pages go back to the kernel.
+    """``capacity`` fixed-size slots in one anonymous memory map; committed up front when ``reserve``.
 
     Slot ``i`` holds, for every past input ``name``, a ``[1, kv_heads, BLOCK, head_dim]`` array
-    (``views(i)``). The layout is taken from the first past written (``ensure_layout``).
+    (``views(i)``). ``slot_bytes`` (the KV geometry's bytes per block) lets a reserved pool be
+    mapped and populated before any request; the names and shapes are taken from the first past
+    written (``ensure_layout``), which maps the pool anew only if its block size differs.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, slot_bytes: int = 0, reserve: bool = False):
         self.capacity = capacity
+        self.reserve = reserve
         self.names: list[str] = []
-        self.slot_bytes = 0
+        self.slot_bytes = slot_bytes
         self._map: mmap.mmap | None = None
         self._array: np.ndarray | None = None
         self._free: list[int] = []  # most recently freed last
         self._next = 0  # slots below this have been used at least once
+        if reserve and slot_bytes:
+            self._map = self._mapped(slot_bytes)
+
+    def _mapped(self, slot_bytes: int) -> mmap.mmap:
+        """A private anonymous map of the pool (a shared one is shmem, whose pages MADV_DONTNEED would not free);
+        populated (every page faulted in for writing, https://man7.org/linux/man-pages/man2/mmap.2.html) when reserved."""
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (getattr(mmap, "MAP_POPULATE", 0) if self.reserve else 0)
+        memory = mmap.mmap(-1, max(1, self.capacity * slot_bytes), flags=flags)
+        if self.reserve and not getattr(mmap, "MAP_POPULATE", 0):  # not Linux: touch one byte per page
+            np.frombuffer(memory, np.uint8)[:: mmap.PAGESIZE] = 0
+        return memory
+
+    @property
+    def resident_bytes(self) -> int:
+        """The whole pool once reserved; otherwise 0 (a lazy pool's resident slots are the cache's held blocks)."""
+        return self.capacity * self.slot_bytes if self.reserve and self._map is not None else 0
 
     def ensure_layout(self, past: dict[str, np.ndarray]) -> None:
-        """Map the pool for ``past``'s inputs, head count, head size and dtype (once)."""
-        if self._map is not None:
+        """Lay the pool out for ``past``'s inputs, head count, head size and dtype (once)."""
+        if self._array is not None:
             return
         first = next(iter(past.values()))
-        self.names = list(past)
         block_shape = (1, first.shape[1], BLOCK, first.shape[3])
-        self.slot_bytes = len(self.names) * int(np.prod(block_shape)) * first.dtype.itemsize
-        # private: a shared anonymous map is shmem, whose pages MADV_DONTNEED would not free
-        self._map = mmap.mmap(-1, max(1, self.capacity * self.slot_bytes), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self._array = np.frombuffer(self._map, first.dtype, self.capacity * self.slot_bytes // first.dtype.itemsize)
-        self._array = self._array.reshape(self.capacity, len(self.names), *block_shape)
+        slot_bytes = len(past) * int(np.prod(block_shape)) * first.dtype.itemsize
+        if self._map is None or slot_bytes != self.slot_bytes:  # lazy, or the geometry's guess was off
+            if self._map is not None:
+                self._map.close()
+            self._map, self.slot_bytes = self._mapped(slot_bytes), slot_bytes
+        self.names = list(past)
+        array = np.frombuffer(self._map, first.dtype, self.capacity * slot_bytes // first.dtype.itemsize)
+        self._array = array.reshape(self.capacity, len(self.names), *block_shape)
 
     def take(self) -> int:
         """A free slot (the cache holds fewer blocks than ``capacity``)."""
@@ -88,12 +122,14 @@ class BlockPool:
         return {name: self._array[slot, j] for j, name in enumerate(self.names)}
 
     def release(self, slot: int) -> None:
-        """Free ``slot`` and return its whole pages to the kernel (they read as zeros when next used)."""
-        page = mmap.PAGESIZE
-        start = -(-slot * self.slot_bytes // page) * page
-        stop = (slot + 1) * self.slot_bytes // page * page
-        if stop > start:
-            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        """Free ``slot``; a lazy pool returns its whole pages to the kernel (they read as zeros when next used),
+        a reserved one keeps them for the next block (which overwrites the whole slot)."""
+        if not self.reserve:
+            page = mmap.PAGESIZE
+            start = -(-slot * self.slot_bytes // page) * page
+            stop = (slot + 1) * self.slot_bytes // page * page
+            if stop > start:
+                self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
         self._free.append(slot)
 
 
@@ -125,7 +161,7 @@ class PrefixCache:
     def __init__(self, kv: KVCacheManager, max_blocks: int | None = None):
         self.kv = kv
         self.max_blocks = min(kv.total_blocks, kv.prefix_cache_blocks if max_blocks is None else max_blocks)
-        self.pool = BlockPool(self.max_blocks)
+        self.pool = BlockPool(self.max_blocks, kv.block_bytes, reserve=kv.reserve_prefix_cache)
         self.blocks: OrderedDict[bytes, CachedBlock] = OrderedDict()  # front: evicted first
         self.evicted = 0  # blocks evicted since start
         kv.prefix_cache = self
@@ -136,9 +172,14 @@ class PrefixCache:
         return len(self.blocks)
 
     @property
+    def reserved(self) -> bool:
+        """Whether the pool was committed up front (and carved out of the KV budget)."""
+        return self.pool.reserve
+
+    @property
     def held_bytes(self) -> int:
-        """Resident bytes of the cached blocks (their pool slots)."""
-        return len(self.blocks) * self.pool.slot_bytes
+        """Resident bytes of the cache: the whole pool once reserved, else the held blocks' slots."""
+        return self.pool.resident_bytes or len(self.blocks) * self.pool.slot_bytes
 
     @property
     def evictable_blocks(self) -> int:

@@ -47,6 +47,7 @@ class OnnxEngine:
         max_loras: int | None = None,
         prefix_cache_share: float = 1.0,
         malloc_trim_s: float = 10.0,
+        reserve_prefix_cache: bool = False,
         speculative: SpeculativeConfig | None = None,
     ):
         self.engine_dir = Path(engine_dir)
@@ -60,7 +61,7 @@ class OnnxEngine:
         if kv_budget_bytes is None:  # toolkit serve --kv-cache-gib; default: a tenth of the machine's memory
             kv_budget_bytes = default_kv_budget_bytes(geometry.bytes_per_token, self.context_length)
         self.kv = KVCacheManager(geometry, kv_budget_bytes, rectangular=self.graph == "gqa",
-                                 prefix_cache_share=prefix_cache_share)
+                                 prefix_cache_share=prefix_cache_share, reserve_prefix_cache=reserve_prefix_cache)
         self.weights_bytes = 0  # the model files' size, once loaded (stats().memory)
         self.trimmer = Trimmer(malloc_trim_s)  # hands glibc's freed heap back (runtime/native_memory.py)
         self.threads = threads
@@ -161,7 +162,7 @@ class OnnxEngine:
         if prompt_len + params.max_tokens > self.context_length:
             raise PromptTooLongError(prompt_len, params.max_tokens, self.context_length)
         if not self.kv.can_ever_fit(params.n * (prompt_len + params.max_tokens)):
-            raise PromptTooLongError(prompt_len, params.max_tokens, self.kv.total_tokens // params.n, "KV cache budget")
+            raise PromptTooLongError(prompt_len, params.max_tokens, self.kv.reservable_tokens // params.n, "KV cache budget")
 
     async def generate(self, request: GenerateRequest) -> OutputStream:
         """Queue ``request`` and return its output stream; closing the stream early aborts it and frees its cache."""

@@ -1,0 +1,152 @@
+"""The prefix cache's pool reserved up front (issue #13, req. 5, ``toolkit serve``): resident from the start, never
+past its size however much is cached, its pages kept through eviction, and carved out of the KV budget."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+import numpy as np
+from engine_helpers import until_idle
+from test_memory import _greedy, _samples
+
+from toolkit.recipes import get_recipe
+from toolkit.runtime import load_engine
+from toolkit.runtime.kv_cache import BLOCK, KVCacheManager, KvGeometry
+from toolkit.runtime.prefix_cache import PrefixCache
+from toolkit.runtime.scheduler import SchedulerConfig
+
+NAMES = ["past_key_values.0.key", "past_key_values.0.value"]
+QWEN = get_recipe("qwen2-7b-instruct")
+GEOMETRY = KvGeometry(num_layers=1, num_kv_heads=1, head_dim=256, dtype="float32")  # a block: 32 KiB
+
+
+def _rss_anon() -> int:
+    """Anonymous resident bytes of this process (/proc/self/status ``RssAnon``: no file pages, no shared libraries)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+def _cache(pool_blocks: int, reserve: bool, share: float = 0.25) -> tuple[KVCacheManager, PrefixCache]:
+    budget = GEOMETRY.bytes_per_token * BLOCK * int(pool_blocks / share)
+    kv = KVCacheManager(GEOMETRY, budget, rectangular=True, prefix_cache_share=share, reserve_prefix_cache=reserve)
+    return kv, PrefixCache(kv)
+
+
+def _past(prompt, into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """A left-aligned past whose values are the token ids (written into ``into``'s arrays when given)."""
+    values = np.asarray(prompt, np.float32)[None, None, :, None]
+    past = into or {name: np.empty((1, 1, len(prompt), 256), np.float32) for name in NAMES}
+    past[NAMES[0]][...], past[NAMES[1]][...] = values, -values
+    return past
+
+
+def test_reserved_pool_is_resident_at_start_and_bounded_when_filled_past_capacity():
+    gc.collect()
+    before = _rss_anon()
+    kv, cache = _cache(pool_blocks=4096, reserve=True)  # 128 MiB
+    pool = cache.max_blocks * kv.block_bytes
+    assert pool == 128 << 20 and cache.held_bytes == pool  # the /metrics prefix_cache part: the whole pool
+    assert _rss_anon() - before >= 0.8 * pool  # committed before any block was cached
+    prompt_blocks = 64
+    past = _past(range(prompt_blocks * BLOCK))
+    prompts = [tuple(range(i * 100_000, i * 100_000 + prompt_blocks * BLOCK)) for i in range(2 * 4096 // prompt_blocks)]
+    for prompt in prompts:  # twice the pool's capacity: the first half is evicted for the second
+        assert cache.insert(prompt, None, _past(prompt, past)) == prompt_blocks
+    assert cache.held_blocks == cache.max_blocks and cache.evicted == 4096
+    filled = _rss_anon() - before
+    assert 0.8 * pool <= filled <= pool + (24 << 20)  # no growth past the pool (24 MiB: the test's own arrays, noise)
+    newest = cache.match(prompts[-1] + (1,), None)  # reused slots hold the new blocks' values
+    assert newest.tokens == prompt_blocks * BLOCK
+    assert (PrefixCache.past(newest)[NAMES[0]][0, 0, :, 0] == np.asarray(prompts[-1], np.float32)).all()
+    cache.release(newest)
+    assert cache.evict(cache.max_blocks) == cache.max_blocks and cache.held_blocks == 0
+    assert _rss_anon() - before >= 0.8 * pool  # evicted slots keep their pages for the next blocks
+    assert cache.held_bytes == pool
+
+
+def test_lazy_pool_is_not_resident_until_written_and_gives_evicted_pages_back():
+    """The contrast (the engine's default, e.g. tests and benches): the same pool costs nothing until used."""
+    gc.collect()
+    before = _rss_anon()
+    kv, cache = _cache(pool_blocks=4096, reserve=False)
+    assert _rss_anon() - before < 16 << 20 and cache.held_bytes == 0
+    prompt = tuple(range(1024 * BLOCK))
+    cache.insert(prompt, None, _past(prompt))  # 1,024 blocks: 32 MiB written
+    assert cache.held_bytes == 32 << 20
+    cache.evict(1024)
+    assert cache.held_bytes == 0 and _rss_anon() - before < 24 << 20
+
+
+def test_reserved_pool_is_carved_out_of_the_budget_and_never_evicted_for_requests():
+    kv, cache = _cache(pool_blocks=4, reserve=True)  # budget 16 blocks, pool 4
+    assert kv.total_blocks == 16 and cache.max_blocks == 4
+    assert kv.reservable_tokens == 12 * BLOCK
+    assert kv.can_ever_fit(12 * BLOCK) and not kv.can_ever_fit(12 * BLOCK + 1)
+    assert not kv.can_allocate(13 * BLOCK)  # even with nothing cached: the pool's memory is already taken
+    kv.allocate("a", 12 * BLOCK)
+    prompt = tuple(range(5 * BLOCK))
+    assert cache.insert(prompt, None, _past(prompt)) == 4  # the pool's own room, whatever the requests reserve
+    assert cache.held_blocks == 4 and kv.used_blocks == 12
+    kv.free("a")
+    assert not kv.make_room(13 * BLOCK) and cache.evicted == 0  # evicting would free no memory: not done
+    lazy_kv, lazy = _cache(pool_blocks=4, reserve=False)
+    assert lazy_kv.reservable_tokens == 16 * BLOCK and lazy_kv.can_allocate(16 * BLOCK)
+
+
+# ---- the engine --------------------------------------------------------------------------------------
+def test_engine_with_a_reserved_pool_reuses_evicted_slots_with_outputs_unchanged(tiny_engine):
+    """A pool of a few blocks, cycled through by several system prompts: every slot is reused (not zeroed) many
+    times and greedy outputs match an engine without the cache; the KV held stays within the budget."""
+    engine_dir = tiny_engine(QWEN, "fp32", "gqa")
+    systems = [f"You are assistant number {i} of a shop; answer briefly and name the aisle. " * 2 for i in range(4)]
+    plan = [0, 1, 0, 2, 3, 1, 0, 2, 0]
+
+    async def main():
+        plain = load_engine(engine_dir, config=SchedulerConfig(prefix_cache=False))
+        await plain.start()
+        prompts = [tuple(plain.prompts.encode([{"role": "system", "content": systems[s]},
+                                               {"role": "user", "content": f"Question {i}?"}])) for i, s in enumerate(plan)]
+        expected = [await _greedy(plain, p, 6) for p in prompts]
+        pool_blocks = max(len(p) for p in prompts) // BLOCK + 1  # about one prompt's blocks
+        budget = plain.kv.geometry.bytes_per_token * BLOCK * 4 * pool_blocks
+        engine = load_engine(engine_dir, kv_budget_bytes=budget, prefix_cache_share=0.25, reserve_prefix_cache=True)
+        reserved_at_start = engine.stats().memory["prefix_cache"]  # before start: made with the engine
+        await engine.start()
+        got = [await _greedy(engine, p, 6) for p in prompts]
+        idle = await until_idle(engine)
+        await asyncio.gather(plain.stop(), engine.stop())
+        assert got == expected
+        return engine, reserved_at_start, idle
+
+    engine, reserved_at_start, idle = asyncio.run(main())
+    cache = engine.scheduler.prefix_cache
+    assert cache.reserved and cache.evicted > cache.max_blocks  # slots were reused more than once over
+    pool = cache.max_blocks * engine.kv.block_bytes
+    assert reserved_at_start == idle.memory["prefix_cache"] == pool
+    assert idle.kv_cache_cached_tokens > 0
+    assert idle.memory["prefix_cache"] + idle.memory["kv_decode"] <= idle.memory["kv_budget"]
+
+
+def test_metrics_report_the_reserved_pool_from_the_start(tiny_engine):
+    """/metrics (the app as ``toolkit serve`` builds it): the prefix_cache part is the whole pool before any request."""
+    import httpx
+    from fake_engine import LiveServer
+
+    from toolkit.server.serve import build_app
+
+    engine_dir = tiny_engine(QWEN, "fp32", "gqa")
+    budget = 64 << 20
+    app = build_app([engine_dir], [], grace_s=1.0,
+                    memory={"kv_budget_bytes": budget, "prefix_cache_share": 0.25, "reserve_prefix_cache": True})
+    with LiveServer(app) as live:
+        engine = app.state.ctx.models.resolve(QWEN.name).engine
+        samples = _samples(httpx.get(f"{live.base_url}/metrics", timeout=30).text)
+    model = next(labels for name, labels in samples if name == "toolkit_kv_cache_budget_bytes")
+    pool = engine.scheduler.prefix_cache.max_blocks * engine.kv.block_bytes
+    assert pool > 0 and samples[("toolkit_kv_cache_allocated_bytes", (*model, ("part", "prefix_cache")))] == pool
+    assert samples[("toolkit_kv_cache_budget_bytes", model)] >= pool + samples[
+        ("toolkit_kv_cache_allocated_bytes", (*model, ("part", "kv_decode")))]
+    assert samples[("process_resident_memory_bytes", ())] > pool  # the pool is resident
