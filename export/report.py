@@ -44,6 +44,15 @@ def validation_table(validation: dict) -> Table:
             f"[bold]{case['cosine']:.6f}",
             f"[bold]{case['max_abs_diff']:.4g}",
         )
+    batched = validation.get("batched")
+    if batched:  # the short chats as one decode batch (export/validate.py), judged against the same bars
+        table.add_row(
+            f"[bold]batched ({batched['rows']} rows)",
+            "[bold]–",  # teacher-forced only: the free-running greedy bar is the batch-1 row's
+            f"[bold]{batched['top1_agreement']:.3f} (worst row {batched['worst_top1_agreement']:.3f})",
+            f"[bold]{batched['min_cosine']:.6f}",
+            f"[bold]{batched['max_abs_diff']:.4g}",
+        )
     return table
 
 
