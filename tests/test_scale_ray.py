@@ -154,6 +154,20 @@ def _served_by(cluster, path: str, body: dict) -> str:
     return r.headers["x-toolkit-replica"]
 
 
+def test_each_replica_gets_its_share_of_the_machines_default_kv_budget(cluster):
+    """2 replicas of 1 CPU on a 4-CPU local cluster, no --kv-cache-gib: each engine's budget is the
+    machine's default halved (scale/options.py: replica_kv_budgets), computed in the replica's process."""
+    from toolkit.artifact.manifest import load_manifest
+    from toolkit.runtime.kv_cache import BLOCK, KvGeometry, default_kv_budget_bytes, machine_memory_bytes
+
+    manifest = load_manifest(cluster.engine_dir, verify_hashes=False)
+    per_token = KvGeometry.of_layout(manifest.kv_layout).bytes_per_token
+    share = default_kv_budget_bytes(per_token, manifest.context_length, machine_memory_bytes() // 2)
+    budgets = [s["memory"]["kv_budget"] for i in _wait(lambda: len(cluster.replicas()) == 2 and cluster.replicas(), 30)
+               for s in i["stats"].values()]
+    assert budgets == [share // (per_token * BLOCK) * per_token * BLOCK] * 2
+
+
 def test_adapter_requests_go_to_the_replica_that_loaded_the_adapter(cluster):
     def complete(model):
         return _served_by(cluster, "/v1/completions", {"model": model, "prompt": "Hi", "max_tokens": 2})
