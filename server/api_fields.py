@@ -54,7 +54,9 @@ OPENAI_FIELDS: dict[str, str] = {
     "functions": "honoured",
     "function_call": "honoured",
     # speed: drafts for speculative decoding (runtime/speculative.py); the output does not depend on them
-    "prediction": "honoured",
+    "prediction": ("honoured: the output is the same with or without it; ONNX engines draft from it and report "
+                   "accepted / rejected prediction tokens; TensorRT-LLM engines (and ONNX engines with LoRA adapters) "
+                   "decode without it and leave those counts out of usage"),
     # OpenAI features this server does not have
     "audio": "refused",
     "modalities": "refused",

@@ -901,3 +901,30 @@ def test_no_prefix_cache_turns_trtllm_block_reuse_off(fake_trtllm, tmp_path, tok
     assert llm.kwargs["kv_cache_config"].enable_block_reuse is False and not llm.block_reuse
     assert llm.kwargs["enable_chunked_prefill"] is True
     _run(engine.stop())
+
+
+def test_prediction_leaves_the_output_alone_and_usage_without_prediction_counts(fake_trtllm, tmp_path, tokenizer_dir, tokenizer):
+    """TensorRT-LLM decodes without OpenAI's ``prediction``: the reply is the one without it, and usage has no
+    ``completion_tokens_details`` instead of 0 / 0 accepted / rejected tokens (false by OpenAI's definitions,
+    here where the prediction is the reply itself: all of it appeared in the completion)."""
+    import httpx
+    from fake_engine import LiveServer
+
+    from toolkit.server.app import create_app
+
+    reply = _ids(tokenizer, REPLY)
+    for _ in range(2):
+        fake_trtllm.scripts.append([{0: ([t], None)} for t in reply] + [{0: ([_im_end(tokenizer)], "stop")}])
+    engine = _engine(tmp_path, tokenizer_dir)
+    body = {"model": RECIPE.model_names[0], "messages": MESSAGES, "max_tokens": 40, "temperature": 0}
+    with LiveServer(create_app({RECIPE.name: engine}, ["k"])) as live:
+        answers = [httpx.post(live.base_url + "/v1/chat/completions", json={**body, **extra}, timeout=30,
+                              headers={"Authorization": "Bearer k"})
+                   for extra in ({}, {"prediction": {"type": "content", "content": REPLY}})]
+    assert [a.status_code for a in answers] == [200, 200], answers[1].text
+    plain, predicted = (a.json() for a in answers)
+    assert predicted["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"] == REPLY
+    assert predicted["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"] == len(reply) + 1
+    assert "completion_tokens_details" not in predicted["usage"]
+    [llm] = fake_trtllm.llms
+    assert len(llm.calls) == 2 and llm.calls[0][0] == llm.calls[1][0]  # the same inputs reached TensorRT-LLM

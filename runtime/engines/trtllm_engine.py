@@ -96,6 +96,11 @@ def built_with_paged_context_fmha(build_config: dict) -> bool:
 class TrtLlmEngine:
     """The Engine protocol over ``tensorrt_llm._tensorrt_engine.LLM(model=engine_dir)`` (needs a GPU)."""
 
+    speculator = None
+    """No drafts: OpenAI's ``prediction`` is not used (TensorRT-LLM takes external draft tokens only from
+    an engine built for speculative decoding, which the export does not build). The output is the same
+    either way; usage carries no prediction counts (``server.openai.routes.counts_prediction``)."""
+
     def __init__(self, engine_dir: Path, manifest: Manifest, recipe: Recipe, max_waiting: int = 256,
                  adapters: dict[str, Path] | None = None, max_loras: int | None = None, prefix_cache: bool = True):
         self.engine_dir, self.manifest, self.recipe = Path(engine_dir), manifest, recipe

@@ -41,7 +41,8 @@ class _Reply:
     continuous_usage: bool = False
     single_call: bool = False
     prediction: bool = False
-    """The request carried ``prediction``: usage reports ``completion_tokens_details``."""
+    """The request carried ``prediction`` and the engine drafted from it (``counts_prediction``): usage
+    reports ``completion_tokens_details``."""
 
     def chunks(self, output: RequestOutput) -> list[dict[str, Any]]:
         chunks = self.stream.chunks(output)
@@ -71,6 +72,20 @@ class _Reply:
                      generation.prediction_tokens if self.prediction else None)
 
 
+def counts_prediction(engine: Any) -> bool:
+    """Whether ``engine`` drafts from OpenAI's ``prediction`` (an ONNX engine's speculator,
+    ``runtime/speculative.py``) and so counts its accepted / rejected tokens.
+
+    An engine without one (TensorRT-LLM; ONNX with LoRA adapters or a graph that cannot verify drafts)
+    decodes as if there were no ``prediction``: the output is the same (Predicted Outputs only speed
+    decoding up), but it has no counts, and 0 / 0 would be false by OpenAI's definitions (tokens of
+    the prediction that did / did not appear in the completion,
+    https://platform.openai.com/docs/api-reference/chat/object#chat/object-usage). Usage then leaves
+    ``completion_tokens_details`` out, as for a request without ``prediction`` (the fields are optional).
+    """
+    return getattr(engine, "speculator", None) is not None
+
+
 class OpenAIController(Controller):
     """``/v1/chat/completions``, ``/v1/completions`` and ``/v1/models`` (also under ``/v1/openai``)."""
 
@@ -88,7 +103,8 @@ class OpenAIController(Controller):
         meta, n = ResponseMeta.new("chatcmpl", body.model), p.request.params.n
         reply = _Reply(entry, n, ChatStream(meta, n, p.tools, p.logprobs, p.include_usage),
                        lambda choices, u: chat_response(meta, choices, p.tools, p.logprobs, u), p.continuous_usage,
-                       body.parallel_tool_calls is False, p.request.prediction_ids is not None)
+                       body.parallel_tool_calls is False,
+                       p.request.prediction_ids is not None and counts_prediction(entry.engine))
         return await respond(request, entry, p.request, p.zero_tokens, reply, body.stream, error_body)
 
     @post(["/v1/completions", "/v1/openai/completions"], status_code=200,
