@@ -150,3 +150,16 @@ def test_metrics_report_the_reserved_pool_from_the_start(tiny_engine):
     assert samples[("toolkit_kv_cache_budget_bytes", model)] >= pool + samples[
         ("toolkit_kv_cache_allocated_bytes", (*model, ("part", "kv_decode")))]
     assert samples[("process_resident_memory_bytes", ())] > pool  # the pool is resident
+
+
+def test_toolkit_serve_options_make_engines_with_a_reserved_pool(tiny_engine):
+    """``toolkit serve`` (plain and every --ray replica: one translation, server.serve.engine_options) reserves the pool;
+    the engine's own default (tests, benches) does not."""
+    from toolkit.server.serve import engine_options, load_engines
+
+    engine_dir = tiny_engine(QWEN, "fp32", "gqa")
+    options = engine_options(kv_cache_gib=1 / 16, prefix_cache_share=0.25)
+    [served] = load_engines([engine_dir], **options).values()
+    assert served.scheduler.prefix_cache.reserved
+    assert served.stats().memory["prefix_cache"] == served.kv.budget_bytes // 4 // served.kv.block_bytes * served.kv.block_bytes
+    assert not load_engine(engine_dir, kv_budget_bytes=1 << 26).scheduler.prefix_cache.reserved
