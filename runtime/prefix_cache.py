@@ -17,7 +17,7 @@ freed holes). The pool is either *reserved* or *lazy*:
 
 * reserved (``toolkit serve``; ``KVCacheManager.reserve_prefix_cache``): the whole pool is committed
   when the engine is made (``MAP_POPULATE``), as vLLM preallocates its KV cache from
-  ``gpu_memory_utilization`` (https://docs.vllm.ai/en/latest/configuration/optimization.html) and
+  ``gpu_memory_utilization`` (https://docs.vllm.ai/en/stable/configuration/optimization/) and
   llama-server allocates its ``-c`` context at start. Evicted slots keep their pages and are
   simply overwritten when reused, so the resident set holds the pool from the first request on
   and does not creep up while the cache fills (measured before: +25 % RSS over a 10-minute soak,

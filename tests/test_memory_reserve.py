@@ -163,3 +163,34 @@ def test_toolkit_serve_options_make_engines_with_a_reserved_pool(tiny_engine):
     assert served.scheduler.prefix_cache.reserved
     assert served.stats().memory["prefix_cache"] == served.kv.budget_bytes // 4 // served.kv.block_bytes * served.kv.block_bytes
     assert not load_engine(engine_dir, kv_budget_bytes=1 << 26).scheduler.prefix_cache.reserved
+
+
+# ---- benchmarks/soak.py's flatness measure ------------------------------------------------------------
+def _soak_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
+    spec = importlib.util.spec_from_file_location("soak_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_soak_flatness_is_per_minute_medians_after_warm_up():
+    """Short spikes (a trim away) do not count; a level that steps up after warm-up does; a cut-off last minute and
+    the warm-up's climb are left out."""
+    soak = _soak_module()
+    mib = 2**20
+
+    def rss(t):
+        level = 1000 + (300 if t < 180 else 0) * t / 180 + (60 if t >= 420 else 0)  # climbs in warm-up, steps at 7 min
+        return int((level + (400 if t % 30 == 0 else 0)) * mib)  # a 400 MiB spike every 30 s (1 sample in 10)
+
+    samples = [{"t": t, "rss": rss(t)} for t in range(0, 630, 3)]  # ends 30 s into minute 10
+    rows = soak.per_minute(samples)
+    assert [row["whole"] for row in rows] == [True] * 10 + [False]
+    assert soak.minute_median_growth(rows, 180) == 6.0  # 1,000 -> 1,060 MiB: neither the spikes nor the climb
+    flat = soak.per_minute([{"t": t, "rss": int((1000 + (400 if t % 30 == 0 else 0)) * mib)} for t in range(0, 600, 3)])
+    assert soak.minute_median_growth(flat, 180) == 0.0
+    assert soak.minute_median_growth(flat, 540) is None  # one minute after warm-up: nothing to compare
