@@ -100,3 +100,21 @@ def test_serve_refuses_unknown_or_foreign_adapters(dirs):
         build_app([dirs["gemma"]], [KEY], loras=["nope"])
     with pytest.raises(ServeError, match="base model none of the served engines has"):
         build_app([dirs["qwen"]], [KEY], loras=[f"sql={dirs['sql']}"])
+
+
+def test_prediction_on_an_engine_serving_adapters_changes_nothing_and_reports_no_counts(served):
+    """An engine serving LoRA adapters does not draft from OpenAI's ``prediction`` (no speculator): the reply
+    is the one without it and usage has no ``completion_tokens_details`` (server/openai/routes.py:
+    counts_prediction); the engine next to it without adapters drafts from it and reports the counts."""
+    def chat(model, **extra):
+        reply = post(served, "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": PROMPT}],
+                                                      "max_tokens": 12, "temperature": 0, "ignore_eos": True, **extra})
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    for model, drafts in (("support-bot", False), (GEMMA, False), ("qwen2-7b-instruct", True)):
+        plain = chat(model)
+        text = plain["choices"][0]["message"]["content"]
+        predicted = chat(model, prediction={"type": "content", "content": text})
+        assert predicted["choices"][0]["message"]["content"] == text, model
+        assert ("completion_tokens_details" in predicted["usage"]) is drafts, (model, predicted["usage"])
