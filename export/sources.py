@@ -96,8 +96,9 @@ def build_key(source_sha: str, recipe: Recipe, target: str, precision: str, grap
         "optimum-onnx": versions.get("optimum-onnx"),
         "golden": GOLDEN_REVISION,  # the reference (and what is validated) changes with the golden set
     }
-    if graph == "gqa" and precision == "int8":  # the LM head's scheme (toolkit.export.lm_head_quant)
-        from toolkit.export.gqa_export import INT8_HEAD
+    if graph == "gqa" and precision == "int8":  # the schemes applied after the builder (toolkit.export.gqa_export)
+        from toolkit.export.gqa_export import INT8_BODY, INT8_HEAD
 
         key["int8_head"] = INT8_HEAD.options()
+        key["int8_body"] = {"linears": list(INT8_BODY["linears"]), "smooth_alpha": INT8_BODY["smooth_alpha"]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()

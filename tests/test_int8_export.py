@@ -1,4 +1,4 @@
-"""The gqa int8 export's LM head scheme (toolkit.export.lm_head_quant): layouts, smoothing, the built graph."""
+"""The gqa int8 export's LM head and layer schemes (toolkit.export.lm_head_quant, toolkit.export.w8a8): layouts, smoothing, the built graph."""
 
 from __future__ import annotations
 
@@ -132,30 +132,42 @@ def test_a_norm_output_used_elsewhere_is_not_smoothed():
     assert lq.final_norm(_head_graph(rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32), np.ones(HIDDEN, np.float32)).graph)
 
 
-def test_int8_gqa_export_has_the_smoothed_per_channel_head(tiny_engine):
-    """The option reaches the graph: the tiny Gemma 3's int8 gqa engine validates with a DynamicQuantizeMatMul head."""
+def test_int8_gqa_export_has_the_smoothed_per_row_head_and_layers(tiny_engine):
+    """The options reach the graph: the tiny Gemma 3's int8 gqa engine validates with a per-row int8 head and
+    o/gate/up projections (toolkit.export.w8a8), qkv/down on the builder's MatMulNBits."""
     engine_dir = tiny_engine(get_recipe("default"), "int8", "gqa")
     manifest = load_manifest(engine_dir)
     assert manifest.validation["passed"], manifest.validation["failures"]
-    assert manifest.export_options["lm_head"] == {"method": "DynamicQuantizeMatMul", "bits": 8, "weights": "per-channel", "smooth_alpha": 0.5}
+    assert manifest.export_options["lm_head"] == {"method": "MatMulIntegerToFloat", "bits": 8, "weights": "per-channel",
+                                                  "activations": "per-row", "smooth_alpha": 0.5}
     model = onnx.load(str(engine_dir / "model.onnx"))
-    nodes = {n.name: n for n in model.graph.node}
-    head = nodes[lq.LM_HEAD_NODE]
-    assert head.op_type == "DynamicQuantizeMatMul"
+    layers = manifest.export_options["layers"]
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     vocab = inits["model.embed_tokens.weight"].shape[0]
-    assert inits[head.input[1]].shape == (64, vocab) and inits[head.input[2]].shape == (vocab,)
-    # the body keeps the builder's MatMulNBits with the options we pass it
+    head = next(n for n in model.graph.node if n.name == f"{lq.LM_HEAD_NODE}/RowwiseInt8")
+    assert head.op_type == "MatMulIntegerToFloat" and head.output[0] != "logits"
+    assert inits[head.input[1]].dtype == np.int8 and inits[head.input[1]].shape == (64, vocab)
+    assert inits[head.input[3]].shape == (vocab,)
+    # per layer: o/gate/up per-row int8 from the checkpoint, qkv/down the builder's MatMulNBits (block 32, level 4)
+    n_layers = sum(1 for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    converted = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat" and n.name.startswith("/model/layers.")]
+    assert sorted({n.name.split("/")[4] for n in converted}) == ["gate_proj", "o_proj", "up_proj"]
+    assert len(converted) == 3 * n_layers == layers["converted"] == layers["from_checkpoint"]
     body = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert body and all({a.name: a.i for a in n.attribute}["accuracy_level"] == 4 for n in body)
+    assert sorted({n.name.split("/")[4] for n in body}) == ["down_proj", "qkv_proj"] and len(body) == 2 * n_layers
+    assert all({a.name: a.i for a in n.attribute}["accuracy_level"] == 4 for n in body)
     assert all({a.name: a.i for a in n.attribute}["block_size"] == 32 for n in body)
-    # the final norm's scale was divided by the smoothing scales: it differs from the fp32 graph's, channel by channel
-    _, scale_name = lq.final_norm(model.graph)
+    # gate and up read one quantized activation (one Abs per input, not per linear), smoothed through the norm
+    assert sum(1 for n in model.graph.node if n.op_type == "Abs") == 2 * n_layers + 1
+    assert layers["smoothed"] == n_layers
     fp32 = onnx.load(str(tiny_engine(get_recipe("default"), "fp32", "gqa") / "model.onnx"))
-    fp32_scale = next(numpy_helper.to_array(i) for i in fp32.graph.initializer if i.name == scale_name)
-    ratio = fp32_scale / inits[scale_name]
-    assert ratio.std() > 0.05 * ratio.mean()
-    assert not any(name.startswith("calibrate-") or name.startswith("requantize-") for name in (p.name for p in engine_dir.iterdir()))
+    fp32_inits = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
+    final = next(n for n in model.graph.node if n.name.endswith("/final_norm_layernorm/SkipLayerNorm"))
+    gate_norm = next(n for n in model.graph.node if n.name == "/model/layers.0/pre_feedforward_layernorm/SkipLayerNorm")
+    for name in (final.input[2], gate_norm.input[2]):  # divided by the smoothing scales, channel by channel
+        ratio = fp32_inits[name] / inits[name]
+        assert ratio.std() > 0.05 * ratio.mean()
+    assert not any(p.name.startswith(("calibrate-", "requantize-")) for p in engine_dir.iterdir())
 
 
 def test_the_head_scheme_is_part_of_the_int8_gqa_build_key(monkeypatch):
@@ -168,3 +180,5 @@ def test_the_head_scheme_is_part_of_the_int8_gqa_build_key(monkeypatch):
     monkeypatch.setattr(gqa_export, "INT8_HEAD", lq.HeadScheme("nbits", 8, 128, 4))
     after = {(p, g): build_key("sha", recipe, "onnx", p, g) for p in ("fp32", "int8") for g in ("gqa", "optimum")}
     assert [k for k in before if before[k] != after[k]] == [("int8", "gqa")]
+    monkeypatch.setattr(gqa_export, "INT8_BODY", {"linears": ("attn/o_proj",), "smooth_alpha": 0.5})
+    assert build_key("sha", recipe, "onnx", "int8", "gqa") != after[("int8", "gqa")]
