@@ -285,13 +285,14 @@ LOGITS_KEEP_INPUT = "toolkit_logits_keep"
 
 
 def _lm_head_input_chain(graph):
-    """(the node that consumes the last-position hidden state, the full hidden states) or None.
+    """(the last-position hidden state the LM head reads, the full hidden states) or None.
 
     Both exports compute logits for the last position only (a prefill of N tokens would otherwise
     run the 262k-row LM head N times): optimum's through ``export/graph_surgery.keep_last_logits``
     (``Slice(hidden, [-1])``), onnxruntime-genai's builder through ``prune_lm_head``
     (``Unsqueeze(Gather(hidden, -1))``). Walking back from ``logits`` through first inputs finds
-    the picker whatever the LM head's op (MatMul, MatMulNBits, DynamicQuantizeMatMul, ...).
+    the picker whatever the LM head's op (MatMul, MatMulNBits, DynamicQuantizeMatMul, or the per-row
+    int8 subgraph, ``export/rowwise_int8.py``, whose scale and product both read the picked state).
     """
     producer = {out: node for node in graph.node for out in node.output}
     node = producer.get("logits")
@@ -300,11 +301,11 @@ def _lm_head_input_chain(graph):
         if picker is None:
             return None
         if picker.op_type == "Slice":
-            return node, picker.input[0]
+            return picker.output[0], picker.input[0]
         if picker.op_type == "Unsqueeze":
             gather = producer.get(picker.input[0])
             if gather is not None and gather.op_type == "Gather":
-                return node, gather.input[0]
+                return picker.output[0], gather.input[0]
         node = picker
     return None
 
@@ -331,14 +332,16 @@ def verify_session(model_path, threads: int | None = None):
     found = _lm_head_input_chain(graph)
     if found is None:
         return None
-    head, hidden = found
+    last, hidden = found
     ends, axes = "toolkit_logits_keep_ends", "toolkit_logits_keep_axes"
     graph.initializer.extend([numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), ends),
                               numpy_helper.from_array(np.array([1], np.int64), axes)])
     graph.input.append(helper.make_tensor_value_info(LOGITS_KEEP_INPUT, onnx.TensorProto.INT64, [1]))
     picked = "toolkit_logits_keep_hidden"
-    head.input[0] = picked
-    graph.node.insert(list(graph.node).index(head),
+    readers = [node for node in graph.node if last in node.input]
+    for node in readers:  # every reader: a per-row int8 head computes its row scales from it too
+        node.input[:] = [picked if name == last else name for name in node.input]
+    graph.node.insert(list(graph.node).index(readers[0]),
                       helper.make_node("Slice", [hidden, LOGITS_KEEP_INPUT, ends, axes], [picked], name="toolkit/keep_positions"))
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     while dead := [node for node in graph.node if not any(out in used for out in node.output)]:

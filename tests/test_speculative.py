@@ -244,6 +244,27 @@ def test_kv_rollback_then_decoding_continues_like_plain(tiny_engine):
             assert np.allclose(a, b, atol=1e-4), graph
 
 
+def test_int8_verify_logits_follow_plain_decoding(tiny_engine):
+    """The int8 gqa engine (per-row int8 LM head, ``export/rowwise_int8.py``): a verify run's logits at every
+    fed position are plain decoding's up to int8 rounding. The verify graph's position slice must feed the
+    head's row scales too: taking them from the last position alone skewed every earlier position."""
+    from toolkit.runtime.model_runner import create_runner
+
+    engine_dir = tiny_engine(get_recipe("default"), "int8", "gqa")
+    runner = create_runner("gqa", engine_dir / "model.onnx", 1, 512, verify=True)
+    prompt = [2, *range(40, 60)]
+    _, past = runner.prefill(prompt, None, 0)
+    plain, spec = runner.new_batch(), runner.new_batch()
+    plain.add_rows(past, [len(prompt)])
+    spec.add_rows(past, [len(prompt)])
+    fed = [30, 31, 32, 33, 34]
+    spec_logits = runner.verify(spec, [fed], [len(prompt)])[0]
+    plain_logits = np.stack([runner.decode(plain, [t], [len(prompt) + i])[0] for i, t in enumerate(fed)])
+    spread = plain_logits.max() - plain_logits.min()
+    assert np.abs(spec_logits - plain_logits).max() < 0.05 * spread
+    assert (spec_logits.argmax(axis=-1) == plain_logits.argmax(axis=-1)).mean() >= 0.8
+
+
 # ---- server: prediction over HTTP -------------------------------------------------------------------------
 KEY = "spec-key"
 
