@@ -3,7 +3,7 @@
 Four modes, each a request through the engine (no HTTP), greedy:
 
 - *plain*: an engine with speculation off (``SpeculativeConfig(enabled=False)``: the graph as exported);
-- *lookup*: prompt-lookup drafts only (the default ``toolkit serve`` engine, no ``prediction``);
+- *lookup*: prompt-lookup drafts only (``toolkit serve --prompt-lookup``; the default on fp32 engines only), no ``prediction``;
 - *prediction*: the same engine, the request carrying OpenAI's ``prediction`` (the original file);
 
 on the *editing workload* (``bench/workloads.py``: a ~440-token Python file, "rename a method",
@@ -64,7 +64,7 @@ async def main(engine_dir: Path, rounds: int, max_tokens: int, threads: int | No
 
     print(cpu_line())
     plain = load_engine(engine_dir, threads=threads, speculative=SpeculativeConfig(enabled=False))
-    spec = load_engine(engine_dir, threads=threads)
+    spec = load_engine(engine_dir, threads=threads, speculative=SpeculativeConfig(prompt_lookup=True))  # on whatever the precision
     await plain.start()
     await spec.start()
     print(f"engine: {engine_dir}; speculative config: {spec.speculative}")

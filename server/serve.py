@@ -94,7 +94,7 @@ def scheduler_options(prefix_cache: bool = True, step_budget_ms: float | None = 
             **({} if step_budget_ms is None else {"step_budget_ms": step_budget_ms})}
 
 
-def engine_options(no_prefix_cache: bool = False, step_budget_ms: float | None = None, no_prompt_lookup: bool = False,
+def engine_options(no_prefix_cache: bool = False, step_budget_ms: float | None = None, prompt_lookup: bool | None = None,
                    max_draft_tokens: int | None = None, kv_cache_gib: float | None = None,
                    prefix_cache_share: float = 0.25, malloc_trim_s: float = 10.0) -> dict[str, Any]:
     """``toolkit serve``'s engine options as :func:`load_engines` keyword arguments.
@@ -104,7 +104,7 @@ def engine_options(no_prefix_cache: bool = False, step_budget_ms: float | None =
     and miss the other.
     """
     return {"prefix_cache": not no_prefix_cache, "step_budget_ms": step_budget_ms,
-            "speculative": {**({"prompt_lookup": False} if no_prompt_lookup else {}),
+            "speculative": {**({"prompt_lookup": prompt_lookup} if prompt_lookup is not None else {}),
                             **({"max_draft": max_draft_tokens} if max_draft_tokens else {})},
             "memory": {"prefix_cache_share": prefix_cache_share, "malloc_trim_s": malloc_trim_s,
                        "reserve_prefix_cache": True,  # the prefix cache's pool committed at start (README: Memory)

@@ -90,7 +90,7 @@ def test_prediction_drafts_follow_the_output_and_resynchronise_after_an_edit():
 
 
 def test_misses_shrink_the_draft_and_back_off():
-    spec = Speculator(SpeculativeConfig(max_draft=8))
+    spec = Speculator(SpeculativeConfig(max_draft=8, prompt_lookup=True))
     seq = _Seq([5, 6, 7, 8, 5, 6], [])
     steps = []
     for _ in range(12):
@@ -331,6 +331,22 @@ def test_serve_options_reach_the_engine(tiny_engine):
     engine_dir = tiny_engine(QWEN, "fp32", "gqa")
     engine = load_engines([engine_dir], speculative={"prompt_lookup": False, "max_draft": 3})[QWEN.name]
     assert (engine.speculative.prompt_lookup, engine.speculative.max_draft) == (False, 3)
-    assert load_engines([engine_dir])[QWEN.name].speculative == SpeculativeConfig()
+    assert load_engines([engine_dir])[QWEN.name].speculative == SpeculativeConfig(prompt_lookup=True)  # fp32: on
     result = CliRunner().invoke(main, ["serve", str(engine_dir), "--max-draft-tokens", "0"])
     assert result.exit_code == 2 and "--max-draft-tokens" in result.output
+
+
+def test_prompt_lookup_is_on_by_default_for_fp32_engines_only(tiny_engine):
+    """Quantized verify runs are not bitwise plain decoding (SpeculativeConfig's doc), so drafting from the
+    prompt is opt-in there: ``toolkit serve --prompt-lookup``; ``prediction`` still drafts."""
+    from toolkit.server.serve import engine_options, load_engines
+
+    default = get_recipe("default")
+    int8_dir = tiny_engine(default, "int8", "gqa")
+    assert load_engines([int8_dir])[default.name].speculative.prompt_lookup is False
+    assert load_engines([tiny_engine(default, "fp32", "gqa")])[default.name].speculative.prompt_lookup is True
+    assert engine_options()["speculative"] == {}
+    for flag in (True, False):
+        options = engine_options(prompt_lookup=flag)
+        assert options["speculative"] == {"prompt_lookup": flag}
+        assert load_engines([int8_dir], speculative=options["speculative"])[default.name].speculative.prompt_lookup is flag

@@ -81,7 +81,7 @@ class OnnxEngine:
         self.max_loras = max_loras
         self.lora = None  # toolkit.runtime.lora.LoraAdapters once started with adapters
         self._adapter_wait: list[SequenceGroup] = []  # requests whose adapter is loading
-        self.speculative = speculative or SpeculativeConfig()
+        self.speculative = (speculative or SpeculativeConfig()).for_precision(manifest.precision)
         self.speculator: Speculator | None = None  # drafts for verify steps (runtime/speculative.py); None with LoRA
         self._drafts: list[list[int]] | None = None  # this step's drafts, one per running row
 
