@@ -70,8 +70,8 @@ class SpeculativeConfig:
     query in another order than a one-token one; fp32 absorbs that (greedy output token-identical to
     plain decoding, tested), int8 activation rounding amplifies it (0.45-0.87 logit units on the
     default model; 5 of 8 golden chats keep plain decoding's tokens), so on quantized engines
-    drafting from the prompt is opt-in (``--prompt-lookup``) and only a request's own ``prediction``
-    (the client asking for speculation) drafts by default.
+    drafting from the prompt is opt-in (``--prompt-lookup``), except for a request with its own
+    ``prediction`` (the client asking for speculation), which drafts from both.
     """
 
     enabled: bool = True
@@ -189,7 +189,10 @@ class Speculator:
             state.cooldown -= 1
             return []
         sources = ["prediction"] if state.prediction is not None else []
-        if self.config.prompt_lookup:  # the source whose last draft failed outright goes second
+        # prompt lookup: on by the engine's config, or for a request that asked for speculation with a
+        # prediction (its fallback where the output leaves the prediction); the source whose last draft
+        # failed outright goes second
+        if self.config.prompt_lookup or state.prediction is not None:
             sources.insert(0 if state.source == "prediction" and state.misses else len(sources), "lookup")
         for source in sources:
             draft = (self._from_prediction(state, seq.output_ids, limit) if source == "prediction"

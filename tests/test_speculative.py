@@ -89,6 +89,18 @@ def test_prediction_drafts_follow_the_output_and_resynchronise_after_an_edit():
     assert spec.drafts([seq], [3]) == [[17, 18]] and spec.drafts([seq], [2]) == [[17]]  # a draft leaves room for one more
 
 
+def test_a_request_with_a_prediction_also_drafts_from_its_prompt_when_lookup_is_off():
+    """Engine-wide prompt lookup off (quantized engines' default): a request that sent ``prediction`` asked for
+    speculation, so where its output leaves the prediction the prompt still offers drafts; others get none."""
+    spec = Speculator(SpeculativeConfig(prompt_lookup=False, max_draft=4))
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8]
+    with_prediction = _Seq(prompt, [5, 6], prediction=[40, 41, 42])  # the output is not in the prediction
+    without = _Seq(prompt, [5, 6])
+    without.seq_id = "t"
+    assert spec.drafts([with_prediction], [100]) == [[7, 8, 5, 6]]  # [5, 6] found in prompt + output
+    assert spec.drafts([without], [100]) is None
+
+
 def test_misses_shrink_the_draft_and_back_off():
     spec = Speculator(SpeculativeConfig(max_draft=8, prompt_lookup=True))
     seq = _Seq([5, 6, 7, 8, 5, 6], [])
