@@ -28,9 +28,9 @@ from pathlib import Path
 
 from toolkit.artifact.layout import GENAI_CONFIG, GQA_DATA_FILE, MODEL_FILE
 from toolkit.export.lm_head_quant import SMOOTH_ALPHA, HeadScheme
+from toolkit.export.onnx_export import INT8_ACCURACY_LEVEL, INT8_BLOCK_SIZE
 from toolkit.export.w8a8 import CONVERTED as W8A8_LINEARS
 from toolkit.export.w8a8 import SMOOTH_ALPHA as W8A8_ALPHA
-from toolkit.export.onnx_export import INT8_ACCURACY_LEVEL, INT8_BLOCK_SIZE
 
 GQA_PRECISIONS = ("fp32", "int8")
 BUILDER_ENTRY = "toolkit.export.gqa_builder_main"  # the builder's CLI, with Gemma 3 layer placement fixed
