@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
+import mmap
 
 import numpy as np
 from engine_helpers import until_idle
@@ -31,23 +32,22 @@ def _rss_anon() -> int:
 
 
 def _pool_rss(cache: PrefixCache) -> int:
-    """Resident bytes of the cache pool's own memory map (its /proc/self/smaps entry ``Rss``), so what other
-    tests left in this process's heap cannot move the measure; 0 before the pool is mapped."""
+    """Resident bytes of exactly the cache pool's memory map, page by page (mincore(2),
+    https://man7.org/linux/man-pages/man2/mincore.2.html), so neither what other tests left in this
+    process's heap nor a neighbouring mapping the kernel merged with it can move the measure; 0 before
+    the pool is mapped."""
     memory = cache.pool._map
     if memory is None:
         return 0
+    page = mmap.PAGESIZE
+    length = len(memory)
     address = ctypes.addressof(ctypes.c_char.from_buffer(memory))
-    rss, inside = None, False
-    for line in open("/proc/self/smaps"):
-        head = line.split()[0]
-        if "-" in head and ":" not in head:  # a mapping's header line: "start-end perms ..."
-            start, end = (int(part, 16) for part in head.split("-"))
-            inside = start <= address < end
-        elif inside and head == "Rss:":
-            rss = int(line.split()[1]) * 1024
-            break
-    assert rss is not None, "the pool's mapping is not in /proc/self/smaps"
-    return rss
+    pages = (length + page - 1) // page
+    vector = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(length), vector) == 0, ctypes.get_errno()
+    return sum(byte & 1 for byte in vector) * page
 
 
 def _cache(pool_blocks: int, reserve: bool, share: float = 0.25) -> tuple[KVCacheManager, PrefixCache]:
