@@ -147,10 +147,10 @@ def requantize_lm_head(model, scheme: HeadScheme, base_dir: str = "", weight: np
         q, scales = quantize_blockwise(weight, scheme.bits, scheme.block_size)
         names = [f"lm_head.MatMul.weight_Q{scheme.bits}G{scheme.block_size}", "lm_head.MatMul.weight_scales"]
         graph.initializer.extend([numpy_helper.from_array(q, names[0]), numpy_helper.from_array(scales, names[1])])
-        new = helper.make_node(
+        new = [helper.make_node(
             "MatMulNBits", [node.input[0], *names], list(node.output), name=LM_HEAD_NODE, domain="com.microsoft",
             K=hidden, N=vocab, bits=scheme.bits, block_size=scheme.block_size, accuracy_level=scheme.accuracy_level,
-        )
+        )]
     elif scheme.method == "dqmm":
         q, scales = quantize_per_channel(weight)
         names = ["lm_head.MatMul.weight_i8", "lm_head.MatMul.weight_scale", "lm_head.MatMul.weight_zero_point"]
@@ -159,8 +159,8 @@ def requantize_lm_head(model, scheme: HeadScheme, base_dir: str = "", weight: np
             numpy_helper.from_array(scales, names[1]),
             numpy_helper.from_array(np.zeros(vocab, np.int8), names[2]),
         ])
-        new = helper.make_node("DynamicQuantizeMatMul", [node.input[0], *names], list(node.output),
-                               name=LM_HEAD_NODE, domain="com.microsoft")
+        new = [helper.make_node("DynamicQuantizeMatMul", [node.input[0], *names], list(node.output),
+                                name=LM_HEAD_NODE, domain="com.microsoft")]
     elif scheme.method == "rowwise":
         from toolkit.export import rowwise_int8
 
@@ -171,23 +171,29 @@ def requantize_lm_head(model, scheme: HeadScheme, base_dir: str = "", weight: np
     else:
         raise ValueError(f"unknown LM head scheme {scheme.method!r}")
     graph.node.remove(node)
-    for offset, added in enumerate(new if isinstance(new, list) else [new]):
+    for offset, added in enumerate(new):
         graph.node.insert(index + offset, added)
 
 
 # ---- smoothing -----------------------------------------------------------------------------------
+def tensor_uses(graph) -> tuple[dict, dict[str, int], set[str]]:
+    """(tensor -> the node producing it, tensor -> how many node inputs read it, the graph's output names):
+    what tells whether rescaling a tensor changes anything but its intended readers."""
+    producers = {out: node for node in graph.node for out in node.output}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    return producers, uses, {o.name for o in graph.output}
+
+
 def final_norm(graph) -> tuple[object, str] | None:
     """The RMSNorm feeding the LM head through pruning ops only, and its scale initializer's name.
 
     None unless every tensor on the way (the norm's output included) feeds nothing else, so that
     rescaling the norm changes the LM head's input only.
     """
-    producers = {out: node for node in graph.node for out in node.output}
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
-    outputs = {o.name for o in graph.output}
+    producers, uses, outputs = tensor_uses(graph)
     head = next(n for n in graph.node if n.name == LM_HEAD_NODE)
     name = head.input[0]
     while name in producers and uses.get(name) == 1 and name not in outputs:

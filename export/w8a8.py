@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.export import rowwise_int8
-from toolkit.export.lm_head_quant import NORMS, activation_maxima, save_in_place, smoothing_scales
+from toolkit.export.lm_head_quant import NORMS, activation_maxima, save_in_place, smoothing_scales, tensor_uses
 
 LINEAR_OP = "MatMulNBits"
 SMOOTH_ALPHA = 0.5
@@ -122,12 +122,7 @@ def find_linears(model, kinds: tuple[str, ...] = CONVERTED, tensors=None, base_d
 def smoothable(graph, linears: dict[str, Linear]) -> dict[str, tuple[str, list[Linear]]]:
     """Activation -> (the RMSNorm scale initializer producing it, its readers) where the tensor is a
     norm's normalized output read by converted linears only (module doc)."""
-    producers = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
-    outputs = {o.name for o in graph.output}
+    producers, readers, outputs = tensor_uses(graph)
     groups: dict[str, list[Linear]] = {}
     for linear in linears.values():
         groups.setdefault(linear.node.input[0], []).append(linear)
