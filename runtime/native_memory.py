@@ -46,21 +46,6 @@ def malloc_trim() -> bool:
     return bool(_LIBC.malloc_trim(0)) if _LIBC is not None else False
 
 
-TRIM_AFTER_BYTES = 16 << 20
-
-
-def trim_after_free(freed_bytes: int) -> None:
-    """``malloc_trim`` right after a buffer of ``freed_bytes`` left, if it was big enough to matter.
-
-    The decode batch's buffers (a few MB per past input, under glibc's 32 MB mmap threshold) come
-    from the heap; when they are reallocated the old ones stay in it as free memory until the next
-    trim, which showed as 150-300 MB spikes of RSS between the timer's trims (default model, 12
-    streams). Reallocations happen at most once per 64 decode steps.
-    """
-    if freed_bytes >= TRIM_AFTER_BYTES:
-        malloc_trim()
-
-
 class Trimmer:
     """A daemon thread that calls ``malloc_trim`` every ``interval_s`` seconds (none for 0)."""
 

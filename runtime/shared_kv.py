@@ -1,26 +1,35 @@
 """Preallocated KV cache for graphs whose attention writes into the cache in place (GroupQueryAttention).
 
-``SharedKV`` owns one buffer per past input, ``[rows, kv_heads, capacity, head_dim]``. Row i of
-the running batch is slot i; its tokens sit left-aligned in the first ``lengths[i]`` columns. The
-graph reads past keys/values from the buffer and writes the new token's at column ``lengths[i]``
-of the same buffer (``past_present_share_buffer``), so a decode step copies nothing.
+``SharedKV`` lays one buffer per past input, ``[rows, kv_heads, capacity, head_dim]``, over an
+arena of its own. Row i of the running batch is slot i; its tokens sit left-aligned in the first
+``lengths[i]`` columns. The graph reads past keys/values from the buffer and writes the new
+token's at column ``lengths[i]`` of the same buffer (``past_present_share_buffer``), so a decode
+step copies nothing.
 
 Copies happen only when the batch changes shape: a joining sequence's prefill cache is copied into
-its slot once; a leaving row's slot is refilled by moving the last row into it (one row); and
-the buffers are reallocated in 64-token steps as the longest row grows or leaves (at most once
-per 64 steps), never per step.
+its slot once; a leaving row's slot is refilled by moving the last row into it (one row); and the
+capacity follows the longest row in 64-token steps (at most once per 64 steps), which re-lays the
+live rows out *inside the arena*.
 
-Rows are allocated in steps of ``ROW_QUANTUM`` and given back when the batch shrinks to a quarter
-of them (all of them once it is empty), so a burst's buffer does not outlive the burst: measured on
-the default model after a burst of 12 streams, the idle server kept a ``[16, 1, 320, 256]`` buffer
-per past input (189 MB) until the next burst.
+Why an arena: the buffers used to be reallocated (``np.zeros``, copy, free, ``malloc_trim``) on
+every capacity or row-count change. Traced on the default model (int8 gqa, 16 closed-loop streams,
+108-token prompts, AMD EPYC 2 cores), such a step took 200-360 ms against ~40 ms for a plain
+decode step: fresh pages faulted in under the attention kernel, the copy, and the trim walking
+glibc's heap. Those steps were the streams' p99 inter-token latency. The arena is one anonymous
+memory map, populated when it is mapped (``MAP_POPULATE``), that only grows (to the largest
+``rows × capacity`` the batch has needed, rows in ``ROW_QUANTUM`` steps) and is unmapped when the
+batch empties: steady load re-lays rows out in place (a copy of the live tokens only, no page
+faults, no allocator), and the memory is handed straight back to the kernel, not to glibc's heap.
+Rows that leave no longer shrink anything: the step's views have exactly the live rows, so a single
+stream after a burst runs on a one-row view (issue #13's after-burst slowdown), and the arena is
+bounded by the admitted reservations (``KVCacheManager``, rectangular accounting) plus rounding.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import mmap
 
-from toolkit.runtime.native_memory import trim_after_free
+import numpy as np
 
 GROWTH_QUANTUM = 64
 ROW_QUANTUM = 4
@@ -41,8 +50,14 @@ class SharedKV:
         self.dtype = np.dtype(dtype)
         self.max_length = max_length
         self.lengths: list[int] = []
-        self.buffers = self._allocate(0, 0)
-        self.reallocations = 0
+        self.reallocations = 0  # arenas mapped (growth)
+        self.relayouts = 0  # capacity changes done in place
+        self._map: mmap.mmap | None = None
+        self._arena_tokens = 0  # rows x capacity the arena holds, per past input
+        self._arenas: dict[str, np.ndarray] = {}  # name -> its flat part of the map
+        self._capacity = 0
+        self.buffers: dict[str, np.ndarray] = {}
+        self._lay_out(0)
 
     # ---- shape ---------------------------------------------------------------------------
     @property
@@ -51,39 +66,94 @@ class SharedKV:
 
     @property
     def row_capacity(self) -> int:
-        return next(iter(self.buffers.values())).shape[0]
+        """Rows the current layout holds (the arena's tokens over the capacity)."""
+        return self._arena_tokens // self._capacity if self._capacity else 0
 
     @property
     def capacity(self) -> int:
-        return next(iter(self.buffers.values())).shape[2]
+        return self._capacity
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the allocated buffers (live rows and spare slots)."""
-        return sum(buffer.nbytes for buffer in self.buffers.values())
+        """Bytes of the arena (live rows and spare room)."""
+        return len(self.names) * self._token_elements * self._arena_tokens * self.dtype.itemsize
 
-    def _allocate(self, rows: int, length: int) -> dict[str, np.ndarray]:
-        shape = (rows, self.num_kv_heads, length, self.head_dim)
-        return {name: np.zeros(shape, self.dtype) for name in self.names}
+    @property
+    def _token_elements(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def _lay_out(self, capacity: int) -> None:
+        """Point ``buffers`` at the arena as ``[row_capacity, heads, capacity, dim]``."""
+        self._capacity = capacity
+        rows = self.row_capacity
+        shape = (rows, self.num_kv_heads, capacity, self.head_dim)
+        count = rows * capacity * self._token_elements
+        self.buffers = {name: (self._arenas[name][:count] if count else np.zeros(0, self.dtype)).reshape(shape)
+                        for name in self.names}
+
+    def _map_arena(self, tokens: int) -> tuple[mmap.mmap | None, dict[str, np.ndarray]]:
+        """A populated private anonymous map of ``tokens`` rows x capacity for every past input
+        (https://man7.org/linux/man-pages/man2/mmap.2.html; without MAP_POPULATE: one write per page)."""
+        if not tokens:
+            return None, {}
+        per_name = tokens * self._token_elements
+        populate = getattr(mmap, "MAP_POPULATE", 0)
+        memory = mmap.mmap(-1, len(self.names) * per_name * self.dtype.itemsize,
+                           flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+        flat = np.frombuffer(memory, self.dtype)
+        if not populate:
+            flat.view(np.uint8)[:: mmap.PAGESIZE] = 0
+        return memory, {name: flat[i * per_name:(i + 1) * per_name] for i, name in enumerate(self.names)}
 
     def reserve(self, rows: int, length: int) -> None:
         """Make room for ``rows`` slots of ``length`` tokens, keeping every live row's cache."""
         if rows <= self.row_capacity and length <= self.capacity:
             return
-        new_rows = max(self.row_capacity, round_up(rows, ROW_QUANTUM))
-        self._reallocate(new_rows, max(self.capacity, min(self.max_length, round_up(length))), length)
-
-    def _reallocate(self, new_rows: int, new_len: int, length: int) -> None:
-        if new_len < length:
+        if length > self.max_length:
             raise ValueError(f"a sequence of {length} tokens exceeds the cache's {self.max_length}-token rows")
-        fresh = self._allocate(new_rows, new_len)
+        capacity = max(self.capacity, min(self.max_length, round_up(length)))
+        self._resize(max(rows, self.size), capacity)
+
+    def _resize(self, rows: int, capacity: int) -> None:
+        """Lay the live rows out at ``capacity`` tokens per slot with room for ``rows`` rows: in place
+        when the arena holds that, else in a larger arena (mapped, filled, the old one unmapped)."""
+        if rows * capacity <= self._arena_tokens:
+            if capacity != self.capacity:
+                self._move_slots(self._arenas, capacity)
+                self.relayouts += 1
+            self._lay_out(capacity)
+            return
+        old_arenas, old_capacity = self._arenas, self.capacity
+        self._arena_tokens = max(self._arena_tokens, round_up(rows, ROW_QUANTUM) * capacity)
+        self._map, self._arenas = self._map_arena(self._arena_tokens)
+        self.reallocations += 1
         if self.size:
             used = max(self.lengths)
             for name in self.names:
-                fresh[name][: self.size, :, :used] = self.buffers[name][: self.size, :, :used]
-        freed, self.buffers = self.nbytes, fresh
-        self.reallocations += 1
-        trim_after_free(freed)
+                source = old_arenas[name][: self.size * self.num_kv_heads * old_capacity * self.head_dim]
+                source = source.reshape(self.size, self.num_kv_heads, old_capacity, self.head_dim)
+                target = self._arenas[name][: self.size * self.num_kv_heads * capacity * self.head_dim]
+                target.reshape(self.size, self.num_kv_heads, capacity, self.head_dim)[:, :, :used] = source[:, :, :used]
+        self._lay_out(capacity)  # the old map is unmapped once no view of it is left (numpy holds a reference)
+
+    def _move_slots(self, arenas: dict[str, np.ndarray], capacity: int) -> None:
+        """Re-lay the live slots (row, head) from ``self.capacity`` to ``capacity`` tokens each, in place.
+
+        Slot s moves from ``s * old`` to ``s * new`` (times the head size): growing, the last slot
+        moves first, so no slot lands on one not yet moved; shrinking, the first does. Only the
+        used tokens are copied (numpy buffers a move whose ends overlap).
+        """
+        old, used, dim = self.capacity, max(self.lengths, default=0), self.head_dim
+        slots = range(self.size * self.num_kv_heads)
+        for name in self.names:
+            flat = arenas[name]
+            for s in (reversed(slots) if capacity > old else slots):
+                flat[s * capacity * dim:(s * capacity + used) * dim] = flat[s * old * dim:(s * old + used) * dim]
+
+    def _release(self) -> None:
+        """Drop the arena (the batch is empty): unmapped with its last view, its pages go straight back to the kernel."""
+        self._map, self._arenas, self._arena_tokens = None, {}, 0
+        self._lay_out(0)
 
     # ---- batch membership --------------------------------------------------------------------
     def add_rows(self, rows: dict[str, np.ndarray], lengths: list[int]) -> None:
@@ -103,7 +173,8 @@ class SharedKV:
         """Keep only rows ``keep``; returns the old row index now in each slot (the batch's new order).
 
         Each freed slot below the new size is refilled with the highest-numbered surviving row, so
-        one row is copied per leaving sequence, not the whole batch.
+        one row is copied per leaving sequence, not the whole batch. The arena is kept while any
+        row lives and unmapped once none does.
         """
         survivors = set(keep)
         order = list(range(self.size))
@@ -119,17 +190,9 @@ class SharedKV:
             self.lengths[hole] = length
         del order[new_size:]
         self.lengths = self.lengths[:new_size]
-        self._shrink_rows()
+        if not self.size and self._map is not None:
+            self._release()
         return order
-
-    def _shrink_rows(self) -> None:
-        """Give the slots back once at most a quarter are live (every slot once the batch is empty)."""
-        if not self.size:
-            if self.row_capacity:
-                self._reallocate(0, 0, 0)
-        elif self.size * 4 <= self.row_capacity and self.row_capacity > ROW_QUANTUM:
-            needed = max(self.lengths) + 1
-            self._reallocate(round_up(2 * self.size, ROW_QUANTUM), min(self.max_length, round_up(needed)), needed)
 
     # ---- one decode step -----------------------------------------------------------------------
     def step_views(self, tokens: int = 1) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -139,11 +202,11 @@ class SharedKV:
         onnxruntime's GroupQueryAttention costs time in proportion to the buffer's capacity, not
         only the rows' lengths (measured at batch 16, 236 cached tokens: 26 ms per step at capacity
         256, 35 ms at 512, 52 ms at 1024), so capacity grows in 64-token steps and shrinks once
-        the longest row has left (each a copy of the live rows, at most once per 64 steps).
+        the longest row has left (each an in-place move of the live rows, at most once per 64 steps).
         """
         needed = max(self.lengths) + tokens
         if self.capacity - needed >= 2 * GROWTH_QUANTUM:
-            self._reallocate(self.row_capacity, round_up(needed), needed)
+            self._resize(self.size, round_up(needed))
         self.reserve(self.size, needed)
         views = {name: buffer[: self.size] for name, buffer in self.buffers.items()}
         lengths = np.asarray(self.lengths)

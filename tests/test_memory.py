@@ -28,23 +28,54 @@ def _row(value: float, length: int) -> dict[str, np.ndarray]:
     return {name: np.full((1, 1, length, 4), value, np.float32) for name in NAMES}
 
 
-# ---- SharedKV: rows go back after a burst ----------------------------------------------------------
-def test_decode_buffer_gives_rows_back_after_a_burst_and_keeps_live_rows():
+# ---- SharedKV: the arena outlives rows leaving, not the batch --------------------------------------
+def test_decode_arena_is_kept_while_rows_leave_and_unmapped_when_the_batch_empties():
     kv = SharedKV(NAMES, 1, 4, np.float32, max_length=1024)
     for i in range(16):
         kv.add_rows(_row(float(i), 10 + i), [10 + i])
-    assert kv.row_capacity == 16
-    burst_bytes = kv.nbytes
-    order = kv.keep_rows([3, 15, 7])  # 13 rows leave: 3 live of 16 slots is at most a quarter
-    assert kv.row_capacity == round_up(2 * 3, ROW_QUANTUM) == 8 and kv.nbytes < burst_bytes
+    burst_bytes, mappings = kv.nbytes, kv.reallocations
+    order = kv.keep_rows([3, 15, 7])  # 13 rows leave: no copy beyond the movers, no new mapping
+    assert kv.nbytes == burst_bytes and kv.reallocations == mappings
+    views, mask = kv.step_views()
+    assert all(view.shape[0] == 3 for view in views.values()) and mask.shape[0] == 3  # a step sees live rows only
     key = kv.buffers[NAMES[0]]
     for slot, old in enumerate(order):  # every live row's cache survived the move, in the reported order
         assert (key[slot, :, : 10 + old] == old).all()
     assert kv.lengths == [10 + old for old in order]
-    kv.add_rows(_row(9.0, 4), [4])
-    assert kv.keep_rows([0, 1, 3]) == [0, 1, 3] and kv.row_capacity == 8  # 3 of 8 is over a quarter: kept
-    assert kv.keep_rows([2]) == [2] and kv.row_capacity == ROW_QUANTUM and (kv.buffers[NAMES[0]][0, :, :4] == 9).all()
+    kv.keep_rows([order.index(15)])
+    assert kv.nbytes == burst_bytes and (kv.buffers[NAMES[0]][0, :, :25] == 15).all()
     assert kv.keep_rows([]) == [] and kv.nbytes == 0  # an empty batch holds nothing
+
+
+def test_capacity_changes_move_rows_inside_the_arena():
+    """Growing and shrinking the capacity re-lays every (row, head) slot out in place: same memory, data kept."""
+    kv = SharedKV(NAMES, 2, 4, np.float32, max_length=4096)
+    for i in range(4):
+        kv.add_rows({name: np.arange(2 * 300 * 4, dtype=np.float32).reshape(1, 2, 300, 4) + 1000 * i for name in NAMES},
+                    [(40, 60, 80, 250)[i]])  # capacity 256
+    kv.add_rows({name: np.full((1, 2, 5, 4), -1.0, np.float32) for name in NAMES}, [5])
+    kv.keep_rows([0, 1, 2, 4])  # the 250-token row leaves: the capacity shrinks to 128 at the next step
+    base = kv.buffers[NAMES[0]].__array_interface__["data"][0]
+    mappings = kv.reallocations
+    kv.step_views()
+    assert kv.capacity == 128 and kv.relayouts >= 1
+
+    def check():
+        for name in NAMES:
+            buffer = kv.buffers[name]
+            for slot, length in enumerate((40, 60, 80)):  # the prompts' tokens (the steps' own columns are unwritten)
+                expected = np.arange(2 * 300 * 4, dtype=np.float32).reshape(2, 300, 4)[:, :length] + 1000 * slot
+                assert (buffer[slot, :, :length] == expected).all()
+            assert (buffer[3, :, :5] == -1).all()
+
+    check()
+    for _ in range(kv.capacity - max(kv.lengths)):  # grow to 192 columns: in place again (the arena holds 5 x 256)
+        kv.step_views()
+        kv.accept_step()
+    kv.step_views()
+    assert kv.capacity == 192 and kv.reallocations == mappings
+    assert kv.buffers[NAMES[0]].__array_interface__["data"][0] == base
+    check()
 
 
 def test_row_growth_is_by_quantum_not_doubling():
@@ -156,10 +187,12 @@ def test_burst_keeps_kv_within_budget_outputs_unchanged_and_buffer_given_back(ti
     assert got == expected
     per_token = engine.kv.geometry.bytes_per_token
     assert seen and max(running for _, running, _ in seen) >= 2  # it did batch
+    widest = max(capacity for _, _, capacity in seen)
     for memory, running, capacity in seen:
         kv = memory["kv_decode"] + memory["kv_prefill"] + memory["prefix_cache"]
-        # the decode buffer's rounding (rows to ROW_QUANTUM, tokens to 64 with up to 2 x 64 kept) is the stated slack
-        slack = (ROW_QUANTUM - 1) * capacity * per_token + running * 2 * GROWTH_QUANTUM * per_token
+        # the decode arena's rounding (rows to ROW_QUANTUM, tokens to 64 with up to 2 x 64 kept), at the
+        # largest shape it held (it is kept while rows leave), is the stated slack
+        slack = (ROW_QUANTUM - 1) * widest * per_token + engine.config.max_batch_size * 2 * GROWTH_QUANTUM * per_token
         assert kv <= memory["kv_budget"] + slack, (memory, running)
         assert memory["prefix_cache"] <= memory["kv_budget"] * 0.5
     assert idle.memory["kv_decode"] == 0 and idle.memory["kv_prefill"] == 0  # the burst's buffer is gone

@@ -203,11 +203,11 @@ class OnnxEngine:
     def _memory(self) -> dict[str, int]:
         """Bytes of what holds KV (read from the event loop while the engine thread runs: a snapshot)."""
         batch = getattr(self, "batch", None)
-        arrays = getattr(batch, "buffers", None) or getattr(batch, "past", None) or {}
+        arrays = getattr(batch, "past", None) or {}  # the optimum graph's BatchKV; SharedKV counts its arena
         prefilling = [g.prefill_past for g in list(self.scheduler.prefilling) if g.prefill_past]
         cache = self.scheduler.prefix_cache
         return {"kv_budget": self.kv.budget_bytes, "weights": self.weights_bytes,
-                "kv_decode": sum(a.nbytes for a in list(arrays.values())),
+                "kv_decode": getattr(batch, "nbytes", None) or sum(a.nbytes for a in list(arrays.values())),
                 "kv_prefill": sum(a.nbytes for past in prefilling for a in past.values()),
                 "prefix_cache": cache.held_bytes if cache is not None else 0}
 
