@@ -31,6 +31,9 @@ class GqaModelRunner:
         self.max_length = max_length
         self.past_names = self.spec.past_names
         self.present_of = {n: n.replace("past_key_values.", "present.", 1) for n in self.past_names}
+        vocab = self.session.get_outputs()[0].shape[-1]
+        self.vocab = vocab if isinstance(vocab, int) else None
+        self._logits = np.empty(0, np.float32)  # grown to the largest run's [rows, positions, vocab], reused
 
     def new_batch(self) -> SharedKV:
         """An empty decode batch of preallocated slots."""
@@ -45,13 +48,32 @@ class GqaModelRunner:
             binding.bind_cpu_input(LOGITS_KEEP_INPUT, np.array([-keep], np.int64))
         for name, value in (lora or {}).items():  # LoRA graph inputs (toolkit.runtime.lora)
             binding.bind_cpu_input(name, value)
-        binding.bind_output("logits")
+        logits = self._logits_out(ids.shape[0], keep)
+        if logits is None:
+            binding.bind_output("logits")
+        else:
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         for name, buffer in buffers.items():
             value = ort.OrtValue.ortvalue_from_numpy(buffer)  # wraps the numpy memory, no copy
             binding.bind_ortvalue_input(name, value)
             binding.bind_ortvalue_output(self.present_of[name], value)
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
+        return binding.get_outputs()[0].numpy() if logits is None else logits
+
+    def _logits_out(self, rows: int, positions: int) -> np.ndarray | None:
+        """The run's ``[rows, positions, vocab]`` logits, a view of one reused float32 buffer (the next run
+        overwrites it), or None when the graph's vocabulary size is not static.
+
+        Letting onnxruntime allocate the output and copying it out (``OrtValue.numpy``) cost two
+        allocations and a copy of ``rows x 1 MiB`` per step on the default model (262,144-token
+        vocabulary), of sizes that change with the batch: heap churn that glibc keeps as free memory.
+        """
+        if self.vocab is None or self.session.get_outputs()[0].type != "tensor(float)":
+            return None
+        size = rows * positions * self.vocab
+        if self._logits.size < size:
+            self._logits = np.empty(size, np.float32)
+        return self._logits[:size].reshape(rows, positions, self.vocab)
 
     def _prefill_buffers(self, past: dict[str, np.ndarray] | None, start: int, total: int) -> dict[str, np.ndarray]:
         if past is not None and next(iter(past.values())).shape[2] >= total:
@@ -69,11 +91,12 @@ class GqaModelRunner:
         total = start + len(ids)
         buffers = self._prefill_buffers(past, start, total)
         logits = self._run(np.asarray([ids], np.int64), np.ones((1, total), np.int64), buffers, lora)
-        return logits[0, -1].astype(np.float32, copy=False), buffers
+        return logits[0, -1].astype(np.float32, copy=True), buffers  # a copy: kept until the sequence joins
 
     def decode(self, batch: SharedKV, last_tokens: list[int], positions: list[int],
                lora: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """One token for every row of ``batch`` (positions come from the rows' lengths); logits ``[rows, vocab]``."""
+        """One token for every row of ``batch`` (positions come from the rows' lengths); logits ``[rows, vocab]``,
+        valid until the next run."""
         buffers, mask = batch.step_views()
         logits = self._run(np.asarray(last_tokens, np.int64)[:, None], mask, buffers, lora)
         batch.accept_step()
@@ -99,7 +122,7 @@ class GqaModelRunner:
             for i, row_tokens in enumerate(tokens):
                 row_mask = np.ones((1, batch.lengths[i] + fed), np.int64)
                 row_buffers = {name: buffer[i:i + 1] for name, buffer in buffers.items()}
-                rows.append(self._run(np.asarray([row_tokens], np.int64), row_mask, row_buffers, lora, keep=fed)[0])
+                rows.append(self._run(np.asarray([row_tokens], np.int64), row_mask, row_buffers, lora, keep=fed)[0].copy())
             logits = np.stack(rows)
         batch.accept_step(fed)
         return logits.astype(np.float32, copy=False)

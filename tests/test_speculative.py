@@ -245,13 +245,13 @@ def test_kv_rollback_then_decoding_continues_like_plain(tiny_engine):
         plain.add_rows(past, [len(prompt)])
         spec.add_rows(past, [len(prompt)])
         position = len(prompt)
-        spec_logits = runner.verify(spec, [[30, 31, 99, 98]], [position])
+        spec_logits = runner.verify(spec, [[30, 31, 99, 98]], [position]).copy()  # valid until the next run
         spec.rollback([2], 4)  # keep 30 (the last token) and 31 (an accepted draft)
         for i, token in enumerate([30, 31]):
             step = runner.decode(plain, [token], [position + i])
             assert np.allclose(step[0], spec_logits[0, i], atol=1e-4)
         for i, token in enumerate([40, 41, 42]):  # continue after the rollback: both caches agree
-            a = runner.decode(plain, [token], [position + 2 + i])
+            a = runner.decode(plain, [token], [position + 2 + i]).copy()
             b = runner.decode(spec, [token], [position + 2 + i])
             assert np.allclose(a, b, atol=1e-4), graph
 
@@ -270,8 +270,8 @@ def test_int8_verify_logits_follow_plain_decoding(tiny_engine):
     plain.add_rows(past, [len(prompt)])
     spec.add_rows(past, [len(prompt)])
     fed = [30, 31, 32, 33, 34]
-    spec_logits = runner.verify(spec, [fed], [len(prompt)])[0]
-    plain_logits = np.stack([runner.decode(plain, [t], [len(prompt) + i])[0] for i, t in enumerate(fed)])
+    spec_logits = runner.verify(spec, [fed], [len(prompt)])[0].copy()  # the runner reuses its logits buffer
+    plain_logits = np.stack([runner.decode(plain, [t], [len(prompt) + i])[0].copy() for i, t in enumerate(fed)])
     spread = plain_logits.max() - plain_logits.min()
     assert np.abs(spec_logits - plain_logits).max() < 0.05 * spread
     assert (spec_logits.argmax(axis=-1) == plain_logits.argmax(axis=-1)).mean() >= 0.8
