@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from toolkit.artifact.layout import kv_spec
 from toolkit.artifact.onnx_session import create_session
-from toolkit.runtime.shared_kv import SharedKV, round_up
+from toolkit.runtime.shared_kv import SharedKV, mapped_arrays, round_up
 from toolkit.runtime.speculative import LOGITS_KEEP_INPUT, verify_session
 
 
@@ -79,7 +79,8 @@ class GqaModelRunner:
         if past is not None and next(iter(past.values())).shape[2] >= total:
             return past
         shape = (1, self.spec.num_kv_heads, min(self.max_length, round_up(total)), self.spec.head_dim)
-        fresh = {name: np.zeros(shape, self.spec.dtype) for name in self.past_names}
+        _, flat = mapped_arrays(self.past_names, int(np.prod(shape)), self.spec.dtype)  # off the heap: a prompt's
+        fresh = {name: array.reshape(shape) for name, array in flat.items()}  # size varies, glibc would keep it
         if past is not None and start:
             for name in self.past_names:
                 fresh[name][:, :, :start] = past[name][:, :, :start]

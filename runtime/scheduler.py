@@ -26,12 +26,15 @@ from toolkit.runtime.sequence import Sequence, SequenceGroup
 from toolkit.runtime.step_cost import StepCostModel
 
 
-#: Default model, int8 gqa, 2 AVX-512 VNNI cores, quiet: a decode step of 16 rows takes ~50 ms and a
-#: prompt chunk ~13 ms + ~1 ms per token (benchmarks/itl_budget.py --chunks); 100 ms leaves ~37
-#: prompt tokens per step at 16 streams and holds ITL p99 near 100 ms, under llama-server's 111 ms
-#: (issue 13), for ~6 % of throughput (--simulate; README: Smooth streams). Chunks under 32 tokens
-#: cost 1.5-6x more per token than long ones (the per-run weight read dominates), hence the floor.
-DEFAULT_STEP_BUDGET_MS: float | None = 100.0
+#: Default model, int8 gqa, 2 AVX-512 VNNI cores: a decode step of 16 rows takes ~40 ms and a prompt
+#: chunk ~12 ms + ~0.6 ms per token (benchmarks/itl_budget.py --chunks), and a step's time varies by
+#: about +-10-25 % around the cost model's prediction on this VM. Over HTTP at 16 streams
+#: (itl_budget.py --peer, two rounds, 2026-12-05): budget 100 ms -> ITL p99 127 ms, 273 tok/s;
+#: 85 -> 102 ms, 245 tok/s; 75 -> 95 ms, 240 tok/s; llama-server 109 ms (95-118 by round), 156 tok/s.
+#: 75 ms is the largest budget measured that keeps ITL p99 under llama-server's (issue 13); TTFT p50
+#: stays ~0.4-0.7 s against llama-server's 2.5 s. Chunks under 32 tokens cost 1.5-6x more per token
+#: than long ones (the per-run weight read dominates), hence the floor.
+DEFAULT_STEP_BUDGET_MS: float | None = 75.0
 DEFAULT_MIN_PREFILL_CHUNK = 32
 
 

@@ -40,6 +40,22 @@ def round_up(n: int, quantum: int = GROWTH_QUANTUM) -> int:
     return max(quantum, -(-n // quantum) * quantum)
 
 
+def mapped_arrays(names: list[str], elements: int, dtype, populate: bool = False) -> tuple[mmap.mmap, dict[str, np.ndarray]]:
+    """One flat zeroed array of ``elements`` per name, side by side in one private anonymous memory map
+    (https://man7.org/linux/man-pages/man2/mmap.2.html), populated up front when ``populate``.
+
+    The map is unmapped when its last array is gone, so its pages go straight back to the kernel
+    instead of staying in glibc's heap as free memory of an odd size (issue 13, memory).
+    """
+    dtype = np.dtype(dtype)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+    memory = mmap.mmap(-1, max(1, len(names) * elements * dtype.itemsize), flags=flags)
+    flat = np.frombuffer(memory, dtype, len(names) * elements)
+    if populate and not getattr(mmap, "MAP_POPULATE", 0):  # not Linux: one write per page
+        flat.view(np.uint8)[:: mmap.PAGESIZE] = 0
+    return memory, {name: flat[i * elements:(i + 1) * elements] for i, name in enumerate(names)}
+
+
 class SharedKV:
     """Slot-per-row KV buffers shared between a GQA graph's past inputs and present outputs."""
 
@@ -92,18 +108,10 @@ class SharedKV:
                         for name in self.names}
 
     def _map_arena(self, tokens: int) -> tuple[mmap.mmap | None, dict[str, np.ndarray]]:
-        """A populated private anonymous map of ``tokens`` rows x capacity for every past input
-        (https://man7.org/linux/man-pages/man2/mmap.2.html; without MAP_POPULATE: one write per page)."""
+        """A populated map of ``tokens`` rows x capacity for every past input."""
         if not tokens:
             return None, {}
-        per_name = tokens * self._token_elements
-        populate = getattr(mmap, "MAP_POPULATE", 0)
-        memory = mmap.mmap(-1, len(self.names) * per_name * self.dtype.itemsize,
-                           flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
-        flat = np.frombuffer(memory, self.dtype)
-        if not populate:
-            flat.view(np.uint8)[:: mmap.PAGESIZE] = 0
-        return memory, {name: flat[i * per_name:(i + 1) * per_name] for i, name in enumerate(self.names)}
+        return mapped_arrays(self.names, tokens * self._token_elements, self.dtype, populate=True)
 
     def reserve(self, rows: int, length: int) -> None:
         """Make room for ``rows`` slots of ``length`` tokens, keeping every live row's cache."""
