@@ -9,6 +9,7 @@ import gc
 import mmap
 
 import numpy as np
+import pytest
 from engine_helpers import until_idle
 from test_memory import _greedy, _samples
 
@@ -236,3 +237,19 @@ def test_soak_flatness_is_per_minute_medians_after_warm_up():
     flat = soak.per_minute([{"t": t, "rss": int((1000 + (400 if t % 30 == 0 else 0)) * mib)} for t in range(0, 600, 3)])
     assert soak.minute_median_growth(flat, 180) == 0.0
     assert soak.minute_median_growth(flat, 540) is None  # one minute after warm-up: nothing to compare
+
+
+def test_a_reserved_pool_of_the_whole_budget_is_refused(tiny_engine):
+    """The pool is set aside from what requests reserve: all of the budget would leave them none, so it is refused
+    (by ``toolkit serve``'s option range, and by the engine for programmatic use), not served as an engine that
+    answers every request with "over the KV cache budget"."""
+    from click.testing import CliRunner
+
+    from toolkit.cli import main as cli
+
+    engine_dir = tiny_engine(QWEN, "fp32", "gqa")
+    with pytest.raises(ValueError, match="leaves requests no room"):
+        load_engine(engine_dir, kv_budget_bytes=1 << 26, prefix_cache_share=1.0, reserve_prefix_cache=True)
+    assert load_engine(engine_dir, kv_budget_bytes=1 << 26, prefix_cache_share=1.0).kv.reservable_tokens > 0  # lazy: evictable
+    result = CliRunner().invoke(cli, ["serve", str(engine_dir), "--prefix-cache-share", "1"])
+    assert result.exit_code == 2 and "--prefix-cache-share" in result.output

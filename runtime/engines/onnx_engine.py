@@ -66,6 +66,9 @@ class OnnxEngine:
         self.trimmer = Trimmer(malloc_trim_s)  # hands glibc's freed heap back (runtime/native_memory.py)
         self.threads = threads
         self.scheduler = Scheduler(self.config, self.kv)
+        if not self.kv.reservable_tokens:  # a reserved prefix cache took the whole budget
+            raise ValueError(f"prefix_cache_share={prefix_cache_share} sets the whole KV budget aside for the prefix "
+                             "cache and leaves requests no room; give it less than the whole budget")
         self.fault_hook: Callable[[StepPlan], None] | None = None  # test hook: raise to fail a step
         self._submissions: queue.SimpleQueue[SequenceGroup] = queue.SimpleQueue()
         self._aborts: set[str] = set()
