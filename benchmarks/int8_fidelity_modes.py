@@ -143,7 +143,7 @@ async def greedy_modes(engine_dir: Path, cases, threads: int) -> dict:
         return tokens
 
     plain = load_engine(engine_dir, threads=threads, speculative=SpeculativeConfig(enabled=False))
-    spec = load_engine(engine_dir, threads=threads, speculative=SpeculativeConfig(prompt_lookup=True))  # on whatever the precision
+    spec = load_engine(engine_dir, threads=threads, speculative=SpeculativeConfig(prompt_lookup=True, predicted_outputs=True))  # on whatever the precision
     await plain.start()
     await spec.start()
     outputs = {

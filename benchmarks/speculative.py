@@ -64,7 +64,7 @@ async def main(engine_dir: Path, rounds: int, max_tokens: int, threads: int | No
 
     print(cpu_line())
     plain = load_engine(engine_dir, threads=threads, speculative=SpeculativeConfig(enabled=False))
-    spec = load_engine(engine_dir, threads=threads, speculative=SpeculativeConfig(prompt_lookup=True))  # on whatever the precision
+    spec = load_engine(engine_dir, threads=threads, speculative=SpeculativeConfig(prompt_lookup=True, predicted_outputs=True))  # on whatever the precision
     await plain.start()
     await spec.start()
     print(f"engine: {engine_dir}; speculative config: {spec.speculative}")

@@ -65,17 +65,23 @@ class SpeculativeConfig:
     """``toolkit serve`` options: prompt lookup on/off, the largest draft, n-gram sizes, the largest batch.
 
     ``enabled=False`` opens the graph as exported (no verify steps, ``prediction`` has no effect).
-    ``prompt_lookup=None`` (the default): on for fp32 engines only (``for_precision``). A verify run
-    feeds several tokens at once, and onnxruntime's CPU ``GroupQueryAttention`` sums a several-token
-    query in another order than a one-token one; fp32 absorbs that (greedy output token-identical to
-    plain decoding, tested), int8 activation rounding amplifies it (0.45-0.87 logit units on the
-    default model; 5 of 8 golden chats keep plain decoding's tokens), so on quantized engines
-    drafting from the prompt is opt-in (``--prompt-lookup``), except for a request with its own
-    ``prediction`` (the client asking for speculation), which drafts from both.
+    ``prompt_lookup`` / ``predicted_outputs`` ``None`` (the default): on for fp32 engines only
+    (``for_precision``). A verify run feeds several tokens at once, and onnxruntime's CPU
+    ``GroupQueryAttention`` sums a several-token query in another order than a one-token one; fp32
+    absorbs that (greedy output token-identical to plain decoding, tested), int8 activation rounding
+    amplifies it (0.45-0.87 logit units on the default model; 5 of 8 golden chats keep plain
+    decoding's tokens with prompt lookup, 4 of 8 with ``prediction``; the editing workload's output
+    changed with ``prediction``, benchmarks/llama_cpp_peer.py). OpenAI's Predicted Outputs promise the
+    same completion with or without a prediction, and issue 13 asks for greedy output identical to
+    plain decoding, so on quantized engines both are the operator's opt-in (``--prompt-lookup``,
+    ``--predicted-outputs``): there a request's ``prediction`` is accepted and does not change its
+    output, and its usage reports no prediction counts. A request with its own ``prediction``, where
+    predicted outputs are on, drafts from its prompt too (where the output leaves the prediction).
     """
 
     enabled: bool = True
     prompt_lookup: bool | None = None
+    predicted_outputs: bool | None = None
     max_draft: int = 8
     ngram_max: int = 4
     ngram_min: int = 2
@@ -86,10 +92,10 @@ class SpeculativeConfig:
             raise ValueError("need max_draft >= 1, 1 <= ngram_min <= ngram_max and max_batch >= 1")
 
     def for_precision(self, precision: str) -> SpeculativeConfig:
-        """This config with ``prompt_lookup=None`` decided for an engine of ``precision`` (class doc)."""
-        if self.prompt_lookup is not None:
-            return self
-        return dataclasses.replace(self, prompt_lookup=precision == "fp32")
+        """This config with ``prompt_lookup`` / ``predicted_outputs`` ``None`` decided for an engine of ``precision`` (class doc)."""
+        exact = precision == "fp32"
+        return dataclasses.replace(self, prompt_lookup=exact if self.prompt_lookup is None else self.prompt_lookup,
+                                   predicted_outputs=exact if self.predicted_outputs is None else self.predicted_outputs)
 
 
 def find_continuation(history: np.ndarray, end: int, source: np.ndarray, ngram_max: int, ngram_min: int,
@@ -144,8 +150,8 @@ class Speculator:
     """Proposes drafts for the running rows and adapts each sequence's draft cap to its acceptance."""
 
     def __init__(self, config: SpeculativeConfig):
-        if config.prompt_lookup is None:
-            raise ValueError("decide prompt_lookup for the engine first (SpeculativeConfig.for_precision)")
+        if config.prompt_lookup is None or config.predicted_outputs is None:
+            raise ValueError("decide prompt_lookup and predicted_outputs for the engine first (SpeculativeConfig.for_precision)")
         self.config = config
         self._states: dict[str, DraftState] = {}
         self.drafted = 0
@@ -155,7 +161,7 @@ class Speculator:
         """The sequence's drafting state, created on first use."""
         state = self._states.get(seq.seq_id)
         if state is None:
-            prediction = seq.group.request.prediction_ids
+            prediction = seq.group.request.prediction_ids if self.config.predicted_outputs else None
             state = DraftState(k=self.config.max_draft,
                                prediction=np.asarray(prediction, np.int64) if prediction else None)
             self._states[seq.seq_id] = state

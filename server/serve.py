@@ -96,7 +96,8 @@ def scheduler_options(prefix_cache: bool = True, step_budget_ms: float | None = 
 
 def engine_options(no_prefix_cache: bool = False, step_budget_ms: float | None = None, prompt_lookup: bool | None = None,
                    max_draft_tokens: int | None = None, kv_cache_gib: float | None = None,
-                   prefix_cache_share: float = 0.25, malloc_trim_s: float = 10.0) -> dict[str, Any]:
+                   prefix_cache_share: float = 0.25, malloc_trim_s: float = 10.0,
+                   predicted_outputs: bool | None = None) -> dict[str, Any]:
     """``toolkit serve``'s engine options as :func:`load_engines` keyword arguments.
 
     One translation for both ways of serving: plain ``toolkit serve`` and every ``--ray`` replica
@@ -105,6 +106,7 @@ def engine_options(no_prefix_cache: bool = False, step_budget_ms: float | None =
     """
     return {"prefix_cache": not no_prefix_cache, "step_budget_ms": step_budget_ms,
             "speculative": {**({"prompt_lookup": prompt_lookup} if prompt_lookup is not None else {}),
+                            **({"predicted_outputs": predicted_outputs} if predicted_outputs is not None else {}),
                             **({"max_draft": max_draft_tokens} if max_draft_tokens else {})},
             "memory": {"prefix_cache_share": prefix_cache_share, "malloc_trim_s": malloc_trim_s,
                        "reserve_prefix_cache": True,  # the prefix cache's pool committed at start (README: Memory)
@@ -134,7 +136,7 @@ def load_engines(dirs: Sequence[Path], loras: Sequence[str] = (), max_loras: int
             options["threads"] = threads
         if scheduler := scheduler_options(prefix_cache, step_budget_ms):
             options["config"] = SchedulerConfig(**scheduler)
-        if speculative:  # --no-prompt-lookup / --max-draft-tokens (runtime/speculative.py)
+        if speculative:  # --[no-]prompt-lookup / --[no-]predicted-outputs / --max-draft-tokens (runtime/speculative.py)
             from toolkit.runtime.speculative import SpeculativeConfig
 
             options["speculative"] = SpeculativeConfig(**speculative)

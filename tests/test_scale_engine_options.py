@@ -25,7 +25,7 @@ ray_serve = pytest.importorskip("toolkit.scale.ray_serve", reason="the ray extra
 
 GIB = 2**30
 OPTIONS = ["--kv-cache-gib", "0.01", "--prefix-cache-share", "0.5", "--malloc-trim-s", "3", "--ort-arena-mib", "64",
-           "--no-prompt-lookup", "--max-draft-tokens", "4", "--step-budget-ms", "50", "--no-prefix-cache"]
+           "--no-prompt-lookup", "--no-predicted-outputs", "--max-draft-tokens", "4", "--step-budget-ms", "50", "--no-prefix-cache"]
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_every_serve_engine_option_reaches_each_replicas_engine_as_in_plain_serv
     assert abs(engine.kv.budget_bytes - 0.01 * GIB) < engine.kv.block_bytes
     assert engine.kv.prefix_cache_blocks == engine.kv.total_blocks // 2
     assert (engine.config.step_budget_ms, engine.config.prefix_cache) == (50, False)
-    assert engine.speculative == SpeculativeConfig(prompt_lookup=False, max_draft=4)
+    assert engine.speculative == SpeculativeConfig(prompt_lookup=False, predicted_outputs=False, max_draft=4)
     assert engine.trimmer.interval_s == 3
 
 

@@ -20,7 +20,7 @@ from toolkit.runtime.types import GenerateRequest
 GRAPHS = ("optimum", "gqa")
 QWEN = get_recipe("qwen2-7b-instruct")
 GREEDY = dict(temperature=0, ignore_eos=True)
-OFF = SpeculativeConfig(prompt_lookup=False)
+OFF = SpeculativeConfig(prompt_lookup=False, predicted_outputs=True)
 QUESTIONS = ("Repeat after me: the red fox jumps over the red fox and the red fox again.",
              "Write a Python function that reverses a string.",
              "List the colours red, green, blue, red, green, blue.")
@@ -77,7 +77,7 @@ class _Seq:
 
 def test_prediction_drafts_follow_the_output_and_resynchronise_after_an_edit():
     prediction = [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
-    spec = Speculator(SpeculativeConfig(prompt_lookup=False, max_draft=4))
+    spec = Speculator(SpeculativeConfig(prompt_lookup=False, predicted_outputs=True, max_draft=4))
     seq = _Seq([1, 2], [10, 11], prediction)
     assert spec.drafts([seq], [100]) == [[12, 13, 14, 15]]
     seq.output_ids += [12, 13, 99]  # two accepted, then the model's own token (an edit)
@@ -92,7 +92,7 @@ def test_prediction_drafts_follow_the_output_and_resynchronise_after_an_edit():
 def test_a_request_with_a_prediction_also_drafts_from_its_prompt_when_lookup_is_off():
     """Engine-wide prompt lookup off (quantized engines' default): a request that sent ``prediction`` asked for
     speculation, so where its output leaves the prediction the prompt still offers drafts; others get none."""
-    spec = Speculator(SpeculativeConfig(prompt_lookup=False, max_draft=4))
+    spec = Speculator(SpeculativeConfig(prompt_lookup=False, predicted_outputs=True, max_draft=4))
     prompt = [1, 2, 3, 4, 5, 6, 7, 8]
     with_prediction = _Seq(prompt, [5, 6], prediction=[40, 41, 42])  # the output is not in the prediction
     without = _Seq(prompt, [5, 6])
@@ -102,7 +102,7 @@ def test_a_request_with_a_prediction_also_drafts_from_its_prompt_when_lookup_is_
 
 
 def test_misses_shrink_the_draft_and_back_off():
-    spec = Speculator(SpeculativeConfig(max_draft=8, prompt_lookup=True))
+    spec = Speculator(SpeculativeConfig(max_draft=8, prompt_lookup=True, predicted_outputs=True))
     seq = _Seq([5, 6, 7, 8, 5, 6], [])
     steps = []
     for _ in range(12):
@@ -343,22 +343,54 @@ def test_serve_options_reach_the_engine(tiny_engine):
     engine_dir = tiny_engine(QWEN, "fp32", "gqa")
     engine = load_engines([engine_dir], speculative={"prompt_lookup": False, "max_draft": 3})[QWEN.name]
     assert (engine.speculative.prompt_lookup, engine.speculative.max_draft) == (False, 3)
-    assert load_engines([engine_dir])[QWEN.name].speculative == SpeculativeConfig(prompt_lookup=True)  # fp32: on
+    assert load_engines([engine_dir])[QWEN.name].speculative == SpeculativeConfig(prompt_lookup=True, predicted_outputs=True)  # fp32: on
     result = CliRunner().invoke(main, ["serve", str(engine_dir), "--max-draft-tokens", "0"])
     assert result.exit_code == 2 and "--max-draft-tokens" in result.output
 
 
-def test_prompt_lookup_is_on_by_default_for_fp32_engines_only(tiny_engine):
+def test_speculation_is_on_by_default_for_fp32_engines_only(tiny_engine):
     """Quantized verify runs are not bitwise plain decoding (SpeculativeConfig's doc), so drafting from the
-    prompt is opt-in there: ``toolkit serve --prompt-lookup``; ``prediction`` still drafts."""
+    prompt and from ``prediction`` are opt-in there: ``toolkit serve --prompt-lookup`` / ``--predicted-outputs``."""
     from toolkit.server.serve import engine_options, load_engines
 
     default = get_recipe("default")
     int8_dir = tiny_engine(default, "int8", "gqa")
-    assert load_engines([int8_dir])[default.name].speculative.prompt_lookup is False
-    assert load_engines([tiny_engine(default, "fp32", "gqa")])[default.name].speculative.prompt_lookup is True
+    int8 = load_engines([int8_dir])[default.name].speculative
+    assert (int8.prompt_lookup, int8.predicted_outputs) == (False, False)
+    fp32 = load_engines([tiny_engine(default, "fp32", "gqa")])[default.name].speculative
+    assert (fp32.prompt_lookup, fp32.predicted_outputs) == (True, True)
     assert engine_options()["speculative"] == {}
     for flag in (True, False):
-        options = engine_options(prompt_lookup=flag)
-        assert options["speculative"] == {"prompt_lookup": flag}
-        assert load_engines([int8_dir], speculative=options["speculative"])[default.name].speculative.prompt_lookup is flag
+        options = engine_options(prompt_lookup=flag, predicted_outputs=not flag)
+        assert options["speculative"] == {"prompt_lookup": flag, "predicted_outputs": not flag}
+        chosen = load_engines([int8_dir], speculative=options["speculative"])[default.name].speculative
+        assert (chosen.prompt_lookup, chosen.predicted_outputs) == (flag, not flag)
+
+
+def test_int8_prediction_changes_nothing_unless_the_operator_opts_in(tiny_engine):
+    """On an int8 engine by default a request's ``prediction`` is accepted, its tokens are plain decoding's (no
+    verify step runs) and it reports no prediction counts; with ``predicted_outputs=True`` the same request
+    speculates and counts what the prediction foresaw."""
+    from toolkit.server.openai.routes import counts_prediction
+
+    engine_dir = tiny_engine(get_recipe("default"), "int8", "gqa")
+
+    async def main():
+        plain = await started(engine_dir, speculative=SpeculativeConfig(enabled=False))
+        default = await started(engine_dir)
+        opted = await started(engine_dir, speculative=SpeculativeConfig(predicted_outputs=True, max_draft=6))
+        prompt = _prompt(plain, QUESTIONS[0])
+        expected = await _run(plain, prompt)
+        by_default = await _run(default, prompt, prediction=expected[0])
+        by_opt_in = await _run(opted, prompt, prediction=expected[0])
+        verified = (default.speculator.drafted, opted.speculator.drafted)
+        reported = (counts_prediction(default), counts_prediction(opted))  # usage's completion_tokens_details
+        for engine in (plain, default, opted):
+            await engine.stop()
+        return expected, by_default, by_opt_in, verified, reported
+
+    expected, by_default, by_opt_in, (drafted_default, drafted_opted), reported = asyncio.run(main())
+    assert by_default[0] == expected[0] and drafted_default == 0
+    assert (by_default[3].accepted_prediction_tokens, by_default[3].rejected_prediction_tokens) == (0, 0)
+    assert reported == (False, True)
+    assert drafted_opted > 0 and by_opt_in[3].accepted_prediction_tokens > 0

@@ -1,7 +1,10 @@
 """Start, wait for and stop the two servers of the peer comparison.
 
-Ours: ``toolkit serve`` on the default model (the int8 ``gqa`` engine), ``TOOLKIT_THREADS`` onnxruntime
-threads. The peer: ``llama-server`` on the Q8_0 GGUF with the same threads for decoding and
+Ours: ``toolkit serve --predicted-outputs`` on the default model (the int8 ``gqa`` engine),
+``TOOLKIT_THREADS`` onnxruntime threads. ``--predicted-outputs`` is the operator's opt-in on a
+quantized engine (its verify runs are not bitwise plain decoding, ``runtime/speculative.py``); it
+changes only requests that carry ``prediction`` (the editing workload, whose report says whether
+the output stayed plain decoding's), not the throughput levels or the prefix-cache runs. The peer: ``llama-server`` on the Q8_0 GGUF with the same threads for decoding and
 prefill (``-t``/``-tb``), continuous batching, and ``-np`` slots of ``SLOT_CTX`` tokens each
 (``-c`` is the whole KV, split evenly between the slots when the KV is not unified). Issue 13
 measured 16 streams with ``-np 16 -c 8192``; every level here gets as many slots as streams
@@ -61,7 +64,7 @@ def llama_server_command(binary: Path, gguf: Path, port: int, plan: PeerPlan, th
 
 def ours_command(port: int) -> list[str]:
     """``toolkit serve`` on the default model (exported on first use), through this Python."""
-    return [sys.executable, "-c", "from toolkit.cli import main; main()", "serve", "--port", str(port)]
+    return [sys.executable, "-c", "from toolkit.cli import main; main()", "serve", "--port", str(port), "--predicted-outputs"]
 
 
 def ours_env(threads: int) -> dict[str, str]:

@@ -311,7 +311,7 @@ class OnnxEngine:
         for group in touched.values():
             if (output := collect_output(group)) is not None:
                 output.cached_tokens = group.cached_tokens
-                if group.request.prediction_ids and self.speculator is not None:
+                if group.request.prediction_ids and self.speculator is not None and self.speculative.predicted_outputs:
                     counts = [self.speculator.prediction_counts(seq) for seq in group.sequences]
                     output.accepted_prediction_tokens = sum(a for a, _ in counts)
                     output.rejected_prediction_tokens = sum(r for _, r in counts)

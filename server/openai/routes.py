@@ -82,8 +82,10 @@ def counts_prediction(engine: Any) -> bool:
     the prediction that did / did not appear in the completion,
     https://platform.openai.com/docs/api-reference/chat/object#chat/object-usage). Usage then leaves
     ``completion_tokens_details`` out, as for a request without ``prediction`` (the fields are optional).
+    So does a quantized ONNX engine unless served with ``--predicted-outputs`` (``SpeculativeConfig``).
     """
-    return getattr(engine, "speculator", None) is not None
+    speculator = getattr(engine, "speculator", None)
+    return speculator is not None and bool(speculator.config.predicted_outputs)
 
 
 class OpenAIController(Controller):
