@@ -31,8 +31,8 @@ class GqaModelRunner:
         self.max_length = max_length
         self.past_names = self.spec.past_names
         self.present_of = {n: n.replace("past_key_values.", "present.", 1) for n in self.past_names}
-        vocab = self.session.get_outputs()[0].shape[-1]
-        self.vocab = vocab if isinstance(vocab, int) else None
+        logits = self.session.get_outputs()[0]
+        self.vocab = logits.shape[-1] if isinstance(logits.shape[-1], int) and logits.type == "tensor(float)" else None
         self._logits = np.empty(0, np.float32)  # grown to the largest run's [rows, positions, vocab], reused
 
     def new_batch(self) -> SharedKV:
@@ -62,13 +62,13 @@ class GqaModelRunner:
 
     def _logits_out(self, rows: int, positions: int) -> np.ndarray | None:
         """The run's ``[rows, positions, vocab]`` logits, a view of one reused float32 buffer (the next run
-        overwrites it), or None when the graph's vocabulary size is not static.
+        overwrites it), or None when the graph's vocabulary size is not static or its logits not float32.
 
         Letting onnxruntime allocate the output and copying it out (``OrtValue.numpy``) cost two
         allocations and a copy of ``rows x 1 MiB`` per step on the default model (262,144-token
         vocabulary), of sizes that change with the batch: heap churn that glibc keeps as free memory.
         """
-        if self.vocab is None or self.session.get_outputs()[0].type != "tensor(float)":
+        if self.vocab is None:
             return None
         size = rows * positions * self.vocab
         if self._logits.size < size:

@@ -62,7 +62,7 @@ MAX_COOLDOWN = 64
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """``toolkit serve`` options: prompt lookup on/off, the largest draft, n-gram sizes, the largest batch.
+    """``toolkit serve`` options: prompt lookup and predicted outputs on/off, the largest draft, n-gram sizes, the largest batch.
 
     ``enabled=False`` opens the graph as exported (no verify steps, ``prediction`` has no effect).
     ``prompt_lookup`` / ``predicted_outputs`` ``None`` (the default): on for fp32 engines only
@@ -90,6 +90,12 @@ class SpeculativeConfig:
     def __post_init__(self) -> None:
         if self.max_draft < 1 or not 1 <= self.ngram_min <= self.ngram_max or self.max_batch < 1:
             raise ValueError("need max_draft >= 1, 1 <= ngram_min <= ngram_max and max_batch >= 1")
+
+    @property
+    def speculates(self) -> bool:
+        """Whether anything can be drafted: speculation enabled and prompt lookup or predicted outputs on
+        (an engine with neither opens the graph as exported and runs no speculator)."""
+        return self.enabled and bool(self.prompt_lookup or self.predicted_outputs)
 
     def for_precision(self, precision: str) -> SpeculativeConfig:
         """This config with ``prompt_lookup`` / ``predicted_outputs`` ``None`` decided for an engine of ``precision`` (class doc)."""

@@ -278,3 +278,12 @@ def test_arena_off_and_shared_capped_arena_compute_the_same_logits(tiny_engine, 
     assert arena_mib("") is None and arena_mib("0") == 0 and arena_mib("512") == 512
     with pytest.raises(ValueError, match=ARENA_ENV):
         arena_mib("-1")
+
+
+def test_sessions_cache_no_memory_pattern_per_input_shape(tiny_engine):
+    """onnxruntime keeps one memory pattern per combination of input shapes, never evicted, and a server's
+    shapes change every step (artifact/onnx_session.py's docstring): the sessions it serves with have them off."""
+    from toolkit.runtime.model_runner import create_runner
+
+    runner = create_runner("gqa", tiny_engine(QWEN, "fp32", "gqa") / "model.onnx", 1, 256)
+    assert runner.session.get_session_options().enable_mem_pattern is False

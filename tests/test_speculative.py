@@ -383,14 +383,14 @@ def test_int8_prediction_changes_nothing_unless_the_operator_opts_in(tiny_engine
         expected = await _run(plain, prompt)
         by_default = await _run(default, prompt, prediction=expected[0])
         by_opt_in = await _run(opted, prompt, prediction=expected[0])
-        verified = (default.speculator.drafted, opted.speculator.drafted)
+        verified = (default.speculator, opted.speculator.drafted)  # by default: the graph as exported, no speculator
         reported = (counts_prediction(default), counts_prediction(opted))  # usage's completion_tokens_details
         for engine in (plain, default, opted):
             await engine.stop()
         return expected, by_default, by_opt_in, verified, reported
 
-    expected, by_default, by_opt_in, (drafted_default, drafted_opted), reported = asyncio.run(main())
-    assert by_default[0] == expected[0] and drafted_default == 0
+    expected, by_default, by_opt_in, (speculator_default, drafted_opted), reported = asyncio.run(main())
+    assert by_default[0] == expected[0] and speculator_default is None
     assert (by_default[3].accepted_prediction_tokens, by_default[3].rejected_prediction_tokens) == (0, 0)
     assert reported == (False, True)
     assert drafted_opted > 0 and by_opt_in[3].accepted_prediction_tokens > 0

@@ -116,7 +116,7 @@ class OnnxEngine:
             if LORA_MODEL_FILE not in self.manifest.files:
                 raise EngineStoppedError(f"{self.engine_dir} has no LoRA graph; add an adapter with `toolkit export-lora`")
         self.weights_bytes = sum(f.stat().st_size for f in (model, model.with_name(model.name + ".data")) if f.exists())
-        self.runner = create_runner(self.graph, model, self.threads, self.context_length, verify=self.speculative.enabled and not self.adapter_sources)
+        self.runner = create_runner(self.graph, model, self.threads, self.context_length, verify=self.speculative.speculates and not self.adapter_sources)
         if self.adapter_sources:
             self.lora = LoraAdapters(self.adapter_sources, graph_modules(self.runner.session),
                                      self.manifest.source.get("sha256", ""), self.max_loras or DEFAULT_MAX_LORAS,
@@ -311,7 +311,7 @@ class OnnxEngine:
         for group in touched.values():
             if (output := collect_output(group)) is not None:
                 output.cached_tokens = group.cached_tokens
-                if group.request.prediction_ids and self.speculator is not None and self.speculative.predicted_outputs:
+                if group.request.prediction_ids and self.speculator is not None and self.speculator.config.predicted_outputs:
                     counts = [self.speculator.prediction_counts(seq) for seq in group.sequences]
                     output.accepted_prediction_tokens = sum(a for a, _ in counts)
                     output.rejected_prediction_tokens = sum(r for _, r in counts)
