@@ -32,8 +32,9 @@ from toolkit.runtime.step_cost import StepCostModel
 #: (itl_budget.py --peer, two rounds, 2026-12-05): budget 100 ms -> ITL p99 127 ms, 273 tok/s;
 #: 85 -> 102 ms, 245 tok/s; 75 -> 95 ms, 240 tok/s; llama-server 109 ms (95-118 by round), 156 tok/s.
 #: 75 ms is the largest budget measured that keeps ITL p99 under llama-server's (issue 13); TTFT p50
-#: stays ~0.4-0.7 s against llama-server's 2.5 s. Chunks under 32 tokens cost 1.5-6x more per token
-#: than long ones (the per-run weight read dominates), hence the floor.
+#: stays 0.4-1.1 s at 16 streams against llama-server's 1.9-2.6 s (three runs), not always under half of
+#: it. Chunks under 32 tokens cost 1.5-6x more per token than long ones (the per-run weight read
+#: dominates), hence the floor.
 DEFAULT_STEP_BUDGET_MS: float | None = 75.0
 DEFAULT_MIN_PREFILL_CHUNK = 32
 
