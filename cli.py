@@ -379,12 +379,13 @@ def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, 
 def _serve_on_ray(dirs, host, port, api_keys, address, *, grace_s, replicas, min_replicas, max_replicas,
                   target_ongoing_requests, threads, **app_options) -> None:
     """``toolkit serve --ray``: the same app as Ray Serve replicas (toolkit.scale.ray_serve)."""
-    from toolkit.scale.options import ScaleOptions, ScaleOptionsError, check_local_kv
+    from toolkit.scale.options import ScaleOptions, ScaleOptionsError, check_local_kv, engine_capacity
     from toolkit.server.serve import api_keys_from_env
 
     try:
         options = ScaleOptions(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
-                               target_ongoing_requests=target_ongoing_requests, threads=threads, grace_s=grace_s)
+                               target_ongoing_requests=target_ongoing_requests, threads=threads, grace_s=grace_s,
+                               max_ongoing_requests=engine_capacity(app_options["engine_options"].get("max_batch_size")))
         if address is None:  # a local cluster: every replica on this machine, so their KV budgets must fit in it
             check_local_kv(dirs, options, app_options["engine_options"]["memory"].get("kv_budget_bytes"))
     except ScaleOptionsError as exc:

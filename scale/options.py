@@ -13,9 +13,16 @@ from typing import Any
 
 from toolkit.runtime.scheduler import SchedulerConfig
 
-#: A replica takes as many requests as its engine can hold (running batch + waiting queue), so the
-#: engine itself answers 429 when it is full (Ray's own default of 5 would queue in the proxy instead).
-DEFAULT_MAX_ONGOING_REQUESTS = SchedulerConfig().max_batch_size + SchedulerConfig().max_waiting
+def engine_capacity(max_batch_size: int | None = None) -> int:
+    """Requests one engine holds: its running batch (``--max-batch-size``, else the default) + its waiting queue.
+
+    A replica takes that many requests at once, so the engine itself answers 429 when it is full
+    (Ray's own default of 5 would queue in the proxy instead).
+    """
+    return (max_batch_size or SchedulerConfig().max_batch_size) + SchedulerConfig().max_waiting
+
+
+DEFAULT_MAX_ONGOING_REQUESTS = engine_capacity()
 
 
 class ScaleOptionsError(ValueError):

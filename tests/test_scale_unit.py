@@ -12,7 +12,8 @@ import pytest
 
 from toolkit.recipes import get_recipe
 from toolkit.scale.metrics_merge import merge_expositions
-from toolkit.scale.options import DEFAULT_MAX_ONGOING_REQUESTS, ScaleOptions, ScaleOptionsError, replica_resources
+from toolkit.scale.options import (DEFAULT_MAX_ONGOING_REQUESTS, ScaleOptions, ScaleOptionsError, engine_capacity,
+                                   replica_resources)
 from toolkit.scale.proxy_errors import ReplicaLossMiddleware
 
 
@@ -21,7 +22,8 @@ def test_fixed_replicas_map_to_num_replicas_with_grace_and_resources():
     assert opts["num_replicas"] == 2 and "autoscaling_config" not in opts
     assert opts["graceful_shutdown_timeout_s"] == 7
     assert opts["ray_actor_options"] == {"num_cpus": 3.0}
-    assert opts["max_ongoing_requests"] == DEFAULT_MAX_ONGOING_REQUESTS == 16 + 256
+    assert opts["max_ongoing_requests"] == DEFAULT_MAX_ONGOING_REQUESTS == 32 + 256  # default rows + waiting queue
+    assert engine_capacity(64) == 64 + 256  # toolkit serve --ray --max-batch-size 64
 
 
 def test_min_max_turn_on_autoscaling_on_ongoing_requests():
