@@ -79,7 +79,7 @@ class GqaModelRunner:
         if past is not None and next(iter(past.values())).shape[2] >= total:
             return past
         shape = (1, self.spec.num_kv_heads, min(self.max_length, round_up(total)), self.spec.head_dim)
-        _, flat = mapped_arrays(self.past_names, int(np.prod(shape)), self.spec.dtype)  # off the heap: a prompt's
+        flat = mapped_arrays(self.past_names, int(np.prod(shape)), self.spec.dtype)  # off the heap: a prompt's
         fresh = {name: array.reshape(shape) for name, array in flat.items()}  # size varies, glibc would keep it
         if past is not None and start:
             for name in self.past_names:

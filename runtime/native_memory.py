@@ -8,14 +8,20 @@ every 5 s kept the same load at 1.08-1.10 GB. So the engine trims on a timer: ``
 ``malloc_trim(0)`` (https://man7.org/linux/man-pages/man3/malloc_trim.3.html) from its own
 thread every ``interval_s`` (``toolkit serve --malloc-trim-s``). Elsewhere than glibc (musl,
 macOS) both functions are absent and this module does nothing.
+
+Big buffers whose sizes change (the KV cache's pools and arenas) stay off glibc's heap altogether:
+``anonymous_map`` gives them memory maps of their own, whose pages go straight back to the kernel.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import threading
 import time
+
+import numpy as np
 
 
 class _MallInfo2(ctypes.Structure):
@@ -44,6 +50,19 @@ def malloc_free_bytes() -> int | None:
 def malloc_trim() -> bool:
     """Hand glibc's freed heap pages back to the kernel; True when some were."""
     return bool(_LIBC.malloc_trim(0)) if _LIBC is not None else False
+
+
+def anonymous_map(nbytes: int, populate: bool = False) -> mmap.mmap:
+    """A private anonymous memory map of ``nbytes`` (https://man7.org/linux/man-pages/man2/mmap.2.html), every
+    page faulted in for writing up front when ``populate`` (``MAP_POPULATE``; elsewhere one write per page).
+
+    Private, not shared: a shared anonymous map is shmem, whose pages ``MADV_DONTNEED`` would not free.
+    """
+    populated = getattr(mmap, "MAP_POPULATE", 0) if populate else 0
+    memory = mmap.mmap(-1, max(1, nbytes), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populated)
+    if populate and not populated:
+        np.frombuffer(memory, np.uint8)[:: mmap.PAGESIZE] = 0
+    return memory
 
 
 class Trimmer:

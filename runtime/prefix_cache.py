@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from toolkit.runtime.kv_cache import BLOCK, KVCacheManager
+from toolkit.runtime.native_memory import anonymous_map
 
 
 @dataclass
@@ -93,13 +94,8 @@ class BlockPool:
             self._map = self._mapped(slot_bytes)
 
     def _mapped(self, slot_bytes: int) -> mmap.mmap:
-        """A private anonymous map of the pool (a shared one is shmem, whose pages MADV_DONTNEED would not free);
-        populated (every page faulted in for writing, https://man7.org/linux/man-pages/man2/mmap.2.html) when reserved."""
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (getattr(mmap, "MAP_POPULATE", 0) if self.reserve else 0)
-        memory = mmap.mmap(-1, max(1, self.capacity * slot_bytes), flags=flags)
-        if self.reserve and not getattr(mmap, "MAP_POPULATE", 0):  # not Linux: touch one byte per page
-            np.frombuffer(memory, np.uint8)[:: mmap.PAGESIZE] = 0
-        return memory
+        """The pool's own anonymous map, populated when reserved."""
+        return anonymous_map(self.capacity * slot_bytes, populate=self.reserve)
 
     @property
     def resident_bytes(self) -> int:

@@ -27,9 +27,9 @@ bounded by the admitted reservations (``KVCacheManager``, rectangular accounting
 
 from __future__ import annotations
 
-import mmap
-
 import numpy as np
+
+from toolkit.runtime.native_memory import anonymous_map
 
 GROWTH_QUANTUM = 64
 ROW_QUANTUM = 4
@@ -40,20 +40,16 @@ def round_up(n: int, quantum: int = GROWTH_QUANTUM) -> int:
     return max(quantum, -(-n // quantum) * quantum)
 
 
-def mapped_arrays(names: list[str], elements: int, dtype, populate: bool = False) -> tuple[mmap.mmap, dict[str, np.ndarray]]:
-    """One flat zeroed array of ``elements`` per name, side by side in one private anonymous memory map
-    (https://man7.org/linux/man-pages/man2/mmap.2.html), populated up front when ``populate``.
+def mapped_arrays(names: list[str], elements: int, dtype, populate: bool = False) -> dict[str, np.ndarray]:
+    """One flat zeroed array of ``elements`` per name, side by side in one anonymous memory map
+    (``native_memory.anonymous_map``), populated up front when ``populate``.
 
     The map is unmapped when its last array is gone, so its pages go straight back to the kernel
     instead of staying in glibc's heap as free memory of an odd size (issue 13, memory).
     """
     dtype = np.dtype(dtype)
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-    memory = mmap.mmap(-1, max(1, len(names) * elements * dtype.itemsize), flags=flags)
-    flat = np.frombuffer(memory, dtype, len(names) * elements)
-    if populate and not getattr(mmap, "MAP_POPULATE", 0):  # not Linux: one write per page
-        flat.view(np.uint8)[:: mmap.PAGESIZE] = 0
-    return memory, {name: flat[i * elements:(i + 1) * elements] for i, name in enumerate(names)}
+    flat = np.frombuffer(anonymous_map(len(names) * elements * dtype.itemsize, populate), dtype, len(names) * elements)
+    return {name: flat[i * elements:(i + 1) * elements] for i, name in enumerate(names)}
 
 
 class SharedKV:
@@ -68,8 +64,7 @@ class SharedKV:
         self.lengths: list[int] = []
         self.reallocations = 0  # arenas mapped (growth)
         self.relayouts = 0  # capacity changes done in place
-        self._map: mmap.mmap | None = None
-        self._arena_tokens = 0  # rows x capacity the arena holds, per past input
+        self._arena_tokens = 0  # rows x capacity the arena holds, per past input (0: no arena)
         self._arenas: dict[str, np.ndarray] = {}  # name -> its flat part of the map
         self._capacity = 0
         self.buffers: dict[str, np.ndarray] = {}
@@ -107,12 +102,6 @@ class SharedKV:
         self.buffers = {name: (self._arenas[name][:count] if count else np.zeros(0, self.dtype)).reshape(shape)
                         for name in self.names}
 
-    def _map_arena(self, tokens: int) -> tuple[mmap.mmap | None, dict[str, np.ndarray]]:
-        """A populated map of ``tokens`` rows x capacity for every past input."""
-        if not tokens:
-            return None, {}
-        return mapped_arrays(self.names, tokens * self._token_elements, self.dtype, populate=True)
-
     def reserve(self, rows: int, length: int) -> None:
         """Make room for ``rows`` slots of ``length`` tokens, keeping every live row's cache."""
         if rows <= self.row_capacity and length <= self.capacity:
@@ -127,24 +116,20 @@ class SharedKV:
         when the arena holds that, else in a larger arena (mapped, filled, the old one unmapped)."""
         if rows * capacity <= self._arena_tokens:
             if capacity != self.capacity:
-                self._move_slots(self._arenas, capacity)
+                self._move_slots(capacity)
                 self.relayouts += 1
             self._lay_out(capacity)
             return
-        old_arenas, old_capacity = self._arenas, self.capacity
+        old = self.buffers  # views of the old map, unmapped once they are gone (numpy holds its reference)
         self._arena_tokens = max(self._arena_tokens, round_up(rows, ROW_QUANTUM) * capacity)
-        self._map, self._arenas = self._map_arena(self._arena_tokens)
+        self._arenas = mapped_arrays(self.names, self._arena_tokens * self._token_elements, self.dtype, populate=True)
         self.reallocations += 1
-        if self.size:
-            used = max(self.lengths)
-            for name in self.names:
-                source = old_arenas[name][: self.size * self.num_kv_heads * old_capacity * self.head_dim]
-                source = source.reshape(self.size, self.num_kv_heads, old_capacity, self.head_dim)
-                target = self._arenas[name][: self.size * self.num_kv_heads * capacity * self.head_dim]
-                target.reshape(self.size, self.num_kv_heads, capacity, self.head_dim)[:, :, :used] = source[:, :, :used]
-        self._lay_out(capacity)  # the old map is unmapped once no view of it is left (numpy holds a reference)
+        self._lay_out(capacity)
+        used = max(self.lengths, default=0)
+        for name in self.names:
+            self.buffers[name][: self.size, :, :used] = old[name][: self.size, :, :used]
 
-    def _move_slots(self, arenas: dict[str, np.ndarray], capacity: int) -> None:
+    def _move_slots(self, capacity: int) -> None:
         """Re-lay the live slots (row, head) from ``self.capacity`` to ``capacity`` tokens each, in place.
 
         Slot s moves from ``s * old`` to ``s * new`` (times the head size): growing, the last slot
@@ -154,13 +139,13 @@ class SharedKV:
         old, used, dim = self.capacity, max(self.lengths, default=0), self.head_dim
         slots = range(self.size * self.num_kv_heads)
         for name in self.names:
-            flat = arenas[name]
+            flat = self._arenas[name]
             for s in (reversed(slots) if capacity > old else slots):
                 flat[s * capacity * dim:(s * capacity + used) * dim] = flat[s * old * dim:(s * old + used) * dim]
 
     def _release(self) -> None:
         """Drop the arena (the batch is empty): unmapped with its last view, its pages go straight back to the kernel."""
-        self._map, self._arenas, self._arena_tokens = None, {}, 0
+        self._arenas, self._arena_tokens = {}, 0
         self._lay_out(0)
 
     # ---- batch membership --------------------------------------------------------------------
@@ -198,7 +183,7 @@ class SharedKV:
             self.lengths[hole] = length
         del order[new_size:]
         self.lengths = self.lengths[:new_size]
-        if not self.size and self._map is not None:
+        if not self.size and self._arena_tokens:
             self._release()
         return order
 
