@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="with --chunks: timings per size")
     p.add_argument("--simulate", type=Path, metavar="CHUNKS_JSON",
                    help="simulate the HTTP run's closed loop on the scheduler with the cost a --chunks run measured")
+    p.add_argument("--waiting-served-ratio", type=float, default=None,
+                   help="toolkit serve --waiting-served-ratio for our server and the simulation (default: the scheduler's; 0: off)")
     p.add_argument("--out", type=Path, default=Path("bench-results") / "itl_budget")
     return p.parse_args(argv)
 
@@ -98,6 +100,8 @@ def start(label: str, args: argparse.Namespace, logs: Path) -> Server:
         command = llama_server_command(layout.tool("llama-server"), gguf, args.port, peer_plan(args.concurrency), args.threads)
         return Server(PEER, command, url, logs / "llama-server.log")
     budget = ["--step-budget-ms", "0" if label == "off" else label]
+    if args.waiting_served_ratio is not None:
+        budget += ["--waiting-served-ratio", str(args.waiting_served_ratio)]
     return Server(f"toolkit budget {label}", ours_command(args.port) + budget + [str(args.engine)], url,
                   logs / f"toolkit-{label}.log", env=ours_env(args.threads))
 
@@ -222,13 +226,18 @@ class _Group:
         return len(self.prompt_ids) - self.prefilled
 
 
-def simulate(cost, budget_ms: float | None, args: argparse.Namespace, requests: int, step_overhead_s: float = 0.002) -> dict:
+def simulate(cost, budget_ms: float | None, args: argparse.Namespace, requests: int, step_overhead_s: float = 0.002,
+             waiting_served_ratio: float | None = None) -> dict:
     """The closed loop of the HTTP run (``concurrency`` clients, each resubmitting at once) on the real
-    ``Scheduler``, time advanced by ``cost``'s predictions (+ ``step_overhead_s`` of sampling per step)."""
+    ``Scheduler``, time advanced by ``cost``'s predictions (+ ``step_overhead_s`` of sampling per step).
+
+    ``waiting_served_ratio``: the scheduler's option (None: its default; 0: no prompts-only steps).
+    """
     from toolkit.runtime.kv_cache import KVCacheManager, KvGeometry
     from toolkit.runtime.scheduler import Scheduler, SchedulerConfig
 
-    config = SchedulerConfig(max_batch_size=args.concurrency, prefix_cache=False, step_budget_ms=budget_ms)
+    config = SchedulerConfig(max_batch_size=args.concurrency, prefix_cache=False, step_budget_ms=budget_ms,
+                             **({} if waiting_served_ratio is None else {"waiting_served_ratio": waiting_served_ratio}))
     scheduler = Scheduler(config, KVCacheManager(KvGeometry(1, 1, 1, "float32"), 1 << 30))
     now, issued, done = 0.0, 0, []
 
@@ -245,7 +254,7 @@ def simulate(cost, budget_ms: float | None, args: argparse.Namespace, requests: 
         decode_s = cost.decode_seconds(plan.rows, plan.context if plan.rows else 0)
         scheduler.observe_step(plan, prefill_s, decode_s)
         now += prefill_s + decode_s + step_overhead_s
-        for seq in scheduler.running:
+        for seq in scheduler.running if plan.decode else ():
             seq.output_ids.append(0)
             seq.times.append(now)
         for group, _, stop in plan.prefill:
@@ -281,7 +290,8 @@ def simulate_main(args: argparse.Namespace) -> dict[str, Any]:
             cost.observe_decode(row["rows"], 236, row["ms"] / 1000)
     rows = []
     for label in budget_values(args.budgets):
-        result = simulate(cost, None if label == "off" else float(label), args, args.requests)
+        result = simulate(cost, None if label == "off" else float(label), args, args.requests,
+                          waiting_served_ratio=args.waiting_served_ratio)
         rows.append({"budget": label, **result, "errors": 0})
     print(table(rows, f"\nsimulated on the cost measured in {args.simulate} ({measured.get('cpu', '?')}), "
                       f"{args.requests} requests"))

@@ -61,8 +61,8 @@ class Group:
 
 def scheduler(max_batch_size: int = 4, max_num_tokens: int = 32, kv_blocks: int = 100) -> Scheduler:
     return Scheduler(SchedulerConfig(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens, prefix_cache=False,
-                                     step_budget_ms=None),
-                     kv_manager(kv_blocks))  # prefix caching: tests/test_prefix_cache.py; time budget: test_step_budget.py
+                                     step_budget_ms=None, waiting_served_ratio=None),
+                     kv_manager(kv_blocks))  # prefix caching: tests/test_prefix_cache.py; time budget and pauses: test_step_budget.py
 
 
 def chunks(plan: StepPlan) -> list[tuple[str, int, int]]:
