@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefix-runs", type=int, default=5, help="prefix-cache runs per kind and side (0: skip)")
     p.add_argument("--editing-runs", type=int, default=3, help="editing-workload runs per variant (0: skip)")
     p.add_argument("--editing-max-tokens", type=int, default=600)
+    p.add_argument("--serve-arg", dest="serve_args", action="append", default=[], metavar="ARG",
+                   help="one more toolkit serve argument for our server, repeatable, in the = form (--serve-arg=--waiting-served-ratio=0)")
     p.add_argument("--jobs", type=int, default=2, help="parallel compilers when building llama.cpp")
     p.add_argument("--port-ours", type=int, default=0, help="default: a free port")
     p.add_argument("--port-peer", type=int, default=0, help="default: a free port")
@@ -180,9 +182,9 @@ def measure(args: argparse.Namespace, levels: list[int], meta: dict) -> dict:
 
     tools, source, q8 = prepare_peer(args)
     engine_dir = ensure_default_engine(StageReporter(quiet=True))
-    meta.update(gguf={"source": str(source), "q8_0": str(q8)}, engine=str(engine_dir))
+    meta.update(gguf={"source": str(source), "q8_0": str(q8)}, engine=str(engine_dir), serve_args=args.serve_args)
     logs = args.out / "llama-cpp-peer-logs"
-    ours = Server(OURS, ours_command(args.port_ours), f"http://127.0.0.1:{args.port_ours}", logs / "toolkit.log",
+    ours = Server(OURS, ours_command(args.port_ours) + args.serve_args, f"http://127.0.0.1:{args.port_ours}", logs / "toolkit.log",
                   env=ours_env(args.threads))
     result: dict[str, Any] = {"meta": meta, "levels": [], "failures": []}
     peer: Server | None = None

@@ -255,6 +255,16 @@ def test_markdown_of_a_recorded_result():
                                   "run with the sides alternated.")
 
 
+def test_extra_serve_arguments_reach_our_command_line_and_the_report():
+    args = load_script().parse_args(["--serve-arg=--waiting-served-ratio=0", "--serve-arg=--max-batch-size=16"])
+    assert args.serve_args == ["--waiting-served-ratio=0", "--max-batch-size=16"]
+    assert load_script().parse_args([]).serve_args == []
+    meta = {**RECORDED["meta"], "serve_args": args.serve_args}
+    text = render.markdown({**RECORDED, "meta": meta})
+    assert "Ours: `toolkit serve --predicted-outputs --waiting-served-ratio=0 --max-batch-size=16` (default" in text
+    assert "Ours: `toolkit serve --predicted-outputs` (default" in render.markdown(RECORDED)
+
+
 def test_caveat_flags_an_oversubscribed_machine():
     busy = json.loads(json.dumps(RECORDED))
     busy["levels"][1]["loadavg_after"] = 12.4

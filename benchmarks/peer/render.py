@@ -111,7 +111,8 @@ def markdown(result: dict[str, Any]) -> str:
     parts = [
         f"Measured {meta['date']} with `{meta['command']}` on {cpu['summary']}. "
         f"Both servers use {meta['threads']} threads; {meta['prompt_tokens']}-token prompt, {meta['max_tokens']} greedy "
-        f"tokens with `ignore_eos`; levels alternate which side goes first. Ours: `toolkit serve --predicted-outputs` (default "
+        f"tokens with `ignore_eos`; levels alternate which side goes first. Ours: `toolkit serve --predicted-outputs"
+        f"{''.join(' ' + arg for arg in meta.get('serve_args', []))}` (default "
         f"model, int8 `gqa` engine; the flag changes only requests that carry `prediction`). Peer: `llama-server` built from the llama.cpp sources vendored in the "
         f"`llama-cpp-python` {meta['llama_cpp']['version']} sdist (cmake Release, `GGML_NATIVE=ON`, AMX off), "
         f"`{meta['llama_cpp']['server_flags']}`, on the package's GGUF requantized to Q8_0.",
