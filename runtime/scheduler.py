@@ -47,11 +47,10 @@ from toolkit.runtime.step_cost import StepCostModel
 #: dominates), hence the floor.
 DEFAULT_STEP_BUDGET_MS: float | None = 75.0
 DEFAULT_MIN_PREFILL_CHUNK = 32
-#: Over HTTP (toolkit bench, 108-token prompts, 128 tokens, two rounds alternated with 0, 2026-12-05, same
-#: machine): at 32 streams, 64 requests, ratio 2 gave 274 / 272 tok/s against 234 / 229, TTFT p99 8.1 / 7.9
-#: against 11.3 / 11.3 s, ITL p50 78 / 81 against 106 / 108 ms and ITL p99 155 / 161 against 173 / 172 ms, for
-#: TTFT p50 3.9 / 3.7 against 2.5 / 2.9 s; at 16 streams, 32 requests, the rounds disagreed (TTFT p50 1.34 /
-#: 1.60 against 1.71 / 1.27 s, ITL p99 87 / 101 against 118 / 106 ms).
+#: Side by side with llama-server (benchmarks/llama_cpp_peer.py --levels 16,32 --serve-arg=--waiting-served-ratio=R,
+#: four runs R = 0, 2, 2, 0, 2026-12-05, 2 AVX-512 VNNI cores): at 16 streams 279 / 289 tok/s and TTFT p50 1.2 / 1.0 s
+#: with 2 against 224 / 233 tok/s and 1.7 / 1.7 s with 0 (ITL p99 97-100 against 93-98 ms); at 32 streams 296 / 299
+#: against 248 / 267 tok/s, for TTFT p50 3.4-3.7 against 1.6-2.5 s (llama-server's: 4.5-5.0 s).
 DEFAULT_WAITING_SERVED_RATIO: float | None = 2.0
 
 
@@ -62,6 +61,8 @@ class SchedulerConfig:
     ``step_budget_ms``: model time a step that decodes may take, prompt chunks included (None or 0:
     the token budget alone). ``min_prefill_chunk``: prompt tokens a step runs even when the budget
     has no room left (measured: smaller chunks cost several times more per token).
+    ``waiting_served_ratio``: prompts-only steps for a burst of new requests (module docstring; None or
+    0: never).
 
     ``max_batch_size`` (``toolkit serve --max-batch-size``) 32: 32 streams over HTTP on the default
     model (int8 gqa, 2 AVX-512 VNNI cores, 108-token prompts, 128 tokens, two rounds alternated
