@@ -140,6 +140,18 @@ def budgeted(budget_ms: float | None, max_num_tokens: int = 512, min_chunk: int 
     return s
 
 
+def itl_budget_script():
+    """``benchmarks/itl_budget.py`` as a module (its ``--simulate`` replays the HTTP run on the scheduler)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "itl_budget.py"
+    spec = importlib.util.spec_from_file_location("itl_budget", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def predicted(s: Scheduler, plan) -> float:
     return s.cost.decode_seconds(plan.rows, plan.context) + sum(
         s.cost.chunk_seconds(stop - start, start) for _, start, stop in plan.prefill)
@@ -252,13 +264,7 @@ def test_the_default_ratio_in_the_issue_shape_serves_the_burst_sooner_without_to
     first tokens come sooner and the steps decode fuller batches; the streams' ITL p99 does not move.
     (The median first token moves either way by about a tenth, with the machine's costs: here +8 %,
     -11 % on the measured default-model costs, ``benchmarks/itl_budget.py --simulate``.)"""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "itl_budget.py"
-    spec = importlib.util.spec_from_file_location("itl_budget", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = itl_budget_script()
     args = bench.parse_args(["--requests", "32"])
     off, on = (bench.simulate(copy.deepcopy(SYNTHETIC), 100.0, args, 32, step_overhead_s=0.0, waiting_served_ratio=ratio)
                for ratio in (0.0, None))  # off, the default
@@ -336,13 +342,7 @@ def test_greedy_outputs_are_identical_with_and_without_the_budget_and_the_pauses
 
 def test_closed_loop_of_the_issue_shape_keeps_every_gap_within_the_budget():
     """benchmarks/itl_budget.py --simulate: 16 clients, 108-token prompts, 128 tokens, on the synthetic machine."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "itl_budget.py"
-    spec = importlib.util.spec_from_file_location("itl_budget", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = itl_budget_script()
     args = bench.parse_args(["--requests", "64"])
     off, on = (bench.simulate(copy.deepcopy(SYNTHETIC), budget, args, 64, step_overhead_s=0.0, waiting_served_ratio=0.0)
                for budget in (None, 100.0))  # the time budget alone
