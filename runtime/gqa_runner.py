@@ -15,24 +15,39 @@ import numpy as np
 import onnxruntime as ort
 
 from toolkit.artifact.layout import kv_spec
-from toolkit.artifact.onnx_session import create_session
+from toolkit.artifact.onnx_session import create_session, session_threads
+from toolkit.runtime.native_head import split_lm_head
 from toolkit.runtime.shared_kv import SharedKV, mapped_arrays, round_up
-from toolkit.runtime.speculative import LOGITS_KEEP_INPUT, verify_session
+from toolkit.runtime.speculative import LOGITS_KEEP_INPUT, keep_positions
 
 
 class GqaModelRunner:
     """Chunked batch-1 prefill and batched decode over shared past/present buffers."""
 
     def __init__(self, model_path: Path, threads: int | None = None, max_length: int = 1 << 15, verify: bool = False):
-        """``verify``: open the graph so a run can return logits for several last positions (``verify``)."""
-        self.session = (verify_session(model_path, threads) if verify else None) or create_session(model_path, threads)
+        """``verify``: open the graph so a run can return logits for several last positions (``verify``).
+
+        An int8 graph's LM head runs on ``toolkit.runtime.native_head`` where that kernel can run (same
+        logits, bitwise); the graph then returns the head's quantized input instead of ``logits``.
+        """
+        import onnx
+
+        model = onnx.load(str(model_path), load_external_data=False)  # the graph only; edited in memory
+        edited = verify and keep_positions(model)
+        self.head = split_lm_head(model, model_path.parent, session_threads(threads))
+        self.session = create_session(model_path, threads, model=model if edited or self.head else None)
         self.can_verify = LOGITS_KEEP_INPUT in {i.name for i in self.session.get_inputs()}
         self.spec = kv_spec(self.session, model_path)
         self.max_length = max_length
         self.past_names = self.spec.past_names
         self.present_of = {n: n.replace("past_key_values.", "present.", 1) for n in self.past_names}
-        logits = self.session.get_outputs()[0]
-        self.vocab = logits.shape[-1] if isinstance(logits.shape[-1], int) and logits.type == "tensor(float)" else None
+        if self.head is not None:
+            self.vocab_size = self.head.head.vocab
+            self.vocab: int | None = self.vocab_size  # the width of the reused float32 logits buffer, if any
+        else:
+            logits = next(o for o in self.session.get_outputs() if o.name == "logits")
+            self.vocab_size = logits.shape[-1] if isinstance(logits.shape[-1], int) else 0  # 0: symbolic in the graph
+            self.vocab = self.vocab_size if self.vocab_size and logits.type == "tensor(float)" else None
         self._logits = np.empty(0, np.float32)  # grown to the largest run's [rows, positions, vocab], reused
 
     def new_batch(self) -> SharedKV:
@@ -49,7 +64,10 @@ class GqaModelRunner:
         for name, value in (lora or {}).items():  # LoRA graph inputs (toolkit.runtime.lora)
             binding.bind_cpu_input(name, value)
         logits = self._logits_out(ids.shape[0], keep)
-        if logits is None:
+        if self.head is not None:  # the graph stops at the LM head's input; the kernel fills ``logits``
+            binding.bind_output(self.head.q_output)
+            binding.bind_output(self.head.scale_output)
+        elif logits is None:
             binding.bind_output("logits")
         else:
             binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
@@ -58,6 +76,9 @@ class GqaModelRunner:
             binding.bind_ortvalue_input(name, value)
             binding.bind_ortvalue_output(self.present_of[name], value)
         self.session.run_with_iobinding(binding)
+        if self.head is not None:
+            q, row_scale = binding.get_outputs()[:2]
+            return self.head.head(q.numpy(), row_scale.numpy(), logits)
         return binding.get_outputs()[0].numpy() if logits is None else logits
 
     def _logits_out(self, rows: int, positions: int) -> np.ndarray | None:

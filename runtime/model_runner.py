@@ -25,6 +25,8 @@ class OnnxModelRunner:
         self.past_names = self.spec.past_names
         self.present_names = [n.replace("past_key_values.", "present.", 1) for n in self.past_names]
         self.output_names = ["logits", *self.present_names]
+        dim = next(o for o in self.session.get_outputs() if o.name == "logits").shape[-1]
+        self.vocab_size = dim if isinstance(dim, int) else 0  # the logits' width; 0 where the graph leaves it symbolic
 
     def new_batch(self) -> BatchKV:
         """An empty decode batch matching this model's cache layout."""

@@ -342,28 +342,18 @@ def _lm_head_input_chain(graph):
     return None
 
 
-def verify_session(model_path, threads: int | None = None):
-    """An onnxruntime session over ``model_path`` whose ``logits`` cover the last ``N`` positions, ``N`` given
-    per run as ``LOGITS_KEEP_INPUT = [-N]`` (1 for prefill and decode: the exported behaviour, N for a
-    verify step); None when the graph's LM head input is not one of the known last-position pickers.
-
-    The edit is made in memory on the graph (the weights stay in the engine directory's external data
-    file, which onnxruntime reads from there), so the exported artifact is unchanged and the session
-    holds the weights once, as the plain one does.
-    """
-    import os
-
+def keep_positions(model) -> bool:
+    """Edit ``model`` (an ``onnx.ModelProto``, in memory) so its ``logits`` cover the last ``N`` positions,
+    ``N`` given per run as ``LOGITS_KEEP_INPUT = [-N]`` (1 for prefill and decode: the exported behaviour,
+    N for a verify step); False, with ``model`` unchanged, when the LM head's input is not one of the
+    known last-position pickers."""
     import onnx
-    import onnxruntime as ort
     from onnx import helper, numpy_helper
 
-    from toolkit.artifact.onnx_session import available_providers
-
-    model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
     found = _lm_head_input_chain(graph)
     if found is None:
-        return None
+        return False
     last, hidden = found
     ends, axes = "toolkit_logits_keep_ends", "toolkit_logits_keep_axes"
     graph.initializer.extend([numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), ends),
@@ -383,9 +373,19 @@ def verify_session(model_path, threads: int | None = None):
     logits = next(o for o in graph.output if o.name == "logits")
     logits.type.tensor_type.shape.dim[1].Clear()
     logits.type.tensor_type.shape.dim[1].dim_param = "logits_positions"
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or int(os.environ.get("TOOLKIT_THREADS", "0")) or (os.cpu_count() or 1)
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
-    return ort.InferenceSession(model.SerializeToString(), options, providers=available_providers())
+    return True
+
+
+def verify_session(model_path, threads: int | None = None):
+    """An onnxruntime session over ``model_path`` edited by ``keep_positions``, or None where it does not apply.
+
+    The edit is made in memory on the graph (the weights stay in the engine directory's external data
+    file, which onnxruntime reads from there), so the exported artifact is unchanged and the session
+    holds the weights once, as the plain one does.
+    """
+    import onnx
+
+    from toolkit.artifact.onnx_session import create_session
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    return create_session(model_path, threads, model=model) if keep_positions(model) else None

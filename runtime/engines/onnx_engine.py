@@ -122,7 +122,7 @@ class OnnxEngine:
                                      self.manifest.source.get("sha256", ""), self.max_loras or DEFAULT_MAX_LORAS,
                                      notify=self._wake.set)
         self._prompts = PromptBuilder(load_tokenizer(self.engine_dir), self.recipe)
-        self.sequences = SequenceFactory(self._prompts, vocab_size=int(self.runner.session.get_outputs()[0].shape[-1] or 0))
+        self.sequences = SequenceFactory(self._prompts, vocab_size=self.runner.vocab_size)
         self.processor = TokenProcessor(self._prompts, self.context_length)
         self.speculator = Speculator(self.speculative) if self.runner.can_verify else None
         self.batch = self.runner.new_batch()

@@ -1,0 +1,234 @@
+"""The int8 engines' LM head on our own VNNI kernel (``runtime/native/lm_head_int8.c``), not onnxruntime's.
+
+The per-row int8 LM head (``toolkit.export.rowwise_int8``: ``MatMulIntegerToFloat`` then ``Mul`` by
+the row scales) is the largest single product of a decode step on the default model: 262,144 x 640,
+a third of a 16-row step. ``split_lm_head`` takes it out of the graph when the session is made (in
+memory: the engine directory is not touched), so the graph returns the head's quantized input and
+row scales, and ``Int8Head`` computes the logits from them. The integer sums are exact and the float
+products are onnxruntime's, in its order, so the logits are bitwise the graph's own where MLAS runs
+VNNI (tests/test_native_head.py); only the time differs (benchmarks/native_head.py).
+
+The kernel is C with AVX-512 VNNI intrinsics, compiled once per source and compiler with the
+machine's C compiler (``$CC``, else ``cc``) into ``$TOOLKIT_CACHE/native`` (default
+``~/.cache/toolkit/native``) and loaded with ctypes, as PyTorch's ``cpp_extension.load`` and CFFI's
+API mode build on first use. It is used only where all of these hold; otherwise the head stays in the
+graph, exactly as exported:
+
+- ``$TOOLKIT_NATIVE_HEAD`` is not ``0``;
+- the CPU reports ``avx512f``, ``avx512bw`` and ``avx512_vnni`` (``/proc/cpuinfo``). On AVX2-only CPUs
+  MLAS sums pairs of products in 16 bits (vpmaddubsw) and can saturate, so its logits are not the exact
+  ones this kernel computes; staying on MLAS there keeps one engine's outputs the same on one machine;
+- a C compiler builds the source;
+- the graph's LM head is the per-row int8 pattern with activation scale 1 and zero point 128, and the
+  hidden size is a multiple of 4.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "native" / "lm_head_int8.c"
+ENV_SWITCH = "TOOLKIT_NATIVE_HEAD"
+REQUIRED_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512_vnni"})
+# -fno-tree-pre / -fno-gcse: with them GCC 12 keeps the 24 accumulators in registers; without them it
+# spilled them to the stack on every step of the inner loop at -O3 (2-3x slower, seen in the assembly).
+CFLAGS = ("-O2", "-fno-tree-pre", "-fno-gcse", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fPIC", "-shared", "-pthread")
+TILE_N = 48  # the kernel's column tile (TILE_N in the C source): packed columns are padded to it
+ZERO_POINT = 128
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The first CPU's feature flags (empty where ``/proc/cpuinfo`` is absent, as off Linux)."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def unavailable_reason(flags: frozenset[str] | None = None) -> str | None:
+    """Why the kernel cannot run here (switched off, CPU flags missing), or None when it can be tried."""
+    if os.environ.get(ENV_SWITCH, "").strip() == "0":
+        return f"${ENV_SWITCH}=0"
+    missing = REQUIRED_CPU_FLAGS - (cpu_flags() if flags is None else flags)
+    if missing:
+        return "the CPU lacks " + ", ".join(sorted(missing))
+    return None
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("TOOLKIT_CACHE") or Path.home() / ".cache" / "toolkit") / "native"
+
+
+def build_library(source: Path = SOURCE, out_dir: Path | None = None) -> Path:
+    """Compile ``source`` (once per source text, compiler and flags) and return the shared library's path.
+
+    Raises ``RuntimeError`` with the compiler's message when it fails or no compiler exists.
+    """
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C compiler ({compiler!r} not on PATH)")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([source.read_text(), version, *CFLAGS]).encode()).hexdigest()[:16]
+    out_dir = out_dir or _cache_root()
+    target = out_dir / f"{source.stem}-{key}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # built aside, then renamed: concurrent builders are safe
+        built = Path(tmp) / target.name
+        done = subprocess.run([compiler, *CFLAGS, str(source), "-o", str(built)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {source.name}: {done.stderr.strip()[-2000:]}")
+        os.replace(built, target)
+    return target
+
+
+_library: ctypes.CDLL | None = None
+
+
+def load_library() -> ctypes.CDLL:
+    """The kernel's library, built if needed (``build_library``), loaded once per process."""
+    global _library
+    if _library is None:
+        lib = ctypes.CDLL(str(build_library()))
+        p = ctypes.c_void_p
+        lib.toolkit_int8_head.argtypes = [p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, p, p, p, p, ctypes.c_int]
+        lib.toolkit_int8_head.restype = ctypes.c_int
+        _library = lib
+    return _library
+
+
+class Int8Head:
+    """``logits = (q . W - 128 colsum(W)) * col_scale * row_scale`` for uint8 ``q`` and int8 ``W [K, N]``."""
+
+    def __init__(self, weight: np.ndarray, col_scale: np.ndarray, threads: int):
+        k, n = weight.shape
+        if weight.dtype != np.int8 or k % 4:
+            raise ValueError(f"the kernel takes int8 weights with a hidden size divisible by 4, not {weight.dtype} {weight.shape}")
+        self.hidden, self.vocab, self.threads = k, n, max(1, threads)
+        padded = -(-n // TILE_N) * TILE_N
+        wide = np.zeros((k, padded), np.int8)
+        wide[:, :n] = weight
+        # [N/16 column blocks][K/4][16 columns][4 k]: one 64-byte load feeds 16 columns x 4 k of VPDPBUSD
+        self.packed = np.ascontiguousarray(wide.reshape(k // 4, 4, padded // 16, 16).transpose(2, 0, 3, 1))
+        del wide
+        self.corr = np.zeros(padded, np.int32)
+        self.corr[:n] = ZERO_POINT * weight.sum(axis=0, dtype=np.int32)
+        self.col_scale = np.zeros(padded, np.float32)
+        self.col_scale[:n] = col_scale
+        self._lib = load_library()
+
+    def __call__(self, q: np.ndarray, row_scale: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Fill ``out [..., N]`` (float32, C-contiguous) from ``q [..., K]`` uint8 and ``row_scale [..., 1]``."""
+        q = np.ascontiguousarray(q, np.uint8).reshape(-1, self.hidden)
+        row_scale = np.ascontiguousarray(row_scale, np.float32).reshape(-1)
+        rows = q.shape[0]
+        if row_scale.shape[0] != rows or out.dtype != np.float32 or not out.flags.c_contiguous or out.size != rows * self.vocab:
+            raise ValueError(f"LM head shapes: q {q.shape}, row_scale {row_scale.shape}, out {out.shape} {out.dtype}")
+        self._lib.toolkit_int8_head(q.ctypes.data, row_scale.ctypes.data, rows, self.hidden, self.vocab,
+                                    self.packed.ctypes.data, self.corr.ctypes.data, self.col_scale.ctypes.data,
+                                    out.ctypes.data, self.threads)
+        return out
+
+
+def reference_session(weight: np.ndarray, col_scale: np.ndarray, threads: int = 1):
+    """An onnxruntime session of the exported head's two ops alone (``MatMulIntegerToFloat`` with activation
+    scale 1 and zero point 128, then ``Mul`` by the row scales; inputs ``q`` ``[m, K]`` uint8 and ``rs``
+    ``[m, 1]``, output ``logits``): what the kernel is checked and timed against."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = weight.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMulIntegerToFloat", ["q", "w", "one", "cs", "zp"], ["u"], domain="com.microsoft"),
+         helper.make_node("Mul", ["u", "rs"], ["logits"])], "lm_head",
+        [helper.make_tensor_value_info("q", TensorProto.UINT8, ["m", k]), helper.make_tensor_value_info("rs", TensorProto.FLOAT, ["m", 1])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["m", n])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+         numpy_helper.from_array(col_scale, "cs"), numpy_helper.from_array(np.array(ZERO_POINT, np.uint8), "zp")])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """The graph outputs that replace ``logits`` and the head computing logits from them."""
+
+    q_output: str
+    scale_output: str
+    head: Int8Head
+
+
+def _rowwise_head_nodes(graph):
+    """(MatMulIntegerToFloat, Mul) producing ``logits`` in the per-row int8 pattern, or None."""
+    producer = {out: node for node in graph.node for out in node.output}
+    mul = producer.get("logits")
+    if mul is None or mul.op_type != "Mul":
+        return None
+    for i, name in enumerate(mul.input):
+        product = producer.get(name)
+        if product is not None and product.op_type == "MatMulIntegerToFloat" and len(product.input) == 5:
+            return product, mul, mul.input[1 - i]
+    return None
+
+
+def split_lm_head(model, model_dir: Path, threads: int) -> HeadSplit | None:
+    """Take the per-row int8 LM head out of ``model`` (an ``onnx.ModelProto`` loaded without its external
+    data, edited in place) and return what computes it instead; None, with ``model`` unchanged, where the
+    kernel is unavailable (``unavailable_reason``, no compiler) or the head is not that pattern."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    reason = unavailable_reason()
+    found = None if reason else _rowwise_head_nodes(model.graph)
+    if found is None:
+        log.info("LM head stays in the graph: %s", reason or "not the per-row int8 pattern")
+        return None
+    product, mul, row_scale = found
+    initializers = {init.name: init for init in model.graph.initializer}
+    if not all(name in initializers for name in product.input[1:]):
+        return None
+    weight, a_scale, col_scale, zero_point = (numpy_helper.to_array(initializers[name], str(model_dir))
+                                              for name in product.input[1:])
+    if (weight.dtype != np.int8 or weight.ndim != 2 or weight.shape[0] % 4 or a_scale.size != 1 or float(a_scale) != 1.0
+            or zero_point.size != 1 or zero_point.dtype != np.uint8 or int(zero_point) != ZERO_POINT
+            or col_scale.shape != (weight.shape[1],)):
+        log.info("LM head stays in the graph: its int8 product is not the kernel's scheme")
+        return None
+    try:
+        head = Int8Head(weight, col_scale.astype(np.float32), threads)
+    except (RuntimeError, OSError) as exc:
+        log.warning("LM head stays in the graph: the native kernel could not be built: %s", exc)
+        return None
+    graph = model.graph
+    q_output = product.input[0]
+    graph.node.remove(product)
+    graph.node.remove(mul)
+    logits = next(o for o in graph.output if o.name == "logits")
+    dims = [d for d in logits.type.tensor_type.shape.dim][:-1]
+    graph.output.remove(logits)
+    shape = [d.dim_param or d.dim_value or None for d in dims]
+    graph.output.extend([helper.make_tensor_value_info(q_output, TensorProto.UINT8, [*shape, weight.shape[0]]),
+                         helper.make_tensor_value_info(row_scale, TensorProto.FLOAT, [*shape, 1])])
+    used = {name for node in graph.node for name in node.input}
+    dropped = set(product.input[1:]) - used  # the weights onnxruntime would otherwise read and prepack too
+    for init in [init for init in graph.initializer if init.name in dropped]:
+        graph.initializer.remove(init)
+    return HeadSplit(q_output, row_scale, head)

@@ -1,0 +1,155 @@
+"""The int8 LM head on our own VNNI kernel (``toolkit.runtime.native_head``): bitwise the graph's logits.
+
+Where the CPU lacks AVX-512 VNNI the kernel never runs; those tests then check that the runner keeps
+the graph's own head (the branch is on the machine's CPU flags, not a skip).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from toolkit.recipes import get_recipe
+from toolkit.runtime import native_head
+from toolkit.runtime.native_head import (Int8Head, build_library, cpu_flags, reference_session, split_lm_head,
+                                         unavailable_reason)
+
+KERNEL_HERE = unavailable_reason(cpu_flags()) is None  # this machine's CPU can run the kernel
+
+
+def _exact_logits(q: np.ndarray, weight: np.ndarray, col_scale: np.ndarray, row_scale: np.ndarray) -> np.ndarray:
+    """The definition in integers, then the two float32 products in onnxruntime's order."""
+    acc = q.astype(np.int64) @ weight.astype(np.int64) - 128 * weight.astype(np.int64).sum(axis=0)
+    return (acc.astype(np.float32) * col_scale) * row_scale.reshape(-1, 1)
+
+
+def _onnxruntime_logits(q, weight, col_scale, row_scale) -> np.ndarray:
+    """The exported head's ops (``MatMulIntegerToFloat``, ``Mul``) run by onnxruntime."""
+    return reference_session(weight, col_scale).run(None, {"q": q, "rs": row_scale.reshape(-1, 1)})[0]
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def test_cpu_flags_and_the_switch_decide_availability(tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw\n")
+    flags = cpu_flags(cpuinfo)
+    assert {"avx2", "avx512f", "avx512bw"} <= flags and "avx512_vnni" not in flags
+    monkeypatch.delenv(native_head.ENV_SWITCH, raising=False)
+    assert unavailable_reason(flags) == "the CPU lacks avx512_vnni"
+    assert unavailable_reason(flags | {"avx512_vnni"}) is None
+    monkeypatch.setenv(native_head.ENV_SWITCH, "0")
+    assert unavailable_reason(flags | {"avx512_vnni"}) == "$TOOLKIT_NATIVE_HEAD=0"
+    assert cpu_flags(tmp_path / "absent") == frozenset()
+
+
+def test_a_failing_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # exists, exits 1
+    with pytest.raises(RuntimeError, match="false failed on lm_head_int8.c"):
+        build_library(out_dir=tmp_path)
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        build_library(out_dir=tmp_path)
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_the_library_is_built_once_per_source(tmp_path):
+    first = build_library(out_dir=tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert build_library(out_dir=tmp_path) == first and first.stat().st_mtime_ns == stamp
+    edited = tmp_path / "lm_head_int8.c"
+    edited.write_text(native_head.SOURCE.read_text() + "\n/* another source, another library */\n")
+    assert build_library(edited, out_dir=tmp_path) != first
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 17, 33])
+def test_kernel_is_bitwise_the_definition_and_onnxruntime(rows, monkeypatch):
+    """Every row-tile size (8, 4, 2, 1 and their sums) and a vocabulary that is not a multiple of the
+    16-column block nor of the 48-column tile (the masked, padded edge)."""
+    if not KERNEL_HERE:
+        assert unavailable_reason() is not None
+        return
+    rng = np.random.default_rng(rows)
+    k, n = 96, 1000
+    weight = rng.integers(-127, 128, (k, n), dtype=np.int8)
+    col_scale = (rng.random(n, dtype=np.float32) * 0.02).astype(np.float32)
+    q = rng.integers(0, 256, (rows, k), dtype=np.uint8)
+    q[0, :] = 255  # the largest products the int32 sums must hold exactly
+    row_scale = (rng.random(rows, dtype=np.float32) * 0.1).astype(np.float32)
+    out = np.full((rows, n), np.nan, np.float32)
+    for threads in (1, 2, 3):
+        out[:] = np.nan
+        Int8Head(weight, col_scale, threads)(q, row_scale.reshape(rows, 1), out)
+        assert _same_bits(out, _exact_logits(q, weight, col_scale, row_scale))
+        assert _same_bits(out, _onnxruntime_logits(q, weight, col_scale, row_scale))
+
+
+def test_shapes_the_kernel_cannot_take_are_refused():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        Int8Head(np.zeros((6, 16), np.int8), np.ones(16, np.float32), 1)
+    if KERNEL_HERE:
+        head = Int8Head(np.zeros((8, 16), np.int8), np.ones(16, np.float32), 1)
+        with pytest.raises(ValueError, match="LM head shapes"):
+            head(np.zeros((2, 8), np.uint8), np.ones((2, 1), np.float32), np.empty((3, 16), np.float32))
+
+
+def _runner_logits(engine_dir: Path, native: bool, monkeypatch) -> tuple[object, list[np.ndarray]]:
+    """Chunked prefill of three prompts, 6 batched decode steps, one 3-token verify: every logits array."""
+    from toolkit.export.golden import Reference
+    from toolkit.runtime.gqa_runner import GqaModelRunner
+
+    monkeypatch.setenv(native_head.ENV_SWITCH, "1" if native else "0")
+    runner = GqaModelRunner(engine_dir / "model.onnx", threads=2, verify=True)
+    cases = Reference.load(engine_dir).cases[:3]
+    seen, last = [], []
+    batch = runner.new_batch()
+    for case in cases:
+        ids = case.prompt_ids
+        first, past = runner.prefill(ids[:4], None, 0)
+        logits, past = runner.prefill(ids[4:], past, 4)
+        seen += [first, logits]
+        batch.add_rows(past, [len(ids)])
+        last.append(int(logits.argmax()))
+    batch.reserve(batch.size, max(batch.lengths) + 12)
+    for _ in range(6):
+        logits = runner.decode(batch, last, list(batch.lengths)).copy()
+        seen.append(logits)
+        last = [int(row.argmax()) for row in logits]
+    single = runner.new_batch()
+    _, past = runner.prefill(cases[0].prompt_ids, None, 0)
+    single.add_rows(past, [len(cases[0].prompt_ids)])
+    single.reserve(1, single.lengths[0] + 4)
+    seen.append(runner.verify(single, [[last[0], 5, 7]], list(single.lengths)).copy())
+    return runner, seen
+
+
+def test_runner_logits_are_the_graphs_bitwise(tiny_engine, monkeypatch):
+    """The tiny int8 gqa engine (per-row int8 LM head): prefill, batched decode and a verify run give the
+    same bits with the head in the graph and on the kernel; the edited graph returns no ``logits``."""
+    engine_dir = tiny_engine(get_recipe("gemma-7b-it"), "int8", "gqa")
+    graph_runner, expected = _runner_logits(engine_dir, False, monkeypatch)
+    assert graph_runner.head is None and "logits" in {o.name for o in graph_runner.session.get_outputs()}
+    runner, got = _runner_logits(engine_dir, True, monkeypatch)
+    if not KERNEL_HERE:
+        assert runner.head is None
+        return
+    outputs = {o.name for o in runner.session.get_outputs()}
+    assert runner.head is not None and "logits" not in outputs
+    assert {runner.head.q_output, runner.head.scale_output} <= outputs
+    assert runner.vocab == graph_runner.vocab
+    assert len(got) == len(expected) and all(_same_bits(a, b) for a, b in zip(got, expected))
+
+
+def test_heads_of_other_schemes_stay_in_the_graph(tiny_engine):
+    """An fp32 graph's head (a MatMul) is not the kernel's: the model is left as it was."""
+    import onnx
+
+    engine_dir = tiny_engine(get_recipe("gemma-7b-it"), "fp32", "gqa")
+    model = onnx.load(str(engine_dir / "model.onnx"), load_external_data=False)
+    before = model.SerializeToString()
+    assert split_lm_head(model, engine_dir, 1) is None
+    assert model.SerializeToString() == before
