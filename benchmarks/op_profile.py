@@ -10,6 +10,10 @@ printed: the step's wall and process-CPU time without the profiler, alternated t
 the Python side of a step (the logits copy out of onnxruntime and the
 greedy argmax over the vocabulary).
 
+The graph is profiled as exported: an int8 engine's LM head shows up as ``MatMulIntegerToFloat``
+here, while serving runs it on ``toolkit.runtime.native_head``'s kernel where the CPU allows
+(``benchmarks/native_head.py`` times the two against each other).
+
     python benchmarks/op_profile.py ENGINE_DIR [ENGINE_DIR ...] [--batches 1,16,32,64] [--json out.json]
 """
 

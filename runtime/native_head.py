@@ -122,8 +122,7 @@ class Int8Head:
             raise ValueError(f"the kernel takes int8 weights with a hidden size divisible by 4, not {weight.dtype} {weight.shape}")
         self.hidden, self.vocab, self.threads = k, n, max(1, threads)
         padded = -(-n // TILE_N) * TILE_N
-        wide = np.zeros((k, padded), np.int8)
-        wide[:, :n] = weight
+        wide = weight if padded == n else np.pad(weight, ((0, 0), (0, padded - n)))  # zero columns: no copy when none
         # [N/16 column blocks][K/4][16 columns][4 k]: one 64-byte load feeds 16 columns x 4 k of VPDPBUSD
         self.packed = np.ascontiguousarray(wide.reshape(k // 4, 4, padded // 16, 16).transpose(2, 0, 3, 1))
         del wide
