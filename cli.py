@@ -318,6 +318,7 @@ def bench(url, offline, engine_dir, model, schema, concurrency, rate, requests_p
 @click.option("--step-budget-ms", type=click.FloatRange(min=0), default=None, help="ONNX engines: model time per step while streams decode; prompt chunks are cut to fit (smoother inter-token latency, later first tokens). 0: token budget only. Default: SchedulerConfig's (README: Smooth streams).")
 @click.option("--max-batch-size", type=click.IntRange(1, 256), default=None, help="ONNX engines: most sequences decoded together (vLLM's --max-num-seqs); more requests wait for a row. Default: SchedulerConfig's, 32.")
 @click.option("--waiting-served-ratio", type=click.FloatRange(min=0), default=None, help="ONNX engines: when requests still prefilling have this many times the rows decoding, a step runs prompts only (text-generation-inference's option of that name): a burst of new requests gets its first tokens sooner, the streams already running wait one longer step. 0: never. Default: SchedulerConfig's, 2 (README: Smooth streams).")
+@click.option("--queued-step-budget-ms", type=click.FloatRange(min=0), default=None, help="ONNX engines: model time per step while requests wait for a free row (the batch is full): longer prompt chunks, more throughput, longer gaps between the running streams' tokens. 0: --step-budget-ms then too. Default: SchedulerConfig's, 150 (README: Smooth streams).")
 @click.option("--prompt-lookup/--no-prompt-lookup", "prompt_lookup", default=None, help="ONNX engines: prompt-lookup (n-gram) speculative decoding on / off for every request. Default: on for fp32 engines, off for quantized ones, whose verify runs are not bitwise plain decoding (README: Speculative decoding).")
 @click.option("--predicted-outputs/--no-predicted-outputs", "predicted_outputs", default=None, help="ONNX engines: speculate from a request's OpenAI `prediction` (and its prompt) on / off. Off, `prediction` is accepted and changes nothing. Default: on for fp32 engines, off for quantized ones, where it could change the output (README: Speculative decoding).")
 @click.option("--max-draft-tokens", type=click.IntRange(min=1, max=32), default=None, help="ONNX engines: most draft tokens verified per step (prompt lookup and `prediction`). Default: SpeculativeConfig's.")
@@ -327,7 +328,7 @@ def bench(url, offline, engine_dir, model, schema, concurrency, rate, requests_p
 @click.option("--malloc-trim-s", type=click.FloatRange(min=0), default=10.0, show_default=True, help="ONNX engines: hand glibc's freed heap back to the kernel every N seconds (0: never).")
 def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, request_timeout_s, public_metrics, cors_origins, log_level, loras, max_loras,
           use_ray, ray_address, replicas, min_replicas, max_replicas, target_ongoing_requests, threads, no_prefix_cache,
-          step_budget_ms, max_batch_size, waiting_served_ratio, prompt_lookup, predicted_outputs, max_draft_tokens, kv_cache_gib, prefix_cache_share, ort_arena_mib,
+          step_budget_ms, max_batch_size, waiting_served_ratio, queued_step_budget_ms, prompt_lookup, predicted_outputs, max_draft_tokens, kv_cache_gib, prefix_cache_share, ort_arena_mib,
           malloc_trim_s) -> None:
     """Serve ENGINE_DIRs over the OpenAI and Workers AI APIs.
 
@@ -341,7 +342,7 @@ def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, 
         os.environ[ARENA_ENV] = str(ort_arena_mib)
     engines = engine_options(no_prefix_cache, step_budget_ms, prompt_lookup, max_draft_tokens, kv_cache_gib,
                              prefix_cache_share, malloc_trim_s, predicted_outputs, max_batch_size,
-                             waiting_served_ratio)
+                             waiting_served_ratio, queued_step_budget_ms)
 
     try:
         dirs = engine_dirs_to_serve(engine_dirs, models_dir)

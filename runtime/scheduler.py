@@ -14,6 +14,13 @@ budget alone let a step carry ~500 prompt tokens, ~0.5 s on a 2-core CPU, betwee
 every stream). At least ``min_prefill_chunk`` prompt tokens still run every step, so prefill never
 starves; with nothing decoding, prefill takes the whole token budget.
 
+With ``queued_step_budget_ms`` set, a step that decodes while requests wait for a free row (the
+batch is full) may take that long instead: the server is then throughput-bound, and longer steps
+carry longer prompt chunks, which cost less per token (each chunk is a run of the whole model at
+batch 1, its weights read again), so the rows freed by finished requests refill sooner. The streams
+already running wait longer between tokens, still far less than in a server that prefills whole
+prompts between their tokens.
+
 With ``waiting_served_ratio`` set (text-generation-inference's launcher option of that name and
 meaning, https://huggingface.co/docs/text-generation-inference/basic_tutorials/launcher#waitingservedratio),
 a step pauses the running rows and spends the whole token budget on prompts when the admitted
@@ -52,6 +59,11 @@ DEFAULT_MIN_PREFILL_CHUNK = 32
 #: with 2 against 224 / 233 tok/s and 1.7 / 1.7 s with 0 (ITL p99 97-100 against 93-98 ms); at 32 streams 296 / 299
 #: against 248 / 267 tok/s, for TTFT p50 3.4-3.7 against 1.6-2.5 s (llama-server's: 4.5-5.0 s).
 DEFAULT_WAITING_SERVED_RATIO: float | None = 2.0
+#: 64 streams, 32 rows, the other 32 queued (benchmarks/llama_cpp_peer.py --levels 64, four runs alternated, 2026-12-05,
+#: 2 AVX-512 VNNI cores): 325 / 344 tok/s with 150 ms against 304 / 321 with 75 ms (llama-server: 184-186), for ITL
+#: p99 188 ms against 137 / 120 (llama-server: 1.8-2.0 s); the in-process trace (64 clients) took 42-45 s instead of 47-54 s.
+#: Below 33 streams nothing waits for a row, so nothing changes there.
+DEFAULT_QUEUED_STEP_BUDGET_MS: float | None = 150.0
 
 
 @dataclass(frozen=True)
@@ -62,7 +74,8 @@ class SchedulerConfig:
     the token budget alone). ``min_prefill_chunk``: prompt tokens a step runs even when the budget
     has no room left (measured: smaller chunks cost several times more per token).
     ``waiting_served_ratio``: prompts-only steps for a burst of new requests (module docstring; None or
-    0: never).
+    0: never). ``queued_step_budget_ms``: the step budget while requests wait for a free row (module
+    docstring; None or 0: ``step_budget_ms`` then too); it applies only where ``step_budget_ms`` is set.
 
     ``max_batch_size`` (``toolkit serve --max-batch-size``) 32: 32 streams over HTTP on the default
     model (int8 gqa, 2 AVX-512 VNNI cores, 108-token prompts, 128 tokens, two rounds alternated
@@ -78,12 +91,15 @@ class SchedulerConfig:
     step_budget_ms: float | None = DEFAULT_STEP_BUDGET_MS
     min_prefill_chunk: int = DEFAULT_MIN_PREFILL_CHUNK
     waiting_served_ratio: float | None = DEFAULT_WAITING_SERVED_RATIO
+    queued_step_budget_ms: float | None = DEFAULT_QUEUED_STEP_BUDGET_MS
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_num_tokens <= self.max_batch_size or self.max_waiting < 0:
             raise ValueError("need max_batch_size >= 1, max_num_tokens > max_batch_size, max_waiting >= 0")
-        if (self.step_budget_ms or 0) < 0 or self.min_prefill_chunk < 1 or (self.waiting_served_ratio or 0) < 0:
-            raise ValueError("need step_budget_ms >= 0 (0 or None: off), min_prefill_chunk >= 1 and waiting_served_ratio >= 0 (0 or None: off)")
+        if ((self.step_budget_ms or 0) < 0 or (self.queued_step_budget_ms or 0) < 0 or self.min_prefill_chunk < 1
+                or (self.waiting_served_ratio or 0) < 0):
+            raise ValueError("need step_budget_ms and queued_step_budget_ms >= 0 (0 or None: off), min_prefill_chunk >= 1 "
+                             "and waiting_served_ratio >= 0 (0 or None: off)")
 
 
 @dataclass
@@ -174,11 +190,19 @@ class Scheduler:
             return False
         return sum(len(group.sequences) for group in self.prefilling) >= ratio * rows
 
+    def step_budget_ms(self) -> float | None:
+        """This step's model-time budget: ``queued_step_budget_ms`` while requests wait for a row (after
+        admission), else ``step_budget_ms``; None or 0: the token budget alone."""
+        config = self.config
+        if config.step_budget_ms and self.waiting and config.queued_step_budget_ms:
+            return config.queued_step_budget_ms
+        return config.step_budget_ms
+
     def _prefill_seconds(self, rows: int, context: int) -> float | None:
         """Time left for prompt chunks after this step's decode; None: the token budget alone applies."""
         if not self.cost.ready:  # the first steps teach the cost model
             return None
-        return self.config.step_budget_ms / 1000 - self.cost.decode_seconds(rows, context)
+        return self.step_budget_ms() / 1000 - self.cost.decode_seconds(rows, context)
 
     def observe_step(self, plan: StepPlan, prefill_s: float, decode_s: float, tokens_per_row: int = 1) -> None:
         """Teach the cost model what ``plan``'s prompt chunks and decode took (``tokens_per_row`` > 1: a verify step)."""

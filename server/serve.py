@@ -89,20 +89,23 @@ def assign_adapters(dirs: Sequence[Path], loras: Sequence[str]) -> dict[Path, di
 
 
 def scheduler_options(prefix_cache: bool = True, step_budget_ms: float | None = None,
-                      max_batch_size: int | None = None, waiting_served_ratio: float | None = None) -> dict[str, Any]:
+                      max_batch_size: int | None = None, waiting_served_ratio: float | None = None,
+                      queued_step_budget_ms: float | None = None) -> dict[str, Any]:
     """The ``SchedulerConfig`` fields ``--no-prefix-cache`` / ``--step-budget-ms`` / ``--max-batch-size`` /
-    ``--waiting-served-ratio`` change (empty: all defaults; a ratio of 0 turns pausing off)."""
+    ``--waiting-served-ratio`` / ``--queued-step-budget-ms`` change (empty: all defaults; a ratio of 0 turns
+    pausing off, a queued budget of 0 keeps ``--step-budget-ms`` while requests queue)."""
     return {**({} if prefix_cache else {"prefix_cache": False}),
             **({} if step_budget_ms is None else {"step_budget_ms": step_budget_ms}),
             **({} if max_batch_size is None else {"max_batch_size": max_batch_size}),
-            **({} if waiting_served_ratio is None else {"waiting_served_ratio": waiting_served_ratio})}
+            **({} if waiting_served_ratio is None else {"waiting_served_ratio": waiting_served_ratio}),
+            **({} if queued_step_budget_ms is None else {"queued_step_budget_ms": queued_step_budget_ms})}
 
 
 def engine_options(no_prefix_cache: bool = False, step_budget_ms: float | None = None, prompt_lookup: bool | None = None,
                    max_draft_tokens: int | None = None, kv_cache_gib: float | None = None,
                    prefix_cache_share: float = 0.25, malloc_trim_s: float = 10.0,
                    predicted_outputs: bool | None = None, max_batch_size: int | None = None,
-                   waiting_served_ratio: float | None = None) -> dict[str, Any]:
+                   waiting_served_ratio: float | None = None, queued_step_budget_ms: float | None = None) -> dict[str, Any]:
     """``toolkit serve``'s engine options as :func:`load_engines` keyword arguments.
 
     One translation for both ways of serving: plain ``toolkit serve`` and every ``--ray`` replica
@@ -110,7 +113,7 @@ def engine_options(no_prefix_cache: bool = False, step_budget_ms: float | None =
     and miss the other.
     """
     return {"prefix_cache": not no_prefix_cache, "step_budget_ms": step_budget_ms, "max_batch_size": max_batch_size,
-            "waiting_served_ratio": waiting_served_ratio,
+            "waiting_served_ratio": waiting_served_ratio, "queued_step_budget_ms": queued_step_budget_ms,
             "speculative": {**({"prompt_lookup": prompt_lookup} if prompt_lookup is not None else {}),
                             **({"predicted_outputs": predicted_outputs} if predicted_outputs is not None else {}),
                             **({"max_draft": max_draft_tokens} if max_draft_tokens else {})},
@@ -123,7 +126,8 @@ def load_engines(dirs: Sequence[Path], loras: Sequence[str] = (), max_loras: int
                  prefix_cache: bool = True, step_budget_ms: float | None = None,
                  speculative: dict[str, Any] | None = None, memory: dict[str, Any] | None = None,
                  threads: int | None = None, kv_budgets: dict[Path, int] | None = None,
-                 max_batch_size: int | None = None, waiting_served_ratio: float | None = None) -> dict[str, Engine]:
+                 max_batch_size: int | None = None, waiting_served_ratio: float | None = None,
+                 queued_step_budget_ms: float | None = None) -> dict[str, Engine]:
     """``{recipe name: unstarted engine}`` for each directory (one engine per recipe), with its ``--lora`` adapters.
 
     ``prefix_cache=False`` (``--no-prefix-cache``) turns prefix caching off (ONNX: the prefix cache; TensorRT-LLM: KV block reuse).
@@ -131,7 +135,9 @@ def load_engines(dirs: Sequence[Path], loras: Sequence[str] = (), max_loras: int
     included (None: ``SchedulerConfig``'s default; 0: the token budget alone). ``max_batch_size``
     (``--max-batch-size``): the ONNX engines' most sequences decoded together (None: the default).
     ``waiting_served_ratio`` (``--waiting-served-ratio``): prompts-only steps for bursts of new requests
-    (``runtime/scheduler.py``; None: the default, 0: never).
+    (``runtime/scheduler.py``; None: the default, 0: never). ``queued_step_budget_ms``
+    (``--queued-step-budget-ms``): the step budget while requests wait for a free row (None: the default;
+    0: ``step_budget_ms`` then too).
     ``threads``: onnxruntime intra-op threads (Ray replicas' ``--threads``); ``kv_budgets``: a KV budget
     per directory, over ``memory``'s (Ray replicas sharing a machine, ``toolkit.scale.options.replica_kv_budgets``).
     """
@@ -144,7 +150,8 @@ def load_engines(dirs: Sequence[Path], loras: Sequence[str] = (), max_loras: int
         options = {"adapters": adapters[engine_dir], "max_loras": max_loras} if adapters.get(engine_dir) else {}
         if threads:  # TensorRT-LLM engines are handed only the options they take (runtime.engines.load_engine)
             options["threads"] = threads
-        if scheduler := scheduler_options(prefix_cache, step_budget_ms, max_batch_size, waiting_served_ratio):
+        if scheduler := scheduler_options(prefix_cache, step_budget_ms, max_batch_size, waiting_served_ratio,
+                                          queued_step_budget_ms):
             options["config"] = SchedulerConfig(**scheduler)
         if speculative:  # --[no-]prompt-lookup / --[no-]predicted-outputs / --max-draft-tokens (runtime/speculative.py)
             from toolkit.runtime.speculative import SpeculativeConfig
@@ -170,7 +177,7 @@ def build_app(engine_dirs: Sequence[str | Path] = (), api_keys: Sequence[str] = 
               max_loras: int | None = None, prefix_cache: bool = True, step_budget_ms: float | None = None,
               speculative: dict[str, Any] | None = None, memory: dict[str, Any] | None = None,
               max_batch_size: int | None = None, waiting_served_ratio: float | None = None,
-              **app_options: Any) -> Any:
+              queued_step_budget_ms: float | None = None, **app_options: Any) -> Any:
     """Load the engines and build the app; raises ServeError.
 
     ``loras``: ``--lora NAME[=PATH]`` options (``assign_adapters``); ``max_loras``: adapters kept loaded per engine.
@@ -187,7 +194,8 @@ def build_app(engine_dirs: Sequence[str | Path] = (), api_keys: Sequence[str] = 
         if not dirs:
             raise ServeError("no engine directory to serve: give ENGINE_DIR or a --models-dir holding engine directories")
         engines = load_engines(dirs, loras, max_loras, prefix_cache, step_budget_ms, speculative, memory,
-                               max_batch_size=max_batch_size, waiting_served_ratio=waiting_served_ratio)
+                               max_batch_size=max_batch_size, waiting_served_ratio=waiting_served_ratio,
+                               queued_step_budget_ms=queued_step_budget_ms)
         return create_app(engines, api_keys_from_env(api_keys), max_body_bytes=max_body_bytes,
                           shutdown_grace_s=grace_s, request_timeout_s=request_timeout_s, **app_options)
     except (EngineDirError, UnknownRecipeError, FileNotFoundError, ValueError) as exc:

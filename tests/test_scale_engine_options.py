@@ -26,7 +26,7 @@ ray_serve = pytest.importorskip("toolkit.scale.ray_serve", reason="the ray extra
 GIB = 2**30
 OPTIONS = ["--kv-cache-gib", "0.01", "--prefix-cache-share", "0.5", "--malloc-trim-s", "3", "--ort-arena-mib", "64",
            "--no-prompt-lookup", "--no-predicted-outputs", "--max-draft-tokens", "4", "--step-budget-ms", "50", "--no-prefix-cache",
-           "--max-batch-size", "8", "--waiting-served-ratio", "3.5"]
+           "--max-batch-size", "8", "--waiting-served-ratio", "3.5", "--queued-step-budget-ms", "120"]
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def _plain_engine(monkeypatch, args):
     assert result.exit_code == 0, result.output
     dirs, kwargs = calls[0]
     engine_kwargs = {k: kwargs[k] for k in ("prefix_cache", "step_budget_ms", "speculative", "memory", "max_batch_size",
-                                           "waiting_served_ratio")}
+                                           "waiting_served_ratio", "queued_step_budget_ms")}
     [engine] = serve_module.load_engines([p.resolve() for p in dirs], **engine_kwargs).values()
     return engine
 
@@ -94,7 +94,7 @@ def test_every_serve_engine_option_reaches_each_replicas_engine_as_in_plain_serv
     assert abs(engine.kv.budget_bytes - 0.01 * GIB) < engine.kv.block_bytes
     assert engine.kv.prefix_cache_blocks == engine.kv.total_blocks // 2
     assert (engine.config.step_budget_ms, engine.config.prefix_cache, engine.config.max_batch_size) == (50, False, 8)
-    assert engine.config.waiting_served_ratio == 3.5
+    assert engine.config.waiting_served_ratio == 3.5 and engine.config.queued_step_budget_ms == 120
     assert engine.speculative == SpeculativeConfig(prompt_lookup=False, predicted_outputs=False, max_draft=4)
     assert engine.trimmer.interval_s == 3
 

@@ -131,10 +131,12 @@ def running_row(context: int):
 
 
 def budgeted(budget_ms: float | None, max_num_tokens: int = 512, min_chunk: int = 32, cost: StepCostModel | None = None,
-             ratio: float | None = None):
-    """A scheduler on the synthetic machine; prompts-only steps (``waiting_served_ratio``) off unless ``ratio``."""
-    config = SchedulerConfig(max_batch_size=64, max_num_tokens=max_num_tokens, prefix_cache=False,
-                             step_budget_ms=budget_ms, min_prefill_chunk=min_chunk, waiting_served_ratio=ratio)
+             ratio: float | None = None, queued_ms: float | None = None, max_batch_size: int = 64):
+    """A scheduler on the synthetic machine; prompts-only steps (``waiting_served_ratio``) off unless ``ratio``,
+    the budget while requests queue (``queued_step_budget_ms``) the plain one unless ``queued_ms``."""
+    config = SchedulerConfig(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens, prefix_cache=False,
+                             step_budget_ms=budget_ms, min_prefill_chunk=min_chunk, waiting_served_ratio=ratio,
+                             queued_step_budget_ms=queued_ms)
     s = Scheduler(config, kv_manager(10_000))
     s.cost = cost or copy.deepcopy(SYNTHETIC)
     return s
@@ -274,7 +276,36 @@ def test_the_default_ratio_in_the_issue_shape_serves_the_burst_sooner_without_to
     assert on["itl_ms_p99"] <= off["itl_ms_p99"] + 1e-6
 
 
-@pytest.mark.parametrize("kwargs", [dict(step_budget_ms=-1), dict(min_prefill_chunk=0), dict(waiting_served_ratio=-1)])
+# ---- queued_step_budget_ms: the budget while requests wait for a free row -----------------------------
+def _full_batch(queued_ms: float | None, budget_ms: float | None = 75, queued: bool = True):
+    """8 rows decoding (~32 ms), one 400-token prompt admitted into the last free row, and (``queued``) one
+    more request waiting for a row; the step's prompt chunk in tokens and its predicted seconds."""
+    s = budgeted(budget_ms, queued_ms=queued_ms, max_batch_size=9)
+    s.running = [running_row(200) for _ in range(8)]
+    s.waiting.extend(Group(f"g{i}", prompt_len=400) for i in range(2 if queued else 1))
+    plan = s.schedule()
+    assert plan.decode and plan.rows == 8 and len(plan.prefill) == 1 and len(s.waiting) == (1 if queued else 0)
+    _, start, stop = plan.prefill[0]
+    return stop - start, predicted(s, plan)
+
+
+def test_with_requests_queued_a_step_spends_the_queued_budget():
+    plain_tokens, plain_s = _full_batch(150, queued=False)  # nothing waits: the 75 ms budget
+    queued_tokens, queued_s = _full_batch(150)
+    assert plain_s <= 0.075 + 1e-9 < queued_s <= 0.150 + 1e-9
+    assert queued_tokens > plain_tokens + 50  # 75 ms more of prompt at ~1 ms per token
+    for off in (None, 0.0):  # unset: the plain budget then too
+        assert _full_batch(off) == (plain_tokens, plain_s)
+
+
+def test_the_queued_budget_needs_the_step_budget():
+    """With ``step_budget_ms`` off the token budget alone applies, queued requests or not."""
+    tokens, _ = _full_batch(150, budget_ms=None)
+    assert tokens == 400
+
+
+@pytest.mark.parametrize("kwargs", [dict(step_budget_ms=-1), dict(min_prefill_chunk=0), dict(waiting_served_ratio=-1),
+                                    dict(queued_step_budget_ms=-1)])
 def test_config_rejects_a_negative_budget_or_an_empty_chunk(kwargs):
     with pytest.raises(ValueError):
         SchedulerConfig(**kwargs)
