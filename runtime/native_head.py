@@ -29,6 +29,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -60,10 +61,17 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     return frozenset()
 
 
+def is_x86_64() -> bool:
+    """Whether this machine is x86-64, the only one the kernel's intrinsics compile for."""
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def unavailable_reason(flags: frozenset[str] | None = None) -> str | None:
-    """Why the kernel cannot run here (switched off, CPU flags missing), or None when it can be tried."""
+    """Why the kernel cannot run here (switched off, not x86-64, CPU flags missing), or None when it can be tried."""
     if os.environ.get(ENV_SWITCH, "").strip() == "0":
         return f"${ENV_SWITCH}=0"
+    if flags is None and not is_x86_64():
+        return f"the machine is {platform.machine()}, not x86-64"
     missing = REQUIRED_CPU_FLAGS - (cpu_flags() if flags is None else flags)
     if missing:
         return "the CPU lacks " + ", ".join(sorted(missing))
@@ -79,6 +87,8 @@ def build_library(source: Path = SOURCE, out_dir: Path | None = None) -> Path:
 
     Raises ``RuntimeError`` with the compiler's message when it fails or no compiler exists.
     """
+    if not is_x86_64():
+        raise RuntimeError(f"the kernel is x86-64 code (AVX-512 VNNI intrinsics); this machine is {platform.machine()}")
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler ({compiler!r} not on PATH)")
@@ -145,11 +155,10 @@ class Int8Head:
         return out
 
 
-def reference_session(weight: np.ndarray, col_scale: np.ndarray, threads: int = 1):
-    """An onnxruntime session of the exported head's two ops alone (``MatMulIntegerToFloat`` with activation
-    scale 1 and zero point 128, then ``Mul`` by the row scales; inputs ``q`` ``[m, K]`` uint8 and ``rs``
-    ``[m, 1]``, output ``logits``): what the kernel is checked and timed against."""
-    import onnxruntime as ort
+def reference_model(weight: np.ndarray, col_scale: np.ndarray):
+    """The exported head's two ops alone as an ``onnx.ModelProto``: ``MatMulIntegerToFloat`` (activation
+    scale 1, zero point 128) then ``Mul`` by the row scales; inputs ``q`` ``[m, K]`` uint8 and ``rs``
+    ``[m, 1]``, output ``logits``. What the kernel is checked and timed against."""
     from onnx import TensorProto, helper, numpy_helper
 
     k, n = weight.shape
@@ -160,11 +169,17 @@ def reference_session(weight: np.ndarray, col_scale: np.ndarray, threads: int = 
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["m", n])],
         [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.array(1.0, np.float32), "one"),
          numpy_helper.from_array(col_scale, "cs"), numpy_helper.from_array(np.array(ZERO_POINT, np.uint8), "zp")])
-    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    return helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def reference_session(weight: np.ndarray, col_scale: np.ndarray, threads: int = 1):
+    """An onnxruntime session over ``reference_model``."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.force_spinning_stop", "1")
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(reference_model(weight, col_scale).SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,23 @@ import pytest
 
 from toolkit.recipes import get_recipe
 from toolkit.runtime import native_head
-from toolkit.runtime.native_head import (Int8Head, build_library, cpu_flags, reference_session, split_lm_head,
-                                         unavailable_reason)
+from toolkit.runtime.native_head import (Int8Head, build_library, cpu_flags, reference_model, reference_session,
+                                         split_lm_head, unavailable_reason)
 
-KERNEL_HERE = unavailable_reason(cpu_flags()) is None  # this machine's CPU can run the kernel
+
+
+def _kernel_here() -> bool:
+    """Whether the runner will use the kernel on this machine: the CPU can run it and a compiler builds it."""
+    if unavailable_reason(cpu_flags()) is not None or not native_head.is_x86_64():
+        return False
+    try:
+        native_head.load_library()
+    except (RuntimeError, OSError):
+        return False
+    return True
+
+
+KERNEL_HERE = _kernel_here()
 
 
 def _exact_logits(q: np.ndarray, weight: np.ndarray, col_scale: np.ndarray, row_scale: np.ndarray) -> np.ndarray:
@@ -47,7 +60,19 @@ def test_cpu_flags_and_the_switch_decide_availability(tmp_path, monkeypatch):
     assert cpu_flags(tmp_path / "absent") == frozenset()
 
 
+def test_other_machines_than_x86_64_are_refused_before_compiling(tmp_path, monkeypatch):
+    monkeypatch.setattr(native_head.platform, "machine", lambda: "aarch64")
+    monkeypatch.delenv(native_head.ENV_SWITCH, raising=False)
+    assert unavailable_reason() == "the machine is aarch64, not x86-64"
+    with pytest.raises(RuntimeError, match="x86-64 code"):
+        build_library(out_dir=tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_failing_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    if not native_head.is_x86_64():  # refused before any compiler runs (the test above)
+        assert unavailable_reason() is not None
+        return
     monkeypatch.setenv("CC", "false")  # exists, exits 1
     with pytest.raises(RuntimeError, match="false failed on lm_head_int8.c"):
         build_library(out_dir=tmp_path)
@@ -58,6 +83,10 @@ def test_a_failing_compiler_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_the_library_is_built_once_per_source(tmp_path):
+    if not native_head.is_x86_64():
+        with pytest.raises(RuntimeError, match="x86-64 code"):
+            build_library(out_dir=tmp_path)
+        return
     first = build_library(out_dir=tmp_path)
     stamp = first.stat().st_mtime_ns
     assert build_library(out_dir=tmp_path) == first and first.stat().st_mtime_ns == stamp
@@ -67,12 +96,11 @@ def test_the_library_is_built_once_per_source(tmp_path):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 17, 33])
-def test_kernel_is_bitwise_the_definition_and_onnxruntime(rows, monkeypatch):
-    """Every row-tile size (8, 4, 2, 1 and their sums) and a vocabulary that is not a multiple of the
-    16-column block nor of the 48-column tile (the masked, padded edge)."""
-    if not KERNEL_HERE:
-        assert unavailable_reason() is not None
-        return
+def test_kernel_is_bitwise_the_definition_and_onnxruntime(rows, tmp_path):
+    """The head's two ops as a model of their own, split as the runner splits an engine's graph: every
+    row-tile size (8, 4, 2, 1 and their sums) and a vocabulary that is not a multiple of the 16-column
+    block nor of the 48-column tile (the masked, padded edge). Where the kernel cannot run here, the
+    split declines and the model keeps its head."""
     rng = np.random.default_rng(rows)
     k, n = 96, 1000
     weight = rng.integers(-127, 128, (k, n), dtype=np.int8)
@@ -80,12 +108,22 @@ def test_kernel_is_bitwise_the_definition_and_onnxruntime(rows, monkeypatch):
     q = rng.integers(0, 256, (rows, k), dtype=np.uint8)
     q[0, :] = 255  # the largest products the int32 sums must hold exactly
     row_scale = (rng.random(rows, dtype=np.float32) * 0.1).astype(np.float32)
+    model = reference_model(weight, col_scale)
+    split = split_lm_head(model, tmp_path, 2)
+    if not KERNEL_HERE:
+        assert split is None and [o.name for o in model.graph.output] == ["logits"]
+        return
+    assert split is not None and (split.q_output, split.scale_output) == ("q", "rs")
+    assert [o.name for o in model.graph.output] == ["q", "rs"] and not model.graph.node
+    expected = _exact_logits(q, weight, col_scale, row_scale)
+    assert _same_bits(expected, _onnxruntime_logits(q, weight, col_scale, row_scale))
     out = np.full((rows, n), np.nan, np.float32)
     for threads in (1, 2, 3):
         out[:] = np.nan
         Int8Head(weight, col_scale, threads)(q, row_scale.reshape(rows, 1), out)
-        assert _same_bits(out, _exact_logits(q, weight, col_scale, row_scale))
-        assert _same_bits(out, _onnxruntime_logits(q, weight, col_scale, row_scale))
+        assert _same_bits(out, expected)
+    out[:] = np.nan
+    assert _same_bits(split.head(q, row_scale.reshape(rows, 1), out), expected)
 
 
 def test_shapes_the_kernel_cannot_take_are_refused():
@@ -153,3 +191,14 @@ def test_heads_of_other_schemes_stay_in_the_graph(tiny_engine):
     before = model.SerializeToString()
     assert split_lm_head(model, engine_dir, 1) is None
     assert model.SerializeToString() == before
+
+
+def test_switched_off_or_on_a_cpu_without_vnni_the_head_stays_in_the_graph(tmp_path, monkeypatch):
+    weight, col_scale = np.ones((8, 32), np.int8), np.ones(32, np.float32)
+    monkeypatch.setenv(native_head.ENV_SWITCH, "0")
+    model = reference_model(weight, col_scale)
+    before = model.SerializeToString()
+    assert split_lm_head(model, tmp_path, 1) is None and model.SerializeToString() == before
+    monkeypatch.delenv(native_head.ENV_SWITCH)
+    monkeypatch.setattr(native_head, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512bw"}))
+    assert split_lm_head(model, tmp_path, 1) is None and model.SerializeToString() == before
