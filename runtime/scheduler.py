@@ -191,8 +191,8 @@ class Scheduler:
         return sum(len(group.sequences) for group in self.prefilling) >= ratio * rows
 
     def step_budget_ms(self) -> float | None:
-        """This step's model-time budget: ``queued_step_budget_ms`` while requests wait for a row (after
-        admission), else ``step_budget_ms``; None or 0: the token budget alone."""
+        """This step's model-time budget: ``queued_step_budget_ms`` while requests still wait after admission
+        (no free row, or no KV room for them), else ``step_budget_ms``; None or 0: the token budget alone."""
         config = self.config
         if config.step_budget_ms and self.waiting and config.queued_step_budget_ms:
             return config.queued_step_budget_ms
