@@ -1,7 +1,7 @@
 """The int8 LM head on our own VNNI kernel (``toolkit.runtime.native_head``): bitwise the graph's logits.
 
-Where the CPU lacks AVX-512 VNNI the kernel never runs; those tests then check that the runner keeps
-the graph's own head (the branch is on the machine's CPU flags, not a skip).
+Where the kernel cannot run (a CPU without AVX-512 VNNI, a machine other than x86-64, no C compiler),
+those tests check instead that the graph keeps its own head: the branch is on this machine, not a skip.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from toolkit.recipes import get_recipe
 from toolkit.runtime import native_head
 from toolkit.runtime.native_head import (Int8Head, build_library, cpu_flags, reference_model, reference_session,
                                          split_lm_head, unavailable_reason)
-
 
 
 def _kernel_here() -> bool:
