@@ -42,18 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def head_weights(engine: Path) -> tuple[np.ndarray, np.ndarray]:
     """The engine's per-row int8 LM head: (int8 [K, N], column scales [N])."""
     import onnx
-    from onnx import numpy_helper
 
-    from toolkit.runtime.native_head import _rowwise_head_nodes
+    from toolkit.runtime.native_head import rowwise_head
 
-    model = onnx.load(str(engine / "model.onnx"), load_external_data=False)
-    found = _rowwise_head_nodes(model.graph)
+    found = rowwise_head(onnx.load(str(engine / "model.onnx"), load_external_data=False), engine)
     if found is None:
         raise SystemExit(f"{engine} has no per-row int8 LM head")
-    inits = {i.name: i for i in model.graph.initializer}
-    product = found[0]
-    return (numpy_helper.to_array(inits[product.input[1]], str(engine)),
-            numpy_helper.to_array(inits[product.input[3]], str(engine)).astype(np.float32))
+    return found.weight, found.col_scale.astype(np.float32)
 
 
 def head_table(args: argparse.Namespace) -> list[dict]:

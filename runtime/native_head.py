@@ -191,16 +191,36 @@ class HeadSplit:
     head: Int8Head
 
 
-def _rowwise_head_nodes(graph):
-    """(MatMulIntegerToFloat, Mul) producing ``logits`` in the per-row int8 pattern, or None."""
+@dataclass(frozen=True)
+class RowwiseHead:
+    """The graph's per-row int8 LM head: its two nodes, the row-scale tensor, and its constant inputs."""
+
+    product: object  # MatMulIntegerToFloat(q, weight, a_scale, col_scale, zero_point)
+    mul: object  # Mul(product, row_scale) -> logits
+    row_scale: str
+    weight: np.ndarray
+    a_scale: np.ndarray
+    col_scale: np.ndarray
+    zero_point: np.ndarray
+
+
+def rowwise_head(model, model_dir: Path) -> RowwiseHead | None:
+    """``model``'s per-row int8 LM head (``MatMulIntegerToFloat`` then ``Mul`` producing ``logits``, its
+    constants read from the initializers, external data from ``model_dir``), or None for another head."""
+    from onnx import numpy_helper
+
+    graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
     mul = producer.get("logits")
     if mul is None or mul.op_type != "Mul":
         return None
+    initializers = {init.name: init for init in graph.initializer}
     for i, name in enumerate(mul.input):
         product = producer.get(name)
-        if product is not None and product.op_type == "MatMulIntegerToFloat" and len(product.input) == 5:
-            return product, mul, mul.input[1 - i]
+        if (product is not None and product.op_type == "MatMulIntegerToFloat" and len(product.input) == 5
+                and all(c in initializers for c in product.input[1:])):
+            constants = (numpy_helper.to_array(initializers[c], str(model_dir)) for c in product.input[1:])
+            return RowwiseHead(product, mul, mul.input[1 - i], *constants)
     return None
 
 
@@ -208,19 +228,14 @@ def split_lm_head(model, model_dir: Path, threads: int) -> HeadSplit | None:
     """Take the per-row int8 LM head out of ``model`` (an ``onnx.ModelProto`` loaded without its external
     data, edited in place) and return what computes it instead; None, with ``model`` unchanged, where the
     kernel is unavailable (``unavailable_reason``, no compiler) or the head is not that pattern."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     reason = unavailable_reason()
-    found = None if reason else _rowwise_head_nodes(model.graph)
+    found = None if reason else rowwise_head(model, model_dir)
     if found is None:
         log.info("LM head stays in the graph: %s", reason or "not the per-row int8 pattern")
         return None
-    product, mul, row_scale = found
-    initializers = {init.name: init for init in model.graph.initializer}
-    if not all(name in initializers for name in product.input[1:]):
-        return None
-    weight, a_scale, col_scale, zero_point = (numpy_helper.to_array(initializers[name], str(model_dir))
-                                              for name in product.input[1:])
+    weight, a_scale, col_scale, zero_point = found.weight, found.a_scale, found.col_scale, found.zero_point
     if (weight.dtype != np.int8 or weight.ndim != 2 or weight.shape[0] % 4 or a_scale.size != 1 or float(a_scale) != 1.0
             or zero_point.size != 1 or zero_point.dtype != np.uint8 or int(zero_point) != ZERO_POINT
             or col_scale.shape != (weight.shape[1],)):
@@ -231,12 +246,12 @@ def split_lm_head(model, model_dir: Path, threads: int) -> HeadSplit | None:
     except (RuntimeError, OSError) as exc:
         log.warning("LM head stays in the graph: the native kernel could not be built: %s", exc)
         return None
-    graph = model.graph
+    graph, product, row_scale = model.graph, found.product, found.row_scale
     q_output = product.input[0]
     graph.node.remove(product)
-    graph.node.remove(mul)
+    graph.node.remove(found.mul)
     logits = next(o for o in graph.output if o.name == "logits")
-    dims = [d for d in logits.type.tensor_type.shape.dim][:-1]
+    dims = list(logits.type.tensor_type.shape.dim)[:-1]
     graph.output.remove(logits)
     shape = [d.dim_param or d.dim_value or None for d in dims]
     graph.output.extend([helper.make_tensor_value_info(q_output, TensorProto.UINT8, [*shape, weight.shape[0]]),
