@@ -8,6 +8,7 @@ manifest's ``kv_layout``.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,3 +76,9 @@ def kv_spec(session: Any, model_path: Path | None = None) -> KvSpec:
         config = json.loads((Path(model_path).parent / GENAI_CONFIG).read_text())
         head_dim = config["model"]["decoder"]["head_size"]
     return KvSpec(len(past), int(first.shape[1]), int(head_dim), _ORT_TO_NUMPY[first.type])
+
+
+def cache_dir() -> Path:
+    """Root of the toolkit's cache (``$TOOLKIT_CACHE`` or ``~/.cache/toolkit``): exported checkpoints and
+    engines (``toolkit.export``) and built native kernels (``toolkit.runtime.native_head``)."""
+    return Path(os.environ.get("TOOLKIT_CACHE", Path.home() / ".cache" / "toolkit")).expanduser()

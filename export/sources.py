@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from importlib import metadata
 from pathlib import Path
 
+from toolkit.artifact.layout import cache_dir  # the cache root, shared with the runtime (sources.cache_dir stays importable)
 from toolkit.recipes import Recipe
 
 TOKENIZER_FILES = (
@@ -28,11 +28,6 @@ TOOL_PACKAGES = ("toolkit", "optimum", "optimum-onnx", "onnxruntime", "onnxrunti
 
 class SourceError(ValueError):
     """The checkpoint cannot be exported with the chosen recipe."""
-
-
-def cache_dir() -> Path:
-    """Root of the toolkit's cache (``$TOOLKIT_CACHE`` or ``~/.cache/toolkit``)."""
-    return Path(os.environ.get("TOOLKIT_CACHE", Path.home() / ".cache" / "toolkit")).expanduser()
 
 
 def default_engine_dir(recipe: Recipe, target: str, precision: str, graph: str = "optimum") -> Path:

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from toolkit.artifact.layout import cache_dir
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "native" / "lm_head_int8.c"
@@ -78,10 +80,6 @@ def unavailable_reason(flags: frozenset[str] | None = None) -> str | None:
     return None
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("TOOLKIT_CACHE") or Path.home() / ".cache" / "toolkit") / "native"
-
-
 def build_library(source: Path = SOURCE, out_dir: Path | None = None) -> Path:
     """Compile ``source`` (once per source text, compiler and flags) and return the shared library's path.
 
@@ -94,7 +92,7 @@ def build_library(source: Path = SOURCE, out_dir: Path | None = None) -> Path:
         raise RuntimeError(f"no C compiler ({compiler!r} not on PATH)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([source.read_text(), version, *CFLAGS]).encode()).hexdigest()[:16]
-    out_dir = out_dir or _cache_root()
+    out_dir = out_dir or cache_dir() / "native"
     target = out_dir / f"{source.stem}-{key}.so"
     if target.exists():
         return target
