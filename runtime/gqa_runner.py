@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from toolkit.artifact.layout import kv_spec
 from toolkit.artifact.onnx_session import create_session, session_threads
-from toolkit.runtime.native_head import split_lm_head
+from toolkit.runtime.native_head import MAX_ARGMAX_ROWS, split_lm_head
 from toolkit.runtime.shared_kv import SharedKV, mapped_arrays, round_up
 from toolkit.runtime.speculative import LOGITS_KEEP_INPUT, keep_positions
 
@@ -49,13 +49,16 @@ class GqaModelRunner:
             self.vocab_size = logits.shape[-1] if isinstance(logits.shape[-1], int) else 0  # 0: symbolic in the graph
             self.vocab = self.vocab_size if self.vocab_size and logits.type == "tensor(float)" else None
         self._logits = np.empty(0, np.float32)  # grown to the largest run's [rows, positions, vocab], reused
+        # each row's argmax of the logits the last ``decode`` returned, where the head kernel found it
+        # (``Int8Head``: while computing them, instead of numpy reading them back); else None
+        self.argmax: np.ndarray | None = None
 
     def new_batch(self) -> SharedKV:
         """An empty decode batch of preallocated slots."""
         return SharedKV(self.past_names, self.spec.num_kv_heads, self.spec.head_dim, self.spec.dtype, self.max_length)
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, buffers: dict[str, np.ndarray],
-             lora: dict[str, np.ndarray] | None = None, keep: int = 1) -> np.ndarray:
+             lora: dict[str, np.ndarray] | None = None, keep: int = 1, argmax: np.ndarray | None = None) -> np.ndarray:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
@@ -78,7 +81,7 @@ class GqaModelRunner:
         self.session.run_with_iobinding(binding)
         if self.head is not None:
             q, row_scale = binding.get_outputs()[:2]
-            return self.head.head(q.numpy(), row_scale.numpy(), logits)
+            return self.head.head(q.numpy(), row_scale.numpy(), logits, argmax)
         return binding.get_outputs()[0].numpy() if logits is None else logits
 
     def _logits_out(self, rows: int, positions: int) -> np.ndarray | None:
@@ -120,7 +123,9 @@ class GqaModelRunner:
         """One token for every row of ``batch`` (positions come from the rows' lengths); logits ``[rows, vocab]``,
         valid until the next run."""
         buffers, mask = batch.step_views()
-        logits = self._run(np.asarray(last_tokens, np.int64)[:, None], mask, buffers, lora)
+        rows = len(last_tokens)
+        self.argmax = np.empty(rows, np.int32) if self.head is not None and rows <= MAX_ARGMAX_ROWS else None
+        logits = self._run(np.asarray(last_tokens, np.int64)[:, None], mask, buffers, lora, argmax=self.argmax)
         batch.accept_step()
         return logits[:, -1].astype(np.float32, copy=False)
 

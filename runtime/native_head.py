@@ -49,6 +49,7 @@ REQUIRED_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512_vnni"})
 # spilled them to the stack on every step of the inner loop at -O3 (2-3x slower, seen in the assembly).
 CFLAGS = ("-O2", "-fno-tree-pre", "-fno-gcse", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fPIC", "-shared", "-pthread")
 TILE_N = 48  # the kernel's column tile (TILE_N in the C source): packed columns are padded to it
+MAX_ARGMAX_ROWS = 256  # MAX_ARGMAX_ROWS in the C source
 ZERO_POINT = 128
 
 
@@ -115,7 +116,7 @@ def load_library() -> ctypes.CDLL:
     if _library is None:
         lib = ctypes.CDLL(str(build_library()))
         p = ctypes.c_void_p
-        lib.toolkit_int8_head.argtypes = [p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, p, p, p, p, ctypes.c_int]
+        lib.toolkit_int8_head.argtypes = [p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, p, p, p, p, ctypes.c_int, p]
         lib.toolkit_int8_head.restype = ctypes.c_int
         _library = lib
     return _library
@@ -140,16 +141,23 @@ class Int8Head:
         self.col_scale[:n] = col_scale
         self._lib = load_library()
 
-    def __call__(self, q: np.ndarray, row_scale: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Fill ``out [..., N]`` (float32, C-contiguous) from ``q [..., K]`` uint8 and ``row_scale [..., 1]``."""
+    def __call__(self, q: np.ndarray, row_scale: np.ndarray, out: np.ndarray, argmax: np.ndarray | None = None) -> np.ndarray:
+        """Fill ``out [..., N]`` (float32, C-contiguous) from ``q [..., K]`` uint8 and ``row_scale [..., 1]``;
+        with ``argmax`` (int32, one per row, at most ``MAX_ARGMAX_ROWS``) also each row's ``np.argmax``,
+        found while the values are computed, or -1 for a row holding a NaN."""
         q = np.ascontiguousarray(q, np.uint8).reshape(-1, self.hidden)
         row_scale = np.ascontiguousarray(row_scale, np.float32).reshape(-1)
         rows = q.shape[0]
         if row_scale.shape[0] != rows or out.dtype != np.float32 or not out.flags.c_contiguous or out.size != rows * self.vocab:
             raise ValueError(f"LM head shapes: q {q.shape}, row_scale {row_scale.shape}, out {out.shape} {out.dtype}")
-        self._lib.toolkit_int8_head(q.ctypes.data, row_scale.ctypes.data, rows, self.hidden, self.vocab,
-                                    self.packed.ctypes.data, self.corr.ctypes.data, self.col_scale.ctypes.data,
-                                    out.ctypes.data, self.threads)
+        if argmax is not None and (argmax.dtype != np.int32 or not argmax.flags.c_contiguous
+                                   or argmax.size != rows or rows > MAX_ARGMAX_ROWS):
+            raise ValueError(f"LM head argmax: {argmax.shape} {argmax.dtype} for {rows} rows (at most {MAX_ARGMAX_ROWS})")
+        status = self._lib.toolkit_int8_head(q.ctypes.data, row_scale.ctypes.data, rows, self.hidden, self.vocab,
+                                             self.packed.ctypes.data, self.corr.ctypes.data, self.col_scale.ctypes.data,
+                                             out.ctypes.data, self.threads, None if argmax is None else argmax.ctypes.data)
+        if status < -1:
+            raise MemoryError("the LM head kernel could not allocate its argmax state")
         return out
 
 

@@ -37,15 +37,17 @@ class TokenProcessor:
         """Tokens ``seq`` may still generate (max_tokens and the context window)."""
         return min(group.request.params.max_tokens, self.context_length - len(group.prompt_ids)) - len(seq.output_ids)
 
-    def advance(self, group: SequenceGroup, seq: Sequence, logits_row: np.ndarray, draft: int | None = None) -> int:
+    def advance(self, group: SequenceGroup, seq: Sequence, logits_row: np.ndarray, draft: int | None = None,
+                argmax: int | None = None) -> int:
         """Sample the next token of ``seq`` from ``logits_row``, apply the stop rules; returns the token.
 
-        ``draft``: a speculated token for this position (``advance_drafted``).
+        ``draft``: a speculated token for this position (``advance_drafted``); ``argmax``: the row's
+        argmax where the model runner found it (``SequenceSampler.sample``).
         """
         params = group.request.params
         banned = self.stop_ids(params) if len(seq.output_ids) < params.min_tokens else ()
         budget = self.remaining(group, seq)
-        result = seq.sampler.sample(logits_row, seq.output_ids, banned, budget=budget, draft=draft)
+        result = seq.sampler.sample(logits_row, seq.output_ids, banned, budget=budget, draft=draft, argmax=argmax)
         token = result.token_id
         seq.output_ids.append(token)
         group.completion_tokens += 1  # the stop token counts: the model generated it (OpenAI, vLLM)

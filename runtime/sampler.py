@@ -138,7 +138,7 @@ class SequenceSampler:
                 and not self._has_penalties() and not self._bias_ids.size and not p.min_tokens)
 
     def sample(self, logits: np.ndarray, output_ids: Sequence[int], banned: Iterable[int] = (),
-               budget: int | None = None, draft: int | None = None) -> SampleResult:
+               budget: int | None = None, draft: int | None = None, argmax: int | None = None) -> SampleResult:
         """Pick the next token from a float32 ``[vocab]`` row; ``logits`` is not modified.
 
         ``output_ids`` are the tokens generated so far (append-only between calls); ``banned``
@@ -147,11 +147,14 @@ class SequenceSampler:
         and context); a JSON constraint steers toward closing the value when it runs short.
         ``draft``: a speculated token (``runtime/speculative.py``); greedy ignores it (the caller
         compares), sampling keeps it with probability p(draft), else draws from p without it.
+        ``argmax``: ``np.argmax(logits)`` where the caller already has it (the int8 LM head kernel finds it
+        while it computes the row, ``runtime/native_head.py``); greedy takes it when nothing here changed
+        the row, and saves reading the vocabulary-wide row again.
         """
         x = self.process(logits, output_ids, banned)
         p = self.params
         if p.greedy:
-            token = int(np.argmax(x))
+            token = argmax if argmax is not None and x is logits else int(np.argmax(x))
         elif draft is not None:
             token = verify_draft(x, draft, p.temperature, p.top_k, p.top_p, p.min_p, self._rng)
         else:

@@ -125,6 +125,37 @@ def test_kernel_is_bitwise_the_definition_and_onnxruntime(rows, tmp_path):
     assert _same_bits(split.head(q, row_scale.reshape(rows, 1), out), expected)
 
 
+@pytest.mark.parametrize("rows,n,threads", [(1, 1000, 1), (3, 1000, 2), (16, 4099, 2), (17, 997, 3), (9, 48, 2), (5, 17, 1)])
+def test_fused_argmax_is_numpys(rows, n, threads, tmp_path):
+    """The argmax the kernel finds while it computes is ``np.argmax`` of the rows it wrote: ties to the
+    first column (two equal columns, one row of zeros: every value equal), a row of NaN is -1, the
+    logits themselves unchanged by asking for it. Where the kernel cannot run, the split declines."""
+    rng = np.random.default_rng(rows * n)
+    k = 64
+    weight = rng.integers(-127, 128, (k, n), dtype=np.int8)
+    col_scale = (rng.random(n, dtype=np.float32) * 0.01 + 1e-3).astype(np.float32)
+    weight[:, 11 % n] = weight[:, 3 % n]
+    col_scale[11 % n] = col_scale[3 % n]
+    q = rng.integers(0, 256, (rows, k), dtype=np.uint8)
+    q[0] = 128  # the zero point: every logit of row 0 is 0, the first column wins
+    row_scale = (rng.random((rows, 1), dtype=np.float32) + 0.1).astype(np.float32)
+    split = split_lm_head(reference_model(weight, col_scale), tmp_path, threads)
+    if not KERNEL_HERE:
+        assert split is None
+        return
+    head = split.head
+    plain, out, argmax = np.empty((rows, n), np.float32), np.empty((rows, n), np.float32), np.full(rows, -7, np.int32)
+    head(q, row_scale, plain)
+    head(q, row_scale, out, argmax)
+    assert _same_bits(out, plain)
+    assert argmax.tolist() == plain.argmax(axis=1).tolist() and argmax[0] == 0
+    nan_row = rows // 2
+    row_scale[nan_row] = np.nan
+    head(q, row_scale, out, argmax)
+    assert argmax[nan_row] == -1
+    assert all(argmax[i] == out[i].argmax() for i in range(rows) if i != nan_row)
+
+
 def test_shapes_the_kernel_cannot_take_are_refused():
     with pytest.raises(ValueError, match="divisible by 4"):
         Int8Head(np.zeros((6, 16), np.int8), np.ones(16, np.float32), 1)
@@ -132,6 +163,12 @@ def test_shapes_the_kernel_cannot_take_are_refused():
         head = Int8Head(np.zeros((8, 16), np.int8), np.ones(16, np.float32), 1)
         with pytest.raises(ValueError, match="LM head shapes"):
             head(np.zeros((2, 8), np.uint8), np.ones((2, 1), np.float32), np.empty((3, 16), np.float32))
+        rows = native_head.MAX_ARGMAX_ROWS + 1
+        with pytest.raises(ValueError, match="argmax"):
+            head(np.zeros((rows, 8), np.uint8), np.ones((rows, 1), np.float32), np.empty((rows, 16), np.float32),
+                 np.empty(rows, np.int32))
+        with pytest.raises(ValueError, match="argmax"):
+            head(np.zeros((2, 8), np.uint8), np.ones((2, 1), np.float32), np.empty((2, 16), np.float32), np.empty(2, np.int64))
 
 
 def _runner_logits(engine_dir: Path, native: bool, monkeypatch) -> tuple[object, list[np.ndarray]]:
@@ -156,6 +193,9 @@ def _runner_logits(engine_dir: Path, native: bool, monkeypatch) -> tuple[object,
         logits = runner.decode(batch, last, list(batch.lengths)).copy()
         seen.append(logits)
         last = [int(row.argmax()) for row in logits]
+        # the kernel's argmax of what it returned; none where the head ran in the graph
+        assert (runner.argmax is None) == (runner.head is None)
+        assert runner.argmax is None or runner.argmax.tolist() == last
     single = runner.new_batch()
     _, past = runner.prefill(cases[0].prompt_ids, None, 0)
     single.add_rows(past, [len(cases[0].prompt_ids)])

@@ -138,6 +138,25 @@ def test_greedy_is_argmax_and_ignores_the_rng():
     assert greedy_tokens(batch).tolist() == batch.argmax(axis=1).tolist()
 
 
+@pytest.mark.parametrize("changes", [{}, {"logit_bias": {7: 5.0}}, {"repetition_penalty": 1.3},
+                                     {"frequency_penalty": 0.5}, {"min_tokens": 2}, {"temperature": 0.7, "seed": 1}])
+def test_a_known_argmax_is_taken_only_for_the_row_as_it_came(changes):
+    """``sample(argmax=...)``: the runner's argmax of the raw row (the int8 LM head kernel's) stands for
+    ``np.argmax`` only where greedy picks from that very row; a bias, a penalty or a banned stop token
+    changes the row, and sampling draws, so there the hint is not used. A deliberately wrong hint
+    (id 3, not the row's argmax) shows which path ran."""
+    logits = np.zeros(50, np.float32)
+    logits[[7, 9, 0]] = [2.0, 1.5, 3.0]  # argmax 0, the stop token banned by min_tokens below
+    params = SamplingParams(**{"temperature": 0, **changes})
+    sampler = SequenceSampler(params)
+    got = sampler.sample(logits, [9], banned=(0,) if params.min_tokens else (), argmax=3).token_id
+    unhinted = SequenceSampler(params).sample(logits, [9], banned=(0,) if params.min_tokens else ()).token_id
+    if not changes:
+        assert got == 3 and unhinted == 0  # the hint was taken as is
+    else:
+        assert got == unhinted != 3
+
+
 @pytest.mark.parametrize("vocab", [6, 50_000])
 def test_top_k_never_leaves_the_top_k(vocab):
     rng = np.random.default_rng(3)

@@ -298,8 +298,10 @@ class OnnxEngine:
                 touched[seq.group.request_id] = seq.group
             self.batch.rollback(kept, logits.shape[1])
         elif logits is not None:
+            argmax = getattr(self.runner, "argmax", None)  # found by the LM head kernel, where it ran
             for row, seq in enumerate(running):
-                self.processor.advance(seq.group, seq, logits[row])
+                hint = int(argmax[row]) if argmax is not None and argmax[row] >= 0 else None
+                self.processor.advance(seq.group, seq, logits[row], argmax=hint)
                 touched[seq.group.request_id] = seq.group
         self._retire_finished_rows()
         for group in prefilled:
