@@ -171,13 +171,18 @@ def test_shapes_the_kernel_cannot_take_are_refused():
             head(np.zeros((2, 8), np.uint8), np.ones((2, 1), np.float32), np.empty((2, 16), np.float32), np.empty(2, np.int64))
 
 
-def _runner_logits(engine_dir: Path, native: bool, monkeypatch) -> tuple[object, list[np.ndarray]]:
-    """Chunked prefill of three prompts, 6 batched decode steps, one 3-token verify: every logits array."""
+def _runner_logits(engine_dir: Path, native: bool, monkeypatch, own_outputs: bool = True) -> tuple[object, list[np.ndarray]]:
+    """Chunked prefill of three prompts, 6 batched decode steps, one 3-token verify: every logits array.
+    ``own_outputs`` False: the head's inputs come back through onnxruntime's ``get_outputs`` (the path for a
+    graph whose head input shape is not known before the run) instead of arrays the runner binds."""
     from toolkit.export.golden import Reference
     from toolkit.runtime.gqa_runner import GqaModelRunner
 
     monkeypatch.setenv(native_head.ENV_SWITCH, "1" if native else "0")
     runner = GqaModelRunner(engine_dir / "model.onnx", threads=2, verify=True)
+    if runner.head is not None:
+        assert runner._head_input_shape_known
+        runner._head_input_shape_known = own_outputs
     cases = Reference.load(engine_dir).cases[:3]
     seen, last = [], []
     batch = runner.new_batch()
@@ -219,6 +224,8 @@ def test_runner_logits_are_the_graphs_bitwise(tiny_engine, monkeypatch):
     assert {runner.head.q_output, runner.head.scale_output} <= outputs
     assert runner.vocab == graph_runner.vocab
     assert len(got) == len(expected) and all(_same_bits(a, b) for a, b in zip(got, expected))
+    _, fetched = _runner_logits(engine_dir, True, monkeypatch, own_outputs=False)
+    assert all(_same_bits(a, b) for a, b in zip(fetched, expected))
 
 
 def test_heads_of_other_schemes_stay_in_the_graph(tiny_engine):
