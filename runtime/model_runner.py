@@ -48,21 +48,22 @@ class OnnxModelRunner:
         return outputs[0], present
 
     def prefill(self, ids: list[int], past: dict[str, np.ndarray] | None, start: int,
-                lora: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
+                lora: dict[str, np.ndarray] | None = None, logits: bool = True) -> tuple[np.ndarray | None, dict]:
         """Run one prompt chunk of one sequence after ``past`` (``start`` tokens); last-position logits + new past.
 
-        ``lora``: the LoRA graph's adapter inputs (``toolkit.runtime.lora``), when serving adapters.
+        ``lora``: the LoRA graph's adapter inputs (``toolkit.runtime.lora``), when serving adapters;
+        ``logits`` False: the caller does not need them (None is returned; the graph computes them anyway).
         """
         past = past if past is not None else self.empty_past()
         total = start + len(ids)
-        logits, present = self._run(
+        out, present = self._run(
             np.asarray([ids], np.int64),
             np.ones((1, total), np.int64),
             np.arange(start, total, dtype=np.int64)[None, :],
             past,
             lora,
         )
-        return logits[0, -1].astype(np.float32, copy=False), present
+        return (out[0, -1].astype(np.float32, copy=False) if logits else None), present
 
     def decode(self, batch: BatchKV, last_tokens: list[int], positions: list[int],
                lora: dict[str, np.ndarray] | None = None) -> np.ndarray:

@@ -91,7 +91,7 @@ def test_n_choices_share_one_prefill(graph, tiny_engine):
         engine = await started(engine_dir)
         calls = []
         original = engine.runner.prefill
-        engine.runner.prefill = lambda ids, past, start: calls.append(len(ids)) or original(ids, past, start)
+        engine.runner.prefill = lambda ids, past, start, **kw: calls.append(len(ids)) or original(ids, past, start, **kw)
         params = SamplingParams(max_tokens=16, temperature=1.0, n=3, seed=7, ignore_eos=True)
         tokens, _, reasons = await collect(engine, GenerateRequest(engine.prompts.encode(prompt="Hello there"), params=params))
         await engine.stop()
@@ -138,6 +138,13 @@ def test_chunked_prefill_keeps_decoding_and_matches(graph, tiny_engine):
         engine = await started(engine_dir, config=SchedulerConfig(max_batch_size=4, max_num_tokens=8))
         plans = []
         engine.fault_hook = plans.append
+        prefill = engine.runner.prefill
+
+        def recording(ids, past, start, logits=True, **lora):  # which chunks ask for their logits
+            chunks.append((start + len(ids), logits))
+            return prefill(ids, past, start, logits=logits, **lora)
+
+        engine.runner.prefill = recording
         first_request = GenerateRequest(prompt_ids=reference.cases[0].prompt_ids, params=SamplingParams(max_tokens=400, **GREEDY))
         first = asyncio.create_task(collect(engine, first_request))
         await asyncio.sleep(0.01)
@@ -146,8 +153,11 @@ def test_chunked_prefill_keeps_decoding_and_matches(graph, tiny_engine):
         await engine.stop()
         return plans, (await first)[0][0], second[0][0]
 
+    chunks = []
     plans, first, second = asyncio.run(main())
     assert first[:32] == reference.cases[0].greedy_ids and second == long_case.greedy_ids
+    ends = {len(reference.cases[0].prompt_ids), len(long_case.prompt_ids)}
+    assert len(chunks) > 2 and all(wanted == (end in ends) for end, wanted in chunks), chunks  # only last chunks
     assert all(sum(stop - start for _, start, stop in p.prefill) <= 8 for p in plans)
     assert any(p.prefill and p.decode for p in plans), "prefill chunks never shared a step with decoding"
 

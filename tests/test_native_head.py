@@ -228,6 +228,41 @@ def test_runner_logits_are_the_graphs_bitwise(tiny_engine, monkeypatch):
     assert all(_same_bits(a, b) for a, b in zip(fetched, expected))
 
 
+def test_a_chunk_without_logits_skips_the_kernel_head_and_changes_nothing_else(tiny_engine, monkeypatch):
+    """``prefill(logits=False)`` (a prompt chunk before the last, ``OnnxEngine._run_prefill``): None in
+    place of the logits, no kernel call where the head is ours, and the next chunk's logits and the
+    cache bitwise what a chunk with logits leaves."""
+    from toolkit.export.golden import Reference
+    from toolkit.runtime.gqa_runner import GqaModelRunner
+
+    engine_dir = tiny_engine(get_recipe("gemma-7b-it"), "int8", "gqa")
+    runner = GqaModelRunner(engine_dir / "model.onnx", threads=2)
+    calls = []
+    if runner.head is not None:
+        kernel = runner.head.head
+
+        class Counting:
+            def __getattr__(self, name):
+                return getattr(kernel, name)
+
+            def __call__(self, *args):
+                calls.append(args[0].shape)
+                return kernel(*args)
+
+        object.__setattr__(runner.head, "head", Counting())
+    ids = Reference.load(engine_dir).cases[0].prompt_ids
+    _, past = runner.prefill(ids[:5], None, 0)
+    with_logits, past = runner.prefill(ids[5:], past, 5)
+    cache = {name: array[:, :, :len(ids)].copy() for name, array in past.items()}
+    calls.clear()
+    skipped, past = runner.prefill(ids[:5], None, 0, logits=False)
+    assert skipped is None and calls == []
+    again, past = runner.prefill(ids[5:], past, 5)
+    assert len(calls) == (1 if KERNEL_HERE else 0) and (runner.head is not None) == KERNEL_HERE
+    assert _same_bits(again, with_logits)
+    assert all(np.array_equal(past[name][:, :, :len(ids)], cache[name]) for name in cache)
+
+
 def test_heads_of_other_schemes_stay_in_the_graph(tiny_engine):
     """An fp32 graph's head (a MatMul) is not the kernel's: the model is left as it was."""
     import onnx

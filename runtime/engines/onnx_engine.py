@@ -252,7 +252,9 @@ class OnnxEngine:
         done = []
         for group, start, stop in plan.prefill:
             lora = {"lora": self.lora.single_feeds(group.request.adapter)} if self.lora is not None else {}
-            logits, group.prefill_past = self.runner.prefill(group.prompt_ids[start:stop], group.prefill_past, start, **lora)
+            last = stop >= len(group.prompt_ids)  # only the prompt's last chunk needs its logits
+            logits, group.prefill_past = self.runner.prefill(group.prompt_ids[start:stop], group.prefill_past, start,
+                                                             logits=last, **lora)
             group.prefilled = stop
             if group.prefill_remaining == 0:
                 group.prefill_logits = logits
