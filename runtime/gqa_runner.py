@@ -165,6 +165,7 @@ class GqaModelRunner:
         where this is one run.
         """
         fed = len(tokens[0])
+        self.argmax = None  # a plain decode's only
         buffers, mask = batch.step_views(fed)
         if batch.size == 1:
             logits = self._run(np.asarray(tokens, np.int64), mask, buffers, lora, keep=fed)

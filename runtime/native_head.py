@@ -156,7 +156,9 @@ class Int8Head:
         status = self._lib.toolkit_int8_head(q.ctypes.data, row_scale.ctypes.data, rows, self.hidden, self.vocab,
                                              self.packed.ctypes.data, self.corr.ctypes.data, self.col_scale.ctypes.data,
                                              out.ctypes.data, self.threads, None if argmax is None else argmax.ctypes.data)
-        if status < -1:
+        if status == -2:
+            raise ValueError(f"LM head argmax: {rows} rows, the kernel holds at most {MAX_ARGMAX_ROWS}")
+        if status == -3:
             raise MemoryError("the LM head kernel could not allocate its argmax state")
         return out
 

@@ -183,7 +183,6 @@ static void merge_argmax(const Work *work, int threads, int rows, int32_t *argma
     }
 }
 
-
 /* logits [rows, N] from q [rows, K] and row_scale [rows]; the column tiles split over `threads`
  * threads (this one and threads - 1 started for the call). With `argmax` (rows <= MAX_ARGMAX_ROWS),
  * also each row's argmax (see the top of the file). Returns 0; -1 if a thread failed to start (the
