@@ -192,10 +192,16 @@ class SharedKV:
         """The live rows' buffers (views, no copy) and the attention mask for ``tokens`` more tokens per row
         (more than one: a speculative verify step, ``runtime/speculative.py``).
 
-        onnxruntime's GroupQueryAttention costs time in proportion to the buffer's capacity, not
-        only the rows' lengths (measured at batch 16, 236 cached tokens: 26 ms per step at capacity
-        256, 35 ms at 512, 52 ms at 1024), so capacity grows in 64-token steps and shrinks once
-        the longest row has left (each an in-place move of the live rows, at most once per 64 steps).
+        Capacity grows in 64-token steps and shrinks once the longest row has left (each an in-place
+        move of the live rows, at most once per 64 steps), so that the arena stays within the
+        admitted reservations (``KVCacheManager``'s rectangular accounting) plus rounding. It was
+        first kept tight for speed, when onnxruntime's GroupQueryAttention took time in proportion
+        to the capacity (batch 16, 236 cached tokens: 26 ms per step at capacity 256, 35 at 512,
+        52 at 1024); measured again with onnxruntime 1.31 and the mask as wide as the longest row,
+        a 16-row step with 170 cached tokens took 34.2-34.9 ms at every capacity from 192 to 1024.
+        A move costs ~13 ms at 16 rows of ~200 tokens (18 in a 48-request, 16-stream run, 1.2 % of
+        its time): a policy that shrinks only when a joining row would otherwise grow the arena would
+        save most of them.
         """
         needed = max(self.lengths) + tokens
         if self.capacity - needed >= 2 * GROWTH_QUANTUM:
