@@ -71,11 +71,22 @@ def kv_spec(session: Any, model_path: Path | None = None) -> KvSpec:
     if not past:
         raise ValueError("the ONNX model has no past_key_values inputs; export it with text-generation-with-past")
     first = past[0]
-    head_dim = first.shape[3]
-    if not isinstance(head_dim, int):
-        config = json.loads((Path(model_path).parent / GENAI_CONFIG).read_text())
-        head_dim = config["model"]["decoder"]["head_size"]
+    head_dim = first.shape[3] if isinstance(first.shape[3], int) else _config_head_size(model_path)
     return KvSpec(len(past), int(first.shape[1]), int(head_dim), _ORT_TO_NUMPY[first.type])
+
+
+def _config_head_size(model_path: Path | None) -> int:
+    return int(json.loads((Path(model_path).parent / GENAI_CONFIG).read_text())["model"]["decoder"]["head_size"])
+
+
+def head_size(model: Any, model_path: Path) -> int:
+    """The attention head size of ``model`` (an ``onnx.ModelProto`` of ``model_path``), as ``kv_spec`` reads it
+    from a session: the ``past_key_values.0.key`` input's last dimension, or ``genai_config.json``'s."""
+    past = next((i for i in model.graph.input if i.name.startswith("past_key_values.") and i.name.endswith(".key")), None)
+    dims = past.type.tensor_type.shape.dim if past is not None else []
+    if len(dims) == 4 and dims[3].HasField("dim_value"):
+        return int(dims[3].dim_value)
+    return _config_head_size(model_path)
 
 
 def cache_dir() -> Path:

@@ -11,15 +11,31 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.artifact.layout import kv_spec
+from toolkit.artifact.layout import head_size, kv_spec
 from toolkit.artifact.onnx_session import create_session
+
+
+def _session(model_path: Path, threads: int | None, native_attention: bool):
+    """The model's session, its attention on our operator where asked and possible."""
+    if native_attention:
+        import onnx
+
+        from toolkit.artifact import native_attention as attention
+
+        model = onnx.load(str(model_path), load_external_data=False)
+        if any(n.op_type == "GroupQueryAttention" for n in model.graph.node) and attention.swap_attention(model, head_size(model, model_path)):
+            return create_session(model_path, threads, model=model, custom_ops=attention.library())
+    return create_session(model_path, threads)
 
 
 class OrtCausalLM:
     """Batch-1 forward passes over an exported model: ``forward``, ``greedy`` and ``teacher_forced``."""
 
-    def __init__(self, model_path: Path, threads: int | None = None):
-        self.session = create_session(model_path, threads)
+    def __init__(self, model_path: Path, threads: int | None = None, native_attention: bool = True):
+        """``native_attention``: run GroupQueryAttention graphs on our operator where the serving engine
+        does (``toolkit.runtime.native_attention``), so ``toolkit validate`` measures what is served;
+        False keeps onnxruntime's operator (the reference the operator's own tests compare against)."""
+        self.session = _session(model_path, threads, native_attention)
         self.spec = kv_spec(self.session, model_path)
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]

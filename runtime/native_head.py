@@ -8,10 +8,8 @@ row scales, and ``Int8Head`` computes the logits from them. The integer sums are
 products are onnxruntime's, in its order, so the logits are bitwise the graph's own where MLAS runs
 VNNI (tests/test_native_head.py); only the time differs (benchmarks/native_head.py).
 
-The kernel is C with AVX-512 VNNI intrinsics, compiled once per source and compiler with the
-machine's C compiler (``$CC``, else ``cc``) into ``$TOOLKIT_CACHE/native`` (default
-``~/.cache/toolkit/native``) and loaded with ctypes, as PyTorch's ``cpp_extension.load`` and CFFI's
-API mode build on first use. It is used only where all of these hold; otherwise the head stays in the
+The kernel is C with AVX-512 VNNI intrinsics, built on first use (``toolkit.artifact.native_build``)
+and loaded with ctypes. It is used only where all of these hold; otherwise the head stays in the
 graph, exactly as exported:
 
 - ``$TOOLKIT_NATIVE_HEAD`` is not ``0``;
@@ -26,19 +24,16 @@ graph, exactly as exported:
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from toolkit.artifact.layout import cache_dir
+from toolkit.artifact import native_build
+from toolkit.artifact.native_build import cpu_flags, is_x86_64
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +46,6 @@ CFLAGS = ("-O2", "-fno-tree-pre", "-fno-gcse", "-mavx512f", "-mavx512bw", "-mavx
 TILE_N = 48  # the kernel's column tile (TILE_N in the C source): packed columns are padded to it
 MAX_ARGMAX_ROWS = 256  # MAX_ARGMAX_ROWS in the C source
 ZERO_POINT = 128
-
-
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
-    """The first CPU's feature flags (empty where ``/proc/cpuinfo`` is absent, as off Linux)."""
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def is_x86_64() -> bool:
-    """Whether this machine is x86-64, the only one the kernel's intrinsics compile for."""
-    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 def unavailable_reason(flags: frozenset[str] | None = None) -> str | None:
@@ -82,29 +61,8 @@ def unavailable_reason(flags: frozenset[str] | None = None) -> str | None:
 
 
 def build_library(source: Path = SOURCE, out_dir: Path | None = None) -> Path:
-    """Compile ``source`` (once per source text, compiler and flags) and return the shared library's path.
-
-    Raises ``RuntimeError`` with the compiler's message when it fails or no compiler exists.
-    """
-    if not is_x86_64():
-        raise RuntimeError(f"the kernel is x86-64 code (AVX-512 VNNI intrinsics); this machine is {platform.machine()}")
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C compiler ({compiler!r} not on PATH)")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), version, *CFLAGS]).encode()).hexdigest()[:16]
-    out_dir = out_dir or cache_dir() / "native"
-    target = out_dir / f"{source.stem}-{key}.so"
-    if target.exists():
-        return target
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # built aside, then renamed: concurrent builders are safe
-        built = Path(tmp) / target.name
-        done = subprocess.run([compiler, *CFLAGS, str(source), "-o", str(built)], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {source.name}: {done.stderr.strip()[-2000:]}")
-        os.replace(built, target)
-    return target
+    """The LM head kernel's shared library (``toolkit.artifact.native_build.build_library``)."""
+    return native_build.build_library(source, CFLAGS, out_dir)
 
 
 _library: ctypes.CDLL | None = None

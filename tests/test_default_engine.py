@@ -159,4 +159,6 @@ def test_int8_engine_json_mode_parses(int8_dir):
     deltas, reasons = asyncio.run(main_())
     value = json.loads("".join(deltas))
     assert isinstance(value["name"], str) and isinstance(value["age"], int)
-    assert reasons[-1] == "stop"
+    # sampled: the object closes by itself ("stop") or the grammar's budget closes it at max_tokens ("length");
+    # either way it parses (which of the two a seed gives moved with float32 rounding in the attention)
+    assert reasons[-1] in ("stop", "length") and reasons.count(None) == len(reasons) - 1

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from toolkit.cli import main
 from toolkit.export.gqa_export import GraphBuildError, builder_command
+from toolkit.artifact import native_attention
 from toolkit.artifact.manifest import load_manifest
 from toolkit.recipes import get_recipe
 from toolkit.runtime.kv_cache import KVCacheManager, KvGeometry
@@ -156,16 +157,21 @@ def test_gemma3_layers_follow_layer_types(tiny_engine, tiny_checkpoint):
 
 
 # ---- the runner against the plain (copying) path ---------------------------------------------------
-def test_in_place_decode_matches_the_copying_reference_runner(tiny_engine):
+@pytest.mark.parametrize("recipe", ["gemma-7b-it", "default"])  # packed q/k/v; Gemma 3's q/k norms and 16-token window
+def test_in_place_decode_matches_the_copying_reference_runner(tiny_engine, recipe):
     """Prefill one prompt in two chunks, decode 12 tokens in a batch of 2 over the shared buffer, and compare
-    every logits row with the validation runner, which feeds the same graph a fresh past each step."""
+    every logits row with the validation runner, which feeds the same graph a fresh past each step (and
+    keeps onnxruntime's GroupQueryAttention where the runner has ours)."""
     from toolkit.export.golden import Reference
     from toolkit.export.ort_runner import OrtCausalLM
     from toolkit.runtime.gqa_runner import GqaModelRunner
 
-    engine_dir = tiny_engine(get_recipe("gemma-7b-it"), "fp32", "gqa")
+    engine_dir = tiny_engine(get_recipe(recipe), "fp32", "gqa")
     cases = Reference.load(engine_dir).cases[:2]
-    runner, reference = GqaModelRunner(engine_dir / "model.onnx", threads=1), OrtCausalLM(engine_dir / "model.onnx", 1)
+    # the reference keeps onnxruntime's GroupQueryAttention; the runner takes ours where it can run
+    runner = GqaModelRunner(engine_dir / "model.onnx", threads=1)
+    reference = OrtCausalLM(engine_dir / "model.onnx", 1, native_attention=False)
+    assert runner.native_attention == (native_attention.unavailable_reason() is None)
     batch = runner.new_batch()
     expected, last = [], []
     for case in cases:

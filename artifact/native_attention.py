@@ -1,0 +1,124 @@
+"""The GQA graphs' attention on our own onnxruntime custom operator (``artifact/native/gqa_attention.c``).
+
+onnxruntime's CPU ``GroupQueryAttention`` runs one GEMM per (row, query head) over the whole cache
+capacity, so a row's cached keys and values are read once per query head and a probability matrix as
+wide as the capacity is written and read back. On the default model (4 query heads over 1 key/value
+head) it took 8.3 ms of a 34 ms 16-row decode step at ~170 cached tokens. Our operator computes the
+query heads that share a key/value head in one pass over that head's live positions; same inputs,
+outputs and attributes, so ``swap_attention`` only re-points each node at our domain, in memory (the
+engine directory is not touched), and ``toolkit validate``'s onnxruntime run of the exported graph is
+the reference it is tested against (tests/test_native_attention.py).
+
+A row's attention output is bitwise the same whether its tokens come one per step, as a prompt chunk
+or as a speculative draft being verified (every (query, key) product is one instruction sequence),
+which onnxruntime's operator does not give: its ``S > 1`` path is another GEMM shape.
+
+It is built on first use (``toolkit.artifact.native_build``), used by the serving engine
+(``toolkit.runtime.gqa_runner``) and by ``toolkit validate`` (``toolkit.export.ort_runner``) alike,
+and only where all of these hold; otherwise the graph keeps onnxruntime's operator:
+
+- ``$TOOLKIT_NATIVE_ATTENTION`` is not ``0``;
+- the machine is x86-64 and the CPU reports ``avx512f`` (the kernel's intrinsics);
+- a C compiler builds the source;
+- every ``GroupQueryAttention`` node has one of the builder's forms: query, key, value (or the three
+  packed in the query), past key and value, ``seqlens_k``, ``total_sequence_length``, cos and sin
+  caches, nothing after them, no
+  interleaved rotary or smooth softmax, a head size that is a multiple of 16 (at most 512) with the
+  rotary tables half as wide, and at most 16 query heads per key/value head.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from toolkit.artifact.native_build import build_library, cpu_flags, is_x86_64
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "native" / "gqa_attention.c"
+ENV_SWITCH = "TOOLKIT_NATIVE_ATTENTION"
+DOMAIN = "toolkit.native"  # the domain RegisterCustomOps adds in the C source
+REQUIRED_CPU_FLAGS = frozenset({"avx512f"})
+CFLAGS = ("-O2", "-mavx512f", "-fPIC", "-shared")
+INPUTS = 9  # query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache
+ATTRIBUTES = {"num_heads", "kv_num_heads", "scale", "local_window_size", "softcap", "do_rotary", "rotary_interleaved",
+              "smooth_softmax"}
+MAX_HEAD, MAX_GROUP = 512, 16  # MAX_HEAD and MAX_GROUP in the C source
+
+
+def unavailable_reason(flags: frozenset[str] | None = None) -> str | None:
+    """Why the operator cannot run here (switched off, not x86-64, CPU flags missing), or None."""
+    if os.environ.get(ENV_SWITCH, "").strip() == "0":
+        return f"${ENV_SWITCH}=0"
+    if flags is None and not is_x86_64():
+        return "the machine is not x86-64"
+    missing = REQUIRED_CPU_FLAGS - (cpu_flags() if flags is None else flags)
+    return "the CPU lacks " + ", ".join(sorted(missing)) if missing else None
+
+
+def library() -> Path:
+    """The operator's shared library, built if needed (raises ``RuntimeError`` where it cannot be)."""
+    return build_library(SOURCE, CFLAGS)
+
+
+def _unsupported(node, initializers: dict, head_size: int) -> str | None:
+    """Why ``node`` (a GroupQueryAttention) is not a form our operator computes, or None."""
+    from onnx import helper
+
+    inputs = list(node.input)
+    packed = len(inputs) >= INPUTS and not inputs[1] and not inputs[2]  # query, key and value in one input
+    if len(inputs) < INPUTS or not all(inputs[i] for i in range(INPUTS) if not (packed and i in (1, 2))) or any(inputs[INPUTS:]):
+        return f"inputs {inputs}"
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if set(attrs) - ATTRIBUTES:
+        return f"attributes {sorted(set(attrs) - ATTRIBUTES)}"
+    if attrs.get("rotary_interleaved", 0) or attrs.get("smooth_softmax", 0):
+        return "interleaved rotary or smooth softmax"
+    heads, kv_heads = attrs.get("num_heads", 0), attrs.get("kv_num_heads", 0)
+    if kv_heads <= 0 or heads % kv_heads or heads // kv_heads > MAX_GROUP:
+        return f"{heads} query heads over {kv_heads} key/value heads"
+    if head_size % 16 or not 0 < head_size <= MAX_HEAD:
+        return f"head size {head_size}"
+    if attrs.get("do_rotary", 0) not in (0, 1):
+        return f"do_rotary={attrs['do_rotary']}"
+    if attrs.get("do_rotary", 0):
+        tables = [initializers.get(name) for name in inputs[7:9]]
+        if any(t is None or len(t.dims) != 2 or t.dims[1] * 2 != head_size for t in tables):
+            return "rotary tables that are not [positions, head size / 2] initializers"
+    return None
+
+
+def swap_attention(model, head_size: int) -> bool:
+    """Re-point every ``GroupQueryAttention`` of ``model`` (an ``onnx.ModelProto``, edited in place) at our
+    operator; False, with ``model`` unchanged, where the operator is unavailable or a node is another form.
+
+    ``head_size``: the graph's attention head size (``toolkit.artifact.layout.kv_spec``).
+    """
+    from onnx import helper
+
+    nodes = [n for n in model.graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
+    reason = unavailable_reason() if nodes else "the graph has no GroupQueryAttention"
+    if reason is None:
+        initializers = {init.name: init for init in model.graph.initializer}
+        reason = next((f"{n.name}: {why}" for n in nodes if (why := _unsupported(n, initializers, head_size))), None)
+    if reason is None:
+        try:
+            library()
+        except (RuntimeError, OSError) as exc:
+            reason = f"the operator could not be built: {exc}"
+    if reason is not None:
+        log.info("attention stays on onnxruntime's GroupQueryAttention: %s", reason)
+        return False
+    for node in nodes:
+        node.domain = DOMAIN
+        del node.input[INPUTS:]
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return True
+
+
+def uses_operator(model) -> bool:
+    """Whether ``model`` holds a node of our operator's domain (its session must register the library)."""
+    return any(n.domain == DOMAIN for n in model.graph.node)

@@ -1,0 +1,222 @@
+"""Our GroupQueryAttention operator (``toolkit.artifact.native_attention``) against onnxruntime's own.
+
+Each case runs one ``GroupQueryAttention`` node twice, as exported (domain ``com.microsoft``) and re-pointed
+at our operator, on the same inputs: outputs within float32 rounding, caches the same at every live
+position. The engines' runs of the whole graph are compared in ``tests/test_gqa.py`` and, against the fp32
+reference, by ``toolkit validate`` (``toolkit.export.ort_runner`` runs our operator too).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from toolkit.artifact import native_attention
+
+
+def _operator_here() -> bool:
+    if native_attention.unavailable_reason() is not None:
+        return False
+    try:
+        native_attention.library()
+    except (RuntimeError, OSError):
+        return False
+    return True
+
+
+OPERATOR_HERE = _operator_here()
+needs_operator = pytest.mark.skipif(not OPERATOR_HERE, reason="the CPU lacks AVX-512 or no C compiler; the graph keeps "
+                                    "onnxruntime's operator (test_swap_without_the_operator_changes_nothing)")
+
+
+def _node_model(domain: str, heads=4, kv=1, head=32, window=-1, rotary=1, softcap=0.0, scale=0.0, packed=False,
+                positions=256, extra_inputs=(), **attributes):
+    """One GroupQueryAttention node with the builder's inputs (cos/sin tables as initializers)."""
+    inv = 1.0 / (10000 ** (np.arange(head // 2) * 2 / head))
+    angles = np.arange(positions)[:, None] * inv[None, :]
+    f = TensorProto.FLOAT
+    qkv = ["q", "", ""] if packed else ["q", "k", "v"]
+    node = helper.make_node("GroupQueryAttention", [*qkv, "pk", "pv", "sl", "tot", "cos", "sin", *extra_inputs],
+                            ["o", "ok", "ov"], domain=domain, num_heads=heads, kv_num_heads=kv, local_window_size=window,
+                            do_rotary=rotary, softcap=softcap, scale=scale, **attributes)
+    width = (heads + 2 * kv) * head if packed else heads * head
+    inputs = [helper.make_tensor_value_info("q", f, ["b", "s", width])]
+    if not packed:
+        inputs += [helper.make_tensor_value_info(n, f, ["b", "s", kv * head]) for n in ("k", "v")]
+    inputs += [helper.make_tensor_value_info(n, f, ["b", kv, "p", head]) for n in ("pk", "pv")]
+    inputs += [helper.make_tensor_value_info("sl", TensorProto.INT32, ["b"]), helper.make_tensor_value_info("tot", TensorProto.INT32, [])]
+    graph = helper.make_graph([node], "attention", inputs, [helper.make_tensor_value_info(n, f, None) for n in ("o", "ok", "ov")],
+                              [numpy_helper.from_array(np.cos(angles).astype(np.float32), "cos"),
+                               numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin")])
+    return helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)])
+
+
+def _session(model, threads=2):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    if native_attention.uses_operator(model):
+        options.register_custom_ops_library(str(native_attention.library()))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _sessions(threads=2, **shape):
+    """onnxruntime's node and ours, swapped by ``swap_attention`` from the same model."""
+    theirs = _node_model("com.microsoft", **shape)
+    ours = _node_model("com.microsoft", **shape)
+    assert native_attention.swap_attention(ours, shape.get("head", 32))
+    return _session(theirs, threads), _session(ours, threads)
+
+
+def _feeds(rng, rows, new, cached, capacity, heads=4, kv=1, head=32, packed=False, first_prompt=False):
+    """Inputs for ``rows`` rows of ``cached[i]`` cached tokens each getting ``new`` tokens."""
+    width = (heads + 2 * kv) * head if packed else heads * head
+    feeds = {"q": rng.standard_normal((rows, new, width)).astype(np.float32)}
+    if not packed:
+        feeds["k"] = rng.standard_normal((rows, new, kv * head)).astype(np.float32)
+        feeds["v"] = rng.standard_normal((rows, new, kv * head)).astype(np.float32)
+    feeds["pk"] = rng.standard_normal((rows, kv, capacity, head)).astype(np.float32)
+    feeds["pv"] = rng.standard_normal((rows, kv, capacity, head)).astype(np.float32)
+    cached = np.asarray(cached, np.int32)
+    feeds["sl"] = (cached + new - 1).astype(np.int32)
+    feeds["tot"] = np.array(new if first_prompt else int(cached.max()) + new, np.int32)
+    return feeds
+
+
+def _run(session, feeds, shared: bool):
+    """Outputs and the caches after the run; ``shared``: present bound to the past's memory, as the engine runs."""
+    if not shared:
+        return session.run(None, feeds)
+    pk, pv = feeds["pk"].copy(), feeds["pv"].copy()
+    binding = session.io_binding()
+    for name in ("q", "k", "v", "sl", "tot"):
+        if name in feeds:
+            binding.bind_cpu_input(name, feeds[name])
+    binding.bind_output("o")  # first: get_outputs() lists the bound outputs in binding order
+    for name, array, out in (("pk", pk, "ok"), ("pv", pv, "ov")):
+        value = ort.OrtValue.ortvalue_from_numpy(array)
+        binding.bind_ortvalue_input(name, value)
+        binding.bind_ortvalue_output(out, value)
+    session.run_with_iobinding(binding)
+    output = binding.get_outputs()[0].numpy()
+    assert output.shape == (feeds["q"].shape[0], feeds["q"].shape[1], output.shape[2])
+    return [output, pk, pv]
+
+
+def _assert_same_attention(theirs, ours, live):
+    """Outputs within float32 rounding; caches equal up to each row's length ``live[row]``."""
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5, atol=2e-5)
+    for a, b in zip(theirs[1:], ours[1:]):
+        assert a.shape == b.shape
+        for row, length in enumerate(live):
+            np.testing.assert_allclose(b[row, :, :length], a[row, :, :length], rtol=1e-6, atol=1e-6)
+
+
+def test_the_function_table_positions_are_this_onnxruntime_s():
+    """The C source reaches onnxruntime's C API by positions in its function table: a status made through
+    it reads back through it, on the onnxruntime library of the installed wheel."""
+    if not OPERATOR_HERE:
+        assert native_attention.unavailable_reason() is not None or not native_attention.is_x86_64()
+        return
+    capi = Path(ort.__file__).parent / "capi"
+    runtime_lib = ctypes.CDLL(str(next(capi.glob("libonnxruntime.so*"))), mode=ctypes.RTLD_LOCAL)
+    runtime_lib.OrtGetApiBase.restype = ctypes.c_void_p
+    ours = ctypes.CDLL(str(native_attention.library()))
+    ours.toolkit_gqa_api_check.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+    version = ctypes.create_string_buffer(64)
+    assert ours.toolkit_gqa_api_check(runtime_lib.OrtGetApiBase(), version, 64) == 0
+    assert version.value.decode() == ort.__version__
+
+
+@needs_operator
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-cache", "copied-cache"])
+@pytest.mark.parametrize("shape", [
+    {},
+    {"packed": True},
+    {"window": 5},
+    {"heads": 8, "kv": 2, "head": 64, "softcap": 3.0, "scale": 0.3},
+    {"rotary": 0, "window": 9},
+], ids=["plain", "packed", "window", "groups-softcap-scale", "no-rotary"])
+def test_decode_rows_of_different_lengths_match_onnxruntime(shape, shared):
+    rng = np.random.default_rng(len(str(shape)))
+    theirs, ours = _sessions(**shape)
+    cached = [17, 3, 30, 11]
+    feeds = _feeds(rng, 4, 1, cached, 32, **{k: v for k, v in shape.items() if k in ("heads", "kv", "head", "packed")})
+    _assert_same_attention(_run(theirs, feeds, shared), _run(ours, feeds, shared), [c + 1 for c in cached])
+
+
+@needs_operator
+@pytest.mark.parametrize("window", [-1, 6])
+def test_a_first_prompt_and_a_chunk_after_a_cache_match_onnxruntime(window):
+    rng = np.random.default_rng(7)
+    theirs, ours = _sessions(window=window)
+    prompt = _feeds(rng, 1, 13, [0], 0, first_prompt=True)
+    _assert_same_attention(_run(theirs, prompt, False), _run(ours, prompt, False), [13])
+    chunk = _feeds(rng, 1, 9, [20], 40)  # positions 20-28 against 20 cached ones, past a 6-token window
+    for shared in (True, False):
+        _assert_same_attention(_run(theirs, chunk, shared), _run(ours, chunk, shared), [29])
+
+
+@needs_operator
+def test_a_row_s_output_is_bitwise_the_same_in_steps_in_a_chunk_and_in_a_batch():
+    """Six tokens one per run, as one chunk, and as a 3-row batch of 6-token drafts (the form onnxruntime's
+    operator refuses): the same bits, so speculative verification reproduces plain decoding."""
+    rng = np.random.default_rng(3)
+    _, ours = _sessions(window=8)
+    cached, new = [10, 4, 15], 6
+    feeds = _feeds(rng, 3, new, cached, 32)
+    batch = _run(ours, feeds, shared=True)
+    for row, length in enumerate(cached):
+        single = {name: feeds[name][row:row + 1] for name in ("q", "k", "v", "pk", "pv")}
+        chunk = _run(ours, {**single, "sl": np.array([length + new - 1], np.int32), "tot": np.array(length + new, np.int32)}, True)
+        cache_k, cache_v = single["pk"].copy(), single["pv"].copy()
+        for step in range(new):
+            one = {"q": single["q"][:, step:step + 1], "k": single["k"][:, step:step + 1], "v": single["v"][:, step:step + 1],
+                   "pk": cache_k, "pv": cache_v, "sl": np.array([length + step], np.int32), "tot": np.array(length + step + 1, np.int32)}
+            out, cache_k, cache_v = _run(ours, one, shared=True)
+            for got in (batch[0][row, step], chunk[0][0, step]):
+                assert np.array_equal(got.view(np.uint32), out[0, 0].view(np.uint32))
+        for got in (batch[1][row], chunk[1][0]):
+            assert np.array_equal(got[:, :length + new], cache_k[0][:, :length + new])
+
+
+@needs_operator
+def test_a_row_longer_than_its_cache_is_a_clear_error_and_the_session_runs_on():
+    rng = np.random.default_rng(5)
+    _, ours = _sessions()
+    good = _feeds(rng, 2, 1, [5, 9], 16)
+    bad = {**good, "sl": np.array([5, 40], np.int32), "tot": np.array(41, np.int32)}
+    with pytest.raises(Exception, match="row 1's length 41 does not fit the cache"):
+        _run(ours, bad, shared=True)
+    before = _run(ours, good, shared=True)[0]
+    assert np.isfinite(before).all() and np.array_equal(before, _run(ours, good, shared=True)[0])
+
+
+def test_swap_refuses_other_forms_and_leaves_the_graph_unchanged(monkeypatch):
+    monkeypatch.delenv(native_attention.ENV_SWITCH, raising=False)
+    refused = [(_node_model("com.microsoft", rotary_interleaved=1), 32),  # interleaved rotary
+               (_node_model("com.microsoft", extra_inputs=("position_ids",)), 32),  # an input past the nine
+               (_node_model("com.microsoft", head=24), 24),  # not a multiple of 16
+               (_node_model("com.microsoft", heads=34, kv=2), 32),  # 17 query heads per key/value head
+               (_node_model("com.microsoft"), 64)]  # rotary tables not half the head size
+    for model, head in refused:
+        before = model.SerializeToString()
+        assert native_attention.swap_attention(model, head) is False
+        assert model.SerializeToString() == before
+    model = _node_model("com.microsoft")
+    monkeypatch.setenv(native_attention.ENV_SWITCH, "0")
+    assert native_attention.unavailable_reason() == "$TOOLKIT_NATIVE_ATTENTION=0"
+    assert native_attention.swap_attention(model, 32) is False and not native_attention.uses_operator(model)
+
+
+def test_swap_without_the_operator_changes_nothing(monkeypatch):
+    monkeypatch.delenv(native_attention.ENV_SWITCH, raising=False)
+    assert native_attention.unavailable_reason(frozenset({"avx2", "fma"})) == "the CPU lacks avx512f"
+    monkeypatch.setattr(native_attention, "cpu_flags", lambda: frozenset({"avx2"}))
+    model = _node_model("com.microsoft")
+    before = model.SerializeToString()
+    assert native_attention.swap_attention(model, 32) is False and model.SerializeToString() == before
