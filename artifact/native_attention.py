@@ -90,6 +90,18 @@ def _unsupported(node, initializers: dict, head_size: int) -> str | None:
     return None
 
 
+def serves(model_path: Path) -> bool:
+    """Whether ``swap_attention`` puts the graph at ``model_path`` on our operator here (its graph is read,
+    not its weights): what a verify run's bitwise identity with plain decoding rests on
+    (``toolkit.runtime.speculative.SpeculativeConfig.for_precision``)."""
+    import onnx
+
+    from toolkit.artifact.layout import head_size
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    return swap_attention(model, head_size(model, model_path))
+
+
 def swap_attention(model, head_size: int) -> bool:
     """Re-point every ``GroupQueryAttention`` of ``model`` (an ``onnx.ModelProto``, edited in place) at our
     operator; False, with ``model`` unchanged, where the operator is unavailable or a node is another form.

@@ -65,18 +65,21 @@ class SpeculativeConfig:
     """``toolkit serve`` options: prompt lookup and predicted outputs on/off, the largest draft, n-gram sizes, the largest batch.
 
     ``enabled=False`` opens the graph as exported (no verify steps, ``prediction`` has no effect).
-    ``prompt_lookup`` / ``predicted_outputs`` ``None`` (the default): on for fp32 engines only
-    (``for_precision``). A verify run feeds several tokens at once, and onnxruntime's CPU
-    ``GroupQueryAttention`` sums a several-token query in another order than a one-token one; fp32
-    absorbs that (greedy output token-identical to plain decoding, tested), int8 activation rounding
-    amplifies it (0.45-0.87 logit units on the default model; 5 of 8 golden chats keep plain
-    decoding's tokens with prompt lookup, 4 of 8 with ``prediction``; the editing workload's output
-    changed with ``prediction``, benchmarks/llama_cpp_peer.py). OpenAI's Predicted Outputs promise the
-    same completion with or without a prediction, and issue 13 asks for greedy output identical to
-    plain decoding, so on quantized engines both are the operator's opt-in (``--prompt-lookup``,
-    ``--predicted-outputs``): there a request's ``prediction`` is accepted and does not change its
-    output, and its usage reports no prediction counts. A request with its own ``prediction``, where
-    predicted outputs are on, drafts from its prompt too (where the output leaves the prediction).
+    ``prompt_lookup`` / ``predicted_outputs`` ``None`` (the default): on where a verify run reproduces
+    plain decoding (``for_precision``): fp32 engines, and GQA engines whose attention runs on our
+    operator (``toolkit.artifact.native_attention``). A verify run feeds several tokens at once, and
+    onnxruntime's CPU ``GroupQueryAttention`` sums a several-token query in another order than a
+    one-token one; fp32 absorbs that (greedy output token-identical to plain decoding, tested), int8
+    activation rounding amplifies it (0.45-0.87 logit units on the default model; 5 of 8 golden chats
+    kept plain decoding's tokens with prompt lookup, 4 of 8 with ``prediction``). Our operator computes
+    every (query, key) product the same way whatever the number of tokens, and the int8 products are
+    row-independent, so there a verify run's logits are bitwise plain decoding's (tests/test_speculative.py).
+    OpenAI's Predicted Outputs promise the same completion with or without a prediction, and issue 13
+    asks for greedy output identical to plain decoding, so elsewhere (a quantized optimum graph, a CPU
+    without AVX-512) both are the operator's opt-in (``--prompt-lookup``, ``--predicted-outputs``):
+    there a request's ``prediction`` is accepted and does not change its output, and its usage reports
+    no prediction counts. A request with its own ``prediction``, where predicted outputs are on, drafts
+    from its prompt too (where the output leaves the prediction).
     """
 
     enabled: bool = True
@@ -97,9 +100,10 @@ class SpeculativeConfig:
         (an engine with neither opens the graph as exported and runs no speculator)."""
         return self.enabled and bool(self.prompt_lookup or self.predicted_outputs)
 
-    def for_precision(self, precision: str) -> SpeculativeConfig:
-        """This config with ``prompt_lookup`` / ``predicted_outputs`` ``None`` decided for an engine of ``precision`` (class doc)."""
-        exact = precision == "fp32"
+    def for_precision(self, precision: str, exact_verify: bool = False) -> SpeculativeConfig:
+        """This config with ``prompt_lookup`` / ``predicted_outputs`` ``None`` decided for an engine of ``precision``
+        (class doc); ``exact_verify``: its verify runs reproduce plain decoding bitwise whatever the precision."""
+        exact = precision == "fp32" or exact_verify
         return dataclasses.replace(self, prompt_lookup=exact if self.prompt_lookup is None else self.prompt_lookup,
                                    predicted_outputs=exact if self.predicted_outputs is None else self.predicted_outputs)
 

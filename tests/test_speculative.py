@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from engine_helpers import until_idle
 
+from toolkit.artifact import native_attention
 from toolkit.recipes import get_recipe
 from toolkit.runtime import load_engine
 from toolkit.runtime.sampler import sample_token, verify_draft
@@ -49,6 +50,16 @@ async def _run(engine, prompt, max_tokens=40, prediction=None, **params):
             logprobs.extend((lp.token_id, round(lp.logprob, 4)) for lp in choice.logprobs or ())
         last = out
     return tokens, text, last.choices[0].finish_reason, last, logprobs
+
+
+async def _runs_with_drafts(plain, spec, prompts):
+    """Plain decoding's runs of ``prompts``, and ``spec``'s: without a prediction, with plain decoding's
+    output as the prediction, and with that prediction edited midway (its tokens 10-14 replaced)."""
+    expected = [await _run(plain, p) for p in prompts]
+    got = [await _run(spec, p) for p in prompts]
+    right = [await _run(spec, p, prediction=e[0]) for p, e in zip(prompts, expected)]
+    edited = [await _run(spec, p, prediction=e[0][:10] + [7] * 5 + e[0][15:]) for p, e in zip(prompts, expected)]
+    return expected, got, right, edited
 
 
 # ---- units -----------------------------------------------------------------------------------------
@@ -145,10 +156,7 @@ def test_greedy_tokens_identical_with_prompt_lookup_and_prediction(graph, tiny_e
         plain = await started(engine_dir, speculative=OFF)
         spec = await started(engine_dir, speculative=SpeculativeConfig(max_draft=6, ngram_min=1))
         prompts = [_prompt(plain, q) for q in QUESTIONS]
-        expected = [await _run(plain, p) for p in prompts]
-        got = [await _run(spec, p) for p in prompts]
-        right = [await _run(spec, p, prediction=e[0]) for p, e in zip(prompts, expected)]
-        half = [await _run(spec, p, prediction=e[0][:10] + [7] * 5 + e[0][15:]) for p, e in zip(prompts, expected)]
+        expected, got, right, half = await _runs_with_drafts(plain, spec, prompts)
         garbage = [await _run(spec, p, prediction=list(range(30, 90))) for p in prompts]
         drafted, accepted = spec.speculator.drafted, spec.speculator.accepted
         stats = await until_idle(spec)
@@ -256,14 +264,18 @@ def test_kv_rollback_then_decoding_continues_like_plain(tiny_engine):
             assert np.allclose(a, b, atol=1e-4), graph
 
 
-def test_int8_verify_logits_follow_plain_decoding(tiny_engine):
+@pytest.mark.parametrize("operator", ["ours", "onnxruntime"])
+def test_int8_verify_logits_follow_plain_decoding(tiny_engine, monkeypatch, operator):
     """The int8 gqa engine (per-row int8 LM head, ``export/rowwise_int8.py``): a verify run's logits at every
-    fed position are plain decoding's up to int8 rounding. The verify graph's position slice must feed the
-    head's row scales too: taking them from the last position alone skewed every earlier position."""
+    fed position are plain decoding's up to int8 rounding, and bitwise where the attention runs on our
+    operator. The verify graph's position slice must feed the head's row scales too: taking them from the
+    last position alone skewed every earlier position."""
     from toolkit.runtime.model_runner import create_runner
 
+    monkeypatch.setenv(native_attention.ENV_SWITCH, "1" if operator == "ours" else "0")
     engine_dir = tiny_engine(get_recipe("default"), "int8", "gqa")
     runner = create_runner("gqa", engine_dir / "model.onnx", 1, 512, verify=True)
+    assert runner.native_attention == (operator == "ours" and native_attention.unavailable_reason() is None)
     prompt = [2, *range(40, 60)]
     _, past = runner.prefill(prompt, None, 0)
     plain, spec = runner.new_batch(), runner.new_batch()
@@ -275,6 +287,8 @@ def test_int8_verify_logits_follow_plain_decoding(tiny_engine):
     spread = plain_logits.max() - plain_logits.min()
     assert np.abs(spec_logits - plain_logits).max() < 0.05 * spread
     assert (spec_logits.argmax(axis=-1) == plain_logits.argmax(axis=-1)).mean() >= 0.8
+    if runner.native_attention:
+        assert np.array_equal(spec_logits.view(np.uint32), plain_logits.view(np.uint32))
 
 
 # ---- server: prediction over HTTP -------------------------------------------------------------------------
@@ -348,13 +362,19 @@ def test_serve_options_reach_the_engine(tiny_engine):
     assert result.exit_code == 2 and "--max-draft-tokens" in result.output
 
 
-def test_speculation_is_on_by_default_for_fp32_engines_only(tiny_engine):
-    """Quantized verify runs are not bitwise plain decoding (SpeculativeConfig's doc), so drafting from the
-    prompt and from ``prediction`` are opt-in there: ``toolkit serve --prompt-lookup`` / ``--predicted-outputs``."""
+def test_speculation_is_on_by_default_where_verify_runs_reproduce_decoding(tiny_engine, monkeypatch):
+    """fp32 engines, and int8 GQA engines on our attention operator, verify bitwise as they decode; elsewhere
+    quantized verify runs are not plain decoding (SpeculativeConfig's doc), so drafting from the prompt and
+    from ``prediction`` are opt-in there: ``toolkit serve --prompt-lookup`` / ``--predicted-outputs``."""
     from toolkit.server.serve import engine_options, load_engines
 
     default = get_recipe("default")
     int8_dir = tiny_engine(default, "int8", "gqa")
+    monkeypatch.delenv(native_attention.ENV_SWITCH, raising=False)
+    ours = native_attention.unavailable_reason() is None
+    int8 = load_engines([int8_dir])[default.name].speculative
+    assert (int8.prompt_lookup, int8.predicted_outputs) == (ours, ours)
+    monkeypatch.setenv(native_attention.ENV_SWITCH, "0")
     int8 = load_engines([int8_dir])[default.name].speculative
     assert (int8.prompt_lookup, int8.predicted_outputs) == (False, False)
     fp32 = load_engines([tiny_engine(default, "fp32", "gqa")])[default.name].speculative
@@ -367,12 +387,14 @@ def test_speculation_is_on_by_default_for_fp32_engines_only(tiny_engine):
         assert (chosen.prompt_lookup, chosen.predicted_outputs) == (flag, not flag)
 
 
-def test_int8_prediction_changes_nothing_unless_the_operator_opts_in(tiny_engine):
-    """On an int8 engine by default a request's ``prediction`` is accepted, its tokens are plain decoding's (no
-    verify step runs) and it reports no prediction counts; with ``predicted_outputs=True`` the same request
-    speculates and counts what the prediction foresaw."""
+def test_int8_prediction_changes_nothing_unless_the_operator_opts_in(tiny_engine, monkeypatch):
+    """On an int8 engine whose verify runs are not bitwise (onnxruntime's attention) by default a request's
+    ``prediction`` is accepted, its tokens are plain decoding's (no verify step runs) and it reports no
+    prediction counts; with ``predicted_outputs=True`` the same request speculates and counts what the
+    prediction foresaw."""
     from toolkit.server.openai.routes import counts_prediction
 
+    monkeypatch.setenv(native_attention.ENV_SWITCH, "0")
     engine_dir = tiny_engine(get_recipe("default"), "int8", "gqa")
 
     async def main():
@@ -394,3 +416,29 @@ def test_int8_prediction_changes_nothing_unless_the_operator_opts_in(tiny_engine
     assert (by_default[3].accepted_prediction_tokens, by_default[3].rejected_prediction_tokens) == (0, 0)
     assert reported == (False, True)
     assert drafted_opted > 0 and by_opt_in[3].accepted_prediction_tokens > 0
+
+
+@pytest.mark.skipif(native_attention.unavailable_reason() is not None,
+                    reason="no AVX-512: int8 engines keep onnxruntime's attention and speculation is opt-in there "
+                           "(test_int8_prediction_changes_nothing_unless_the_operator_opts_in)")
+def test_int8_gqa_greedy_tokens_identical_with_prompt_lookup_and_prediction(tiny_engine, monkeypatch):
+    """On our attention operator an int8 engine speculates by default and its greedy tokens are plain
+    decoding's: with prompt lookup, with the right prediction, and with a prediction edited midway."""
+    monkeypatch.delenv(native_attention.ENV_SWITCH, raising=False)
+    engine_dir = tiny_engine(get_recipe("default"), "int8", "gqa")
+
+    async def main():
+        plain = await started(engine_dir, speculative=SpeculativeConfig(enabled=False))
+        spec = await started(engine_dir, speculative=SpeculativeConfig(max_draft=6, ngram_min=1))
+        expected, got, right, edited = await _runs_with_drafts(plain, spec, [_prompt(plain, q) for q in QUESTIONS])
+        drafted, accepted = spec.speculator.drafted, spec.speculator.accepted
+        for engine in (plain, spec):
+            await engine.stop()
+        return expected, got, right, edited, drafted, accepted
+
+    expected, got, right, edited, drafted, accepted = asyncio.run(main())
+    for runs in (got, right, edited):
+        assert [r[0] for r in runs] == [e[0] for e in expected]
+    assert drafted > 0 and accepted > 0
+    for (tokens, *_), (_, _, _, out, _) in zip(expected, right):
+        assert (out.accepted_prediction_tokens, out.rejected_prediction_tokens) == (len(tokens), 0)

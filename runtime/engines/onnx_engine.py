@@ -84,9 +84,21 @@ class OnnxEngine:
         self.max_loras = max_loras
         self.lora = None  # toolkit.runtime.lora.LoraAdapters once started with adapters
         self._adapter_wait: list[SequenceGroup] = []  # requests whose adapter is loading
-        self.speculative = (speculative or SpeculativeConfig()).for_precision(manifest.precision)
+        self._requested_speculative = speculative or SpeculativeConfig()
+        self.speculative = self._requested_speculative.for_precision(manifest.precision, self._exact_verify())
         self.speculator: Speculator | None = None  # drafts for verify steps (runtime/speculative.py); None with LoRA
         self._drafts: list[list[int]] | None = None  # this step's drafts, one per running row
+
+    def _exact_verify(self) -> bool:
+        """Whether verify runs will reproduce plain decoding bitwise at any precision: a GQA graph whose
+        attention runs on our operator (``SpeculativeConfig``'s doc). Asked only where it decides something."""
+        requested = self._requested_speculative
+        if (self.manifest.precision == "fp32" or self.graph != "gqa" or not requested.enabled
+                or None not in (requested.prompt_lookup, requested.predicted_outputs)):
+            return False
+        from toolkit.artifact import native_attention
+
+        return native_attention.serves(self.engine_dir / "model.onnx")
 
     @property
     def adapter_names(self) -> tuple[str, ...]:
@@ -117,6 +129,10 @@ class OnnxEngine:
                 raise EngineStoppedError(f"{self.engine_dir} has no LoRA graph; add an adapter with `toolkit export-lora`")
         self.weights_bytes = sum(f.stat().st_size for f in (model, model.with_name(model.name + ".data")) if f.exists())
         self.runner = create_runner(self.graph, model, self.threads, self.context_length, verify=self.speculative.speculates and not self.adapter_sources)
+        exact = getattr(self.runner, "native_attention", False)
+        if self.speculative != self._requested_speculative.for_precision(self.manifest.precision, exact):
+            # decided on our operator, which this graph then did not get (a LoRA graph): plain decoding only
+            self.speculative = self._requested_speculative.for_precision(self.manifest.precision, exact)
         if self.adapter_sources:
             self.lora = LoraAdapters(self.adapter_sources, graph_modules(self.runner.session),
                                      self.manifest.source.get("sha256", ""), self.max_loras or DEFAULT_MAX_LORAS,
