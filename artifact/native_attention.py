@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "native" / "gqa_attention.c"
 ENV_SWITCH = "TOOLKIT_NATIVE_ATTENTION"
+CACHE_ENV = "TOOLKIT_KV_CACHE_DTYPE"  # float16 | float32: overrides ``cache_dtype``'s choice
+F16_CACHE_OP = "GroupQueryAttentionF16Cache"  # the operator over a float16 cache, in the C source
 DOMAIN = "toolkit.native"  # the domain RegisterCustomOps adds in the C source
 REQUIRED_CPU_FLAGS = frozenset({"avx512f"})
 CFLAGS = ("-O2", "-mavx512f", "-fPIC", "-shared")
@@ -90,31 +92,57 @@ def _unsupported(node, initializers: dict, head_size: int) -> str | None:
     return None
 
 
-def serves(model_path: Path) -> bool:
-    """Whether ``swap_attention`` puts the graph at ``model_path`` on our operator here (its graph is read,
-    not its weights): what a verify run's bitwise identity with plain decoding rests on
-    (``toolkit.runtime.speculative.SpeculativeConfig.for_precision``)."""
+def cache_dtype(precision: str) -> str:
+    """The KV cache's element type on our operator for an engine of ``precision``: float16 for quantized
+    engines (llama.cpp's default cache type too; half the bytes the attention reads each step, half the
+    memory per token), float32 for fp32 engines, which stay the exact reference. ``$TOOLKIT_KV_CACHE_DTYPE``
+    (``float16`` / ``float32``) overrides it."""
+    chosen = os.environ.get(CACHE_ENV, "").strip()
+    if chosen:
+        if chosen not in ("float16", "float32"):
+            raise ValueError(f"${CACHE_ENV}={chosen!r}: use float16 or float32")
+        return chosen
+    return "float32" if precision == "fp32" else "float16"
+
+
+def serves(model_path: Path, cache: str = "float32") -> bool:
+    """Whether ``swap_attention`` puts the graph at ``model_path`` on our operator here, over a ``cache``
+    cache (its graph is read, not its weights): what a verify run's bitwise identity with plain decoding
+    rests on (``toolkit.runtime.speculative.SpeculativeConfig.for_precision``), and the cache's size."""
     import onnx
 
     from toolkit.artifact.layout import head_size
 
     model = onnx.load(str(model_path), load_external_data=False)
-    return swap_attention(model, head_size(model, model_path))
+    return swap_attention(model, head_size(model, model_path), cache)
 
 
-def swap_attention(model, head_size: int) -> bool:
+def swap_attention(model, head_size: int, cache: str = "float32") -> bool:
     """Re-point every ``GroupQueryAttention`` of ``model`` (an ``onnx.ModelProto``, edited in place) at our
     operator; False, with ``model`` unchanged, where the operator is unavailable or a node is another form.
 
-    ``head_size``: the graph's attention head size (``toolkit.artifact.layout.kv_spec``).
+    ``head_size``: the graph's attention head size (``toolkit.artifact.layout.kv_spec``). ``cache``
+    ``"float16"``: the nodes' past key/value inputs (graph inputs, read by nothing else) and present
+    outputs become float16 and the nodes our operator over a float16 cache (``cache_dtype``); the
+    runner's buffers follow the graph's types.
     """
-    from onnx import helper
+    from onnx import TensorProto, helper
 
     nodes = [n for n in model.graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
     reason = unavailable_reason() if nodes else "the graph has no GroupQueryAttention"
     if reason is None:
         initializers = {init.name: init for init in model.graph.initializer}
         reason = next((f"{n.name}: {why}" for n in nodes if (why := _unsupported(n, initializers, head_size))), None)
+    cache_names = set()
+    if reason is None and cache == "float16":
+        cache_names = {name for n in nodes for name in (*n.input[3:5], *n.output[1:3])}
+        graph_inputs = {i.name for i in model.graph.input}
+        attention = {id(n) for n in nodes}
+        if (not {name for n in nodes for name in n.input[3:5]} <= graph_inputs
+                or any(name in cache_names for n in model.graph.node if id(n) not in attention for name in n.input)):
+            reason = "the cache is not graph inputs fed to the attention alone (a float16 cache needs that)"
+    elif cache != "float32":
+        reason = reason or f"cache element type {cache!r}"
     if reason is None:
         try:
             library()
@@ -126,6 +154,11 @@ def swap_attention(model, head_size: int) -> bool:
     for node in nodes:
         node.domain = DOMAIN
         del node.input[INPUTS:]
+        if cache == "float16":
+            node.op_type = F16_CACHE_OP
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        if value.name in cache_names:
+            value.type.tensor_type.elem_type = TensorProto.FLOAT16
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return True

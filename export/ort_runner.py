@@ -15,15 +15,15 @@ from toolkit.artifact.layout import head_size, kv_spec
 from toolkit.artifact.onnx_session import create_session
 
 
-def _session(model_path: Path, threads: int | None, native_attention: bool):
-    """The model's session, its attention on our operator where asked and possible."""
+def _session(model_path: Path, threads: int | None, native_attention: bool, kv_cache: str):
+    """The model's session, its attention on our operator (over a ``kv_cache`` cache) where asked and possible."""
     if native_attention:
         import onnx
 
         from toolkit.artifact import native_attention as attention
 
         model = onnx.load(str(model_path), load_external_data=False)
-        if any(n.op_type == "GroupQueryAttention" for n in model.graph.node) and attention.swap_attention(model, head_size(model, model_path)):
+        if any(n.op_type == "GroupQueryAttention" for n in model.graph.node) and attention.swap_attention(model, head_size(model, model_path), kv_cache):
             return create_session(model_path, threads, model=model, custom_ops=attention.library())
     return create_session(model_path, threads)
 
@@ -31,11 +31,13 @@ def _session(model_path: Path, threads: int | None, native_attention: bool):
 class OrtCausalLM:
     """Batch-1 forward passes over an exported model: ``forward``, ``greedy`` and ``teacher_forced``."""
 
-    def __init__(self, model_path: Path, threads: int | None = None, native_attention: bool = True):
+    def __init__(self, model_path: Path, threads: int | None = None, native_attention: bool = True,
+                 kv_cache: str = "float32"):
         """``native_attention``: run GroupQueryAttention graphs on our operator where the serving engine
-        does (``toolkit.runtime.native_attention``), so ``toolkit validate`` measures what is served;
-        False keeps onnxruntime's operator (the reference the operator's own tests compare against)."""
-        self.session = _session(model_path, threads, native_attention)
+        does (``toolkit.artifact.native_attention``), over a ``kv_cache`` cache (``cache_dtype``), so
+        ``toolkit validate`` measures what is served; False keeps onnxruntime's operator (the reference
+        the operator's own tests compare against)."""
+        self.session = _session(model_path, threads, native_attention, kv_cache)
         self.spec = kv_spec(self.session, model_path)
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -273,9 +273,10 @@ def validate_runner(runner: CausalRunner, reference: Reference, precision: str, 
 def make_runner(engine_dir: Path, manifest: Manifest) -> CausalRunner:
     """A validation runner for the artifact's target (onnxruntime, or TensorRT-LLM on a GPU)."""
     if manifest.target == "onnx":
+        from toolkit.artifact.native_attention import cache_dtype
         from toolkit.export.ort_runner import OrtCausalLM
 
-        return OrtCausalLM(engine_dir / MODEL_FILE)
+        return OrtCausalLM(engine_dir / MODEL_FILE, kv_cache=cache_dtype(manifest.precision))  # as served
     if manifest.target == "trtllm":
         from toolkit.export.trtllm_runner import TrtLlmRunner
 

@@ -25,11 +25,14 @@ from toolkit.runtime.speculative import LOGITS_KEEP_INPUT, keep_positions
 class GqaModelRunner:
     """Chunked batch-1 prefill and batched decode over shared past/present buffers."""
 
-    def __init__(self, model_path: Path, threads: int | None = None, max_length: int = 1 << 15, verify: bool = False):
+    def __init__(self, model_path: Path, threads: int | None = None, max_length: int = 1 << 15, verify: bool = False,
+                 kv_cache: str = "float32"):
         """``verify``: open the graph so a run can return logits for several last positions (``verify``).
 
         An int8 graph's LM head runs on ``toolkit.runtime.native_head`` where that kernel can run (same
         logits, bitwise); the graph then returns the head's quantized input instead of ``logits``.
+        ``kv_cache``: the cache's element type where the attention runs on our operator
+        (``toolkit.artifact.native_attention.cache_dtype``); the buffers follow the graph (``spec.dtype``).
         """
         import onnx
 
@@ -37,7 +40,7 @@ class GqaModelRunner:
         edited = verify and keep_positions(model)
         self.head = split_lm_head(model, model_path.parent, session_threads(threads))
         # our GroupQueryAttention operator where it can run (toolkit.runtime.native_attention)
-        self.native_attention = native_attention.swap_attention(model, head_size(model, model_path))
+        self.native_attention = native_attention.swap_attention(model, head_size(model, model_path), kv_cache)
         self.session = create_session(model_path, threads, model=model if edited or self.head or self.native_attention else None,
                                       custom_ops=native_attention.library() if self.native_attention else None)
         self.can_verify = LOGITS_KEEP_INPUT in {i.name for i in self.session.get_inputs()}

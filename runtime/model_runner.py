@@ -98,11 +98,13 @@ class OnnxModelRunner:
         return logits.astype(np.float32, copy=False)
 
 
-def create_runner(graph: str, model_path: Path, threads: int | None, context_length: int, verify: bool = False):
+def create_runner(graph: str, model_path: Path, threads: int | None, context_length: int, verify: bool = False,
+                  kv_cache: str = "float32"):
     """The model runner for an engine directory's graph flavour (``export_options.graph``); ``verify``: able
-    to run speculative verify steps (``runtime/speculative.py``; check ``runner.can_verify``)."""
+    to run speculative verify steps (``runtime/speculative.py``; check ``runner.can_verify``); ``kv_cache``:
+    the cache's element type on our attention operator (``GqaModelRunner``)."""
     if graph == "gqa":
         from toolkit.runtime.gqa_runner import GqaModelRunner
 
-        return GqaModelRunner(model_path, threads, max_length=context_length, verify=verify)
+        return GqaModelRunner(model_path, threads, max_length=context_length, verify=verify, kv_cache=kv_cache)
     return OnnxModelRunner(model_path, threads, verify=verify)

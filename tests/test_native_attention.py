@@ -64,12 +64,17 @@ def _session(model, threads=2):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _sessions(threads=2, **shape):
-    """onnxruntime's node and ours, swapped by ``swap_attention`` from the same model."""
+def _sessions(threads=2, cache="float32", **shape):
+    """onnxruntime's node and ours (over a ``cache`` cache), swapped by ``swap_attention`` from the same model."""
     theirs = _node_model("com.microsoft", **shape)
     ours = _node_model("com.microsoft", **shape)
-    assert native_attention.swap_attention(ours, shape.get("head", 32))
+    assert native_attention.swap_attention(ours, shape.get("head", 32), cache)
     return _session(theirs, threads), _session(ours, threads)
+
+
+def _as_cache(feeds, cache):
+    """``feeds`` with the past key/value in the cache's element type."""
+    return {**feeds, "pk": feeds["pk"].astype(cache), "pv": feeds["pv"].astype(cache)}
 
 
 def _feeds(rng, rows, new, cached, capacity, heads=4, kv=1, head=32, packed=False, first_prompt=False):
@@ -162,13 +167,36 @@ def test_a_first_prompt_and_a_chunk_after_a_cache_match_onnxruntime(window):
 
 
 @needs_operator
-def test_a_row_s_output_is_bitwise_the_same_in_steps_in_a_chunk_and_in_a_batch():
+@pytest.mark.parametrize("shape", [{}, {"packed": True, "window": 5}], ids=["plain", "packed-window"])
+def test_a_float16_cache_matches_onnxruntime_within_its_rounding(shape):
+    """Over a float16 cache the new keys (rotated) and values are stored rounded to nearest, and the
+    attention reads them back exactly: onnxruntime's float32 node fed the same rounded past gives the
+    same output within float16 rounding of the new token's key and value."""
+    rng = np.random.default_rng(11)
+    theirs, ours = _sessions(cache="float16", **shape)
+    cached = [17, 3, 30, 11]
+    feeds = _feeds(rng, 4, 1, cached, 32, packed=shape.get("packed", False))
+    rounded = {**feeds, "pk": feeds["pk"].astype(np.float16).astype(np.float32),
+               "pv": feeds["pv"].astype(np.float16).astype(np.float32)}
+    expected = _run(theirs, rounded, shared=True)
+    got = _run(ours, _as_cache(feeds, "float16"), shared=True)
+    assert got[1].dtype == got[2].dtype == np.float16
+    np.testing.assert_allclose(got[0], expected[0], rtol=0, atol=4e-3)
+    for mine, reference in zip(got[1:], expected[1:]):
+        for row, length in enumerate(cached):  # earlier positions untouched; the new one rounded from float32
+            assert np.array_equal(mine[row, :, :length], reference[row, :, :length].astype(np.float16))
+            np.testing.assert_allclose(mine[row, :, length].astype(np.float32), reference[row, :, length], rtol=1e-3, atol=1e-6)
+
+
+@needs_operator
+@pytest.mark.parametrize("cache", ["float32", "float16"])
+def test_a_row_s_output_is_bitwise_the_same_in_steps_in_a_chunk_and_in_a_batch(cache):
     """Six tokens one per run, as one chunk, and as a 3-row batch of 6-token drafts (the form onnxruntime's
     operator refuses): the same bits, so speculative verification reproduces plain decoding."""
     rng = np.random.default_rng(3)
-    _, ours = _sessions(window=8)
+    _, ours = _sessions(window=8, cache=cache)
     cached, new = [10, 4, 15], 6
-    feeds = _feeds(rng, 3, new, cached, 32)
+    feeds = _as_cache(_feeds(rng, 3, new, cached, 32), cache)
     batch = _run(ours, feeds, shared=True)
     for row, length in enumerate(cached):
         single = {name: feeds[name][row:row + 1] for name in ("q", "k", "v", "pk", "pv")}
@@ -181,7 +209,7 @@ def test_a_row_s_output_is_bitwise_the_same_in_steps_in_a_chunk_and_in_a_batch()
             for got in (batch[0][row, step], chunk[0][0, step]):
                 assert np.array_equal(got.view(np.uint32), out[0, 0].view(np.uint32))
         for got in (batch[1][row], chunk[1][0]):
-            assert np.array_equal(got[:, :length + new], cache_k[0][:, :length + new])
+            assert got.dtype == np.dtype(cache) and np.array_equal(got[:, :length + new], cache_k[0][:, :length + new])
 
 
 @needs_operator
@@ -213,6 +241,33 @@ def test_swap_refuses_other_forms_and_leaves_the_graph_unchanged(monkeypatch):
     assert native_attention.swap_attention(model, 32) is False and not native_attention.uses_operator(model)
 
 
+@needs_operator
+def test_a_float16_cache_retypes_the_graph_s_cache_and_needs_it_to_feed_the_attention_alone():
+    from onnx import TensorProto
+
+    model = _node_model("com.microsoft")
+    assert native_attention.swap_attention(model, 32, "float16")
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+    assert {types[n] for n in ("pk", "pv", "ok", "ov")} == {TensorProto.FLOAT16}
+    assert {types[n] for n in ("q", "k", "v", "o")} == {TensorProto.FLOAT}
+    assert model.graph.node[0].op_type == native_attention.F16_CACHE_OP
+    shared = _node_model("com.microsoft")
+    shared.graph.node.append(helper.make_node("Shape", ["pk"], ["pk_shape"]))  # the cache read by another node
+    before = shared.SerializeToString()
+    assert native_attention.swap_attention(shared, 32, "float16") is False and shared.SerializeToString() == before
+    assert native_attention.swap_attention(shared, 32, "float32")  # a float32 cache may feed anything
+
+
+def test_the_cache_type_follows_the_precision_unless_set(monkeypatch):
+    monkeypatch.delenv(native_attention.CACHE_ENV, raising=False)
+    assert [native_attention.cache_dtype(p) for p in ("fp32", "int8", "fp16")] == ["float32", "float16", "float16"]
+    monkeypatch.setenv(native_attention.CACHE_ENV, "float32")
+    assert native_attention.cache_dtype("int8") == "float32"
+    monkeypatch.setenv(native_attention.CACHE_ENV, "bfloat16")
+    with pytest.raises(ValueError, match="use float16 or float32"):
+        native_attention.cache_dtype("int8")
+
+
 def test_swap_without_the_operator_changes_nothing(monkeypatch):
     monkeypatch.delenv(native_attention.ENV_SWITCH, raising=False)
     assert native_attention.unavailable_reason(frozenset({"avx2", "fma"})) == "the CPU lacks avx512f"
@@ -220,3 +275,32 @@ def test_swap_without_the_operator_changes_nothing(monkeypatch):
     model = _node_model("com.microsoft")
     before = model.SerializeToString()
     assert native_attention.swap_attention(model, 32) is False and model.SerializeToString() == before
+
+
+def test_an_int8_engine_keeps_its_cache_in_float16_and_counts_it_so(tiny_engine, monkeypatch):
+    """The engine's KV accounting (budget, /metrics) uses the element type its runner's buffers hold."""
+    import asyncio
+
+    from toolkit.recipes import get_recipe
+    from toolkit.runtime import load_engine
+
+    engine_dir = tiny_engine(get_recipe("default"), "int8", "gqa")
+    monkeypatch.delenv(native_attention.CACHE_ENV, raising=False)
+
+    async def loaded(switch):
+        monkeypatch.setenv(native_attention.ENV_SWITCH, switch)
+        engine = load_engine(engine_dir)
+        await engine.start()
+        seen = (engine.kv_cache_dtype, engine.kv.geometry.bytes_per_token, engine.runner.spec.dtype,
+                {b.dtype for b in engine.batch.buffers.values()} if hasattr(engine.batch, "buffers") else set())
+        await engine.stop()
+        return seen
+
+    ours = asyncio.run(loaded("1"))
+    theirs = asyncio.run(loaded("0"))
+    assert theirs[0] is None and theirs[2] == np.float32
+    if OPERATOR_HERE:
+        assert ours[0] == "float16" and ours[2] == np.float16 and ours[3] <= {np.dtype(np.float16)}
+        assert ours[1] * 2 == theirs[1]
+    else:
+        assert ours == theirs

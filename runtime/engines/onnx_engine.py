@@ -57,7 +57,12 @@ class OnnxEngine:
         self.context_length = manifest.context_length
         self.config = config or SchedulerConfig()
         self.graph = manifest.export_options.get("graph", "optimum")
+        # GQA graphs run on our attention operator where it can (toolkit.artifact.native_attention), over a
+        # float16 cache on quantized engines: the cache's size and the speculation defaults follow
+        self.kv_cache_dtype = self._native_cache(manifest.precision)
         geometry = KvGeometry.of_layout(manifest.kv_layout)
+        if self.kv_cache_dtype is not None:
+            geometry = dataclasses.replace(geometry, dtype=self.kv_cache_dtype)
         if kv_budget_bytes is None:  # toolkit serve --kv-cache-gib; default: a tenth of the machine's memory
             kv_budget_bytes = default_kv_budget_bytes(geometry.bytes_per_token, self.context_length)
         self.kv = KVCacheManager(geometry, kv_budget_bytes, rectangular=self.graph == "gqa",
@@ -84,21 +89,19 @@ class OnnxEngine:
         self.max_loras = max_loras
         self.lora = None  # toolkit.runtime.lora.LoraAdapters once started with adapters
         self._adapter_wait: list[SequenceGroup] = []  # requests whose adapter is loading
-        self._requested_speculative = speculative or SpeculativeConfig()
-        self.speculative = self._requested_speculative.for_precision(manifest.precision, self._exact_verify())
+        # verify runs on our operator reproduce plain decoding bitwise (SpeculativeConfig's doc)
+        self.speculative = (speculative or SpeculativeConfig()).for_precision(manifest.precision, self.kv_cache_dtype is not None)
         self.speculator: Speculator | None = None  # drafts for verify steps (runtime/speculative.py); None with LoRA
         self._drafts: list[list[int]] | None = None  # this step's drafts, one per running row
 
-    def _exact_verify(self) -> bool:
-        """Whether verify runs will reproduce plain decoding bitwise at any precision: a GQA graph whose
-        attention runs on our operator (``SpeculativeConfig``'s doc). Asked only where it decides something."""
-        requested = self._requested_speculative
-        if (self.manifest.precision == "fp32" or self.graph != "gqa" or not requested.enabled
-                or None not in (requested.prompt_lookup, requested.predicted_outputs)):
-            return False
+    def _native_cache(self, precision: str) -> str | None:
+        """The cache's element type where this engine's attention will run on our operator, else None."""
+        if self.graph != "gqa":
+            return None
         from toolkit.artifact import native_attention
 
-        return native_attention.serves(self.engine_dir / "model.onnx")
+        cache = native_attention.cache_dtype(precision)
+        return cache if native_attention.serves(self.engine_dir / "model.onnx", cache) else None
 
     @property
     def adapter_names(self) -> tuple[str, ...]:
@@ -128,11 +131,12 @@ class OnnxEngine:
             if LORA_MODEL_FILE not in self.manifest.files:
                 raise EngineStoppedError(f"{self.engine_dir} has no LoRA graph; add an adapter with `toolkit export-lora`")
         self.weights_bytes = sum(f.stat().st_size for f in (model, model.with_name(model.name + ".data")) if f.exists())
-        self.runner = create_runner(self.graph, model, self.threads, self.context_length, verify=self.speculative.speculates and not self.adapter_sources)
-        exact = getattr(self.runner, "native_attention", False)
-        if self.speculative != self._requested_speculative.for_precision(self.manifest.precision, exact):
-            # decided on our operator, which this graph then did not get (a LoRA graph): plain decoding only
-            self.speculative = self._requested_speculative.for_precision(self.manifest.precision, exact)
+        self.runner = create_runner(self.graph, model, self.threads, self.context_length, verify=self.speculative.speculates and not self.adapter_sources,
+                                    kv_cache=self.kv_cache_dtype or "float32")
+        if getattr(self.runner, "native_attention", False) != (self.kv_cache_dtype is not None):
+            # the KV budget and the speculation defaults were decided on the attention this graph did not get
+            raise EngineStoppedError(f"{model}: its attention did not take the operator planned for it "
+                                     "(toolkit.artifact.native_attention); serve with TOOLKIT_NATIVE_ATTENTION=0")
         if self.adapter_sources:
             self.lora = LoraAdapters(self.adapter_sources, graph_modules(self.runner.session),
                                      self.manifest.source.get("sha256", ""), self.max_loras or DEFAULT_MAX_LORAS,
