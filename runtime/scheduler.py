@@ -52,7 +52,11 @@ from toolkit.runtime.step_cost import StepCostModel
 #: stays 0.4-1.1 s at 16 streams against llama-server's 1.9-2.6 s (three runs), not always under half of
 #: it. Chunks under 32 tokens cost 1.5-6x more per token than long ones (the per-run weight read
 #: dominates), hence the floor.
-DEFAULT_STEP_BUDGET_MS: float | None = 75.0
+#: With our attention operator and a float16 cache (a 16-row decode step ~27 ms), ITL p99 at 75 ms was
+#: 82.8-90.2 ms against llama-server's 88.1-94.2 (one of five runs above it); 65 ms gave 76.1 / 79.7
+#: against 87.5 / 88.8 at 2.24x / 2.04x the throughput (75 ms: 2.06x / 2.10x; benchmarks/llama_cpp_peer.py
+#: --levels 16 --serve-arg=--step-budget-ms=B, alternated, 2026-12-05): the margin is kept.
+DEFAULT_STEP_BUDGET_MS: float | None = 65.0
 DEFAULT_MIN_PREFILL_CHUNK = 32
 #: Side by side with llama-server (benchmarks/llama_cpp_peer.py --levels 16,32 --serve-arg=--waiting-served-ratio=R,
 #: four runs R = 0, 2, 2, 0, 2026-12-05, 2 AVX-512 VNNI cores): at 16 streams 279 / 289 tok/s and TTFT p50 1.2 / 1.0 s
