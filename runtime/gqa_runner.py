@@ -167,14 +167,14 @@ class GqaModelRunner:
 
         onnxruntime's CPU GroupQueryAttention refuses ``S > 1`` new tokens after a past at batch > 1
         ("batch_size must be 1 when sequence_length > 1 and past context is given", onnxruntime 1.31),
-        so several rows verify one after the other, each over its own slot (a view of the shared
-        buffer, no copy). Speculation runs at batch 1 by default (``SpeculativeConfig.max_batch``),
-        where this is one run.
+        so there several rows verify one after the other, each over its own slot (a view of the shared
+        buffer, no copy); our operator (``native_attention``) takes them in one run. Speculation runs
+        at batch 1 by default (``SpeculativeConfig.max_batch``), where this is one run either way.
         """
         fed = len(tokens[0])
         self.argmax = None  # a plain decode's only
         buffers, mask = batch.step_views(fed)
-        if batch.size == 1:
+        if batch.size == 1 or self.native_attention:
             logits = self._run(np.asarray(tokens, np.int64), mask, buffers, lora, keep=fed)
         else:
             rows = []
