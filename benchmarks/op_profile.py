@@ -10,11 +10,13 @@ printed: the step's wall and process-CPU time without the profiler, alternated t
 the Python side of a step (the logits copy out of onnxruntime and the
 greedy argmax over the vocabulary).
 
-The graph is profiled as exported: an int8 engine's LM head shows up as ``MatMulIntegerToFloat``
-here, while serving runs it on ``toolkit.runtime.native_head``'s kernel where the CPU allows
-(``benchmarks/native_head.py`` times the two against each other).
+The graph is profiled as exported, except for ``--attention``: an int8 engine's LM head shows up as
+``MatMulIntegerToFloat`` here, while serving runs it on ``toolkit.runtime.native_head``'s kernel where
+the CPU allows (``benchmarks/native_head.py`` times the two against each other). ``--attention
+onnxruntime,ours`` profiles each engine twice, with onnxruntime's ``GroupQueryAttention`` and with
+ours (``toolkit.artifact.native_attention``, over the cache type serving picks, ``cache_dtype``).
 
-    python benchmarks/op_profile.py ENGINE_DIR [ENGINE_DIR ...] [--batches 1,16,32,64] [--json out.json]
+    python benchmarks/op_profile.py ENGINE_DIR [ENGINE_DIR ...] [--batches 1,16,32,64] [--attention onnxruntime,ours] [--json out.json]
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ def cpu_line() -> str:
     return f"{model}, {os.cpu_count()} CPUs, {' '.join(wanted)}"
 
 
-def make_session(model: Path, threads: int, profile_prefix: str | None, spinning: bool | None = None):
-    """A session like ``toolkit.artifact.onnx_session.create_session``'s, optionally profiling."""
+def make_session(model: Path, threads: int, profile_prefix: str | None, spinning: bool | None = None,
+                 attention: str = "onnxruntime"):
+    """A session like ``toolkit.artifact.onnx_session.create_session``'s, optionally profiling; ``attention``
+    ``"ours"``: the graph's GroupQueryAttention on our operator, as the serving runner swaps it."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -57,6 +61,20 @@ def make_session(model: Path, threads: int, profile_prefix: str | None, spinning
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
+    if attention == "ours":
+        import onnx
+
+        from toolkit.artifact import native_attention
+        from toolkit.artifact.layout import head_size
+        from toolkit.artifact.manifest import load_manifest
+
+        graph = onnx.load(str(model), load_external_data=False)
+        cache = native_attention.cache_dtype(load_manifest(model.parent).precision)
+        if not native_attention.swap_attention(graph, head_size(graph, model), cache):
+            raise SystemExit(f"{model}: our attention operator cannot run here (toolkit.artifact.native_attention)")
+        options.register_custom_ops_library(str(native_attention.library()))
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model.parent))
+        return ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
 
 
@@ -114,13 +132,20 @@ def aggregate(profile_file: Path, steps: int) -> tuple[dict[str, float], dict[st
     return dict(by_op), {node: (op, ms) for node, (op, ms) in by_node.items()}
 
 
-def profile_engines(engines: list[Path], rows: int, context: int, steps: int, threads: int, spinning: bool | None) -> dict:
+def variants(engines: list[Path], attentions: list[str]) -> list[tuple[str, Path, str]]:
+    """(name, engine, attention) for every engine and attention asked for."""
+    return [(str(engine) if len(attentions) == 1 else f"{engine} [{attention}]", engine, attention)
+            for engine in engines for attention in attentions]
+
+
+def profile_engines(engines: list[Path], rows: int, context: int, steps: int, threads: int, spinning: bool | None,
+                    attentions: tuple[str, ...] = ("onnxruntime",)) -> dict:
     """Profile ``steps`` decode steps per engine (after warm-up), the engines alternated step by step; per-engine aggregates."""
     with tempfile.TemporaryDirectory(prefix="op-profile-") as tmp:
         steppers = {}
-        for i, engine in enumerate(engines):
-            session = make_session(engine / "model.onnx", threads, str(Path(tmp) / f"profile-{i}"), spinning)
-            steppers[str(engine)] = DecodeStep(session, engine, rows, context)
+        for i, (name, engine, attention) in enumerate(variants(engines, list(attentions))):
+            session = make_session(engine / "model.onnx", threads, str(Path(tmp) / f"profile-{i}"), spinning, attention)
+            steppers[name] = DecodeStep(session, engine, rows, context)
         for _ in range(2):
             for stepper in steppers.values():
                 stepper.run()
@@ -142,15 +167,16 @@ def profile_engines(engines: list[Path], rows: int, context: int, steps: int, th
     return out
 
 
-def time_engines(engines: list[Path], rows: int, context: int, steps: int, threads: int, spinning: bool | None) -> dict:
+def time_engines(engines: list[Path], rows: int, context: int, steps: int, threads: int, spinning: bool | None,
+                 attentions: tuple[str, ...] = ("onnxruntime",)) -> dict:
     """Median step time (model wall, python, model process-CPU) per engine, alternating engines step by step.
 
     Process CPU time is less sensitive than wall time to other processes taking the cores (this
     machine is shared); with spinning threads it also counts the spin.
     """
     steppers = {}
-    for engine in engines:
-        steppers[str(engine)] = DecodeStep(make_session(engine / "model.onnx", threads, None, spinning), engine, rows, context)
+    for name, engine, attention in variants(engines, list(attentions)):
+        steppers[name] = DecodeStep(make_session(engine / "model.onnx", threads, None, spinning, attention), engine, rows, context)
     samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in steppers}
     for _ in range(2):
         for stepper in steppers.values():
@@ -191,14 +217,19 @@ def main() -> None:
                         help="session.intra_op.allow_spinning (default: onnxruntime's own, on)")
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--no-profile", action="store_true", help="only the alternated step timing")
+    parser.add_argument("--attention", default="onnxruntime",
+                        help="comma-separated: onnxruntime (the graph as exported), ours (toolkit.artifact.native_attention)")
     parser.add_argument("--json", type=Path, help="save everything here")
     args = parser.parse_args()
     spinning = {"default": None, "on": True, "off": False}[args.spinning]
     batches = [int(b) for b in args.batches.split(",")]
+    attentions = tuple(a.strip() for a in args.attention.split(","))
+    if not set(attentions) <= {"onnxruntime", "ours"}:
+        parser.error(f"--attention: onnxruntime and / or ours, not {args.attention!r}")
     print(f"CPU: {cpu_line()}; threads {args.threads}; context {args.context}; spinning {args.spinning}")
     out: dict = {"cpu": cpu_line(), "threads": args.threads, "context": args.context, "profiles": {}, "timing": {}}
     for rows in batches:
-        timing = time_engines(args.engines, rows, args.context, args.steps, args.threads, spinning)
+        timing = time_engines(args.engines, rows, args.context, args.steps, args.threads, spinning, attentions)
         out["timing"][rows] = timing
         print(f"\nbatch {rows}: step time, engines alternated step by step ({args.steps} steps, median)")
         for name, t in timing.items():
@@ -206,7 +237,7 @@ def main() -> None:
                   f"  python {t['python_ms']:6.2f} ms  {t['tok_s']:8.1f} tok/s")
         if args.no_profile:
             continue
-        for engine, prof in profile_engines(args.engines, rows, args.context, args.steps, args.threads, spinning).items():
+        for engine, prof in profile_engines(args.engines, rows, args.context, args.steps, args.threads, spinning, attentions).items():
             out["profiles"].setdefault(engine, {})[rows] = prof
             print_profile(engine, prof, args.top)
     if args.json:
