@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from toolkit.artifact import native_attention
 from toolkit.artifact.layout import head_size, kv_spec
 from toolkit.artifact.onnx_session import create_session, session_threads
-from toolkit.artifact import native_attention
 from toolkit.runtime.native_head import MAX_ARGMAX_ROWS, split_lm_head
 from toolkit.runtime.shared_kv import SharedKV, mapped_arrays, round_up
 from toolkit.runtime.speculative import LOGITS_KEEP_INPUT, keep_positions
@@ -39,7 +39,7 @@ class GqaModelRunner:
         model = onnx.load(str(model_path), load_external_data=False)  # the graph only; edited in memory
         edited = verify and keep_positions(model)
         self.head = split_lm_head(model, model_path.parent, session_threads(threads))
-        # our GroupQueryAttention operator where it can run (toolkit.runtime.native_attention)
+        # our GroupQueryAttention operator where it can run (toolkit.artifact.native_attention)
         self.native_attention = native_attention.swap_attention(model, head_size(model, model_path), kv_cache)
         self.session = create_session(model_path, threads, model=model if edited or self.head or self.native_attention else None,
                                       custom_ops=native_attention.library() if self.native_attention else None)
