@@ -70,6 +70,17 @@ def library() -> Path:
     return build_library(SOURCE, CFLAGS)
 
 
+def available() -> bool:
+    """Whether the operator can run here: nothing in ``unavailable_reason`` and the library builds."""
+    if unavailable_reason() is not None:
+        return False
+    try:
+        library()
+    except (RuntimeError, OSError):
+        return False
+    return True
+
+
 def _unsupported(node, initializers: dict, head_size: int) -> str | None:
     """Why ``node`` (a GroupQueryAttention) is not a form our operator computes, or None."""
     from onnx import helper

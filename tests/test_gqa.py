@@ -171,7 +171,7 @@ def test_in_place_decode_matches_the_copying_reference_runner(tiny_engine, recip
     # the reference keeps onnxruntime's GroupQueryAttention; the runner takes ours where it can run
     runner = GqaModelRunner(engine_dir / "model.onnx", threads=1)
     reference = OrtCausalLM(engine_dir / "model.onnx", 1, native_attention=False)
-    assert runner.native_attention == (native_attention.unavailable_reason() is None)
+    assert runner.native_attention == native_attention.available()
     batch = runner.new_batch()
     expected, last = [], []
     for case in cases:

@@ -19,17 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from toolkit.artifact import native_attention
 
 
-def _operator_here() -> bool:
-    if native_attention.unavailable_reason() is not None:
-        return False
-    try:
-        native_attention.library()
-    except (RuntimeError, OSError):
-        return False
-    return True
-
-
-OPERATOR_HERE = _operator_here()
+OPERATOR_HERE = native_attention.available()
 needs_operator = pytest.mark.skipif(not OPERATOR_HERE, reason="the CPU lacks AVX-512 or no C compiler; the graph keeps "
                                     "onnxruntime's operator (test_swap_without_the_operator_changes_nothing)")
 
@@ -125,7 +115,7 @@ def test_the_function_table_positions_are_this_onnxruntime_s():
     """The C source reaches onnxruntime's C API by positions in its function table: a status made through
     it reads back through it, on the onnxruntime library of the installed wheel."""
     if not OPERATOR_HERE:
-        assert native_attention.unavailable_reason() is not None or not native_attention.is_x86_64()
+        assert native_attention.swap_attention(_node_model("com.microsoft"), 32) is False
         return
     capi = Path(ort.__file__).parent / "capi"
     runtime_lib = ctypes.CDLL(str(next(capi.glob("libonnxruntime.so*"))), mode=ctypes.RTLD_LOCAL)
@@ -304,3 +294,13 @@ def test_an_int8_engine_keeps_its_cache_in_float16_and_counts_it_so(tiny_engine,
         assert ours[1] * 2 == theirs[1]
     else:
         assert ours == theirs
+
+
+def test_without_a_compiler_the_graph_keeps_onnxruntime_s_attention(tmp_path, monkeypatch):
+    monkeypatch.delenv(native_attention.ENV_SWITCH, raising=False)
+    monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path))  # no library built yet
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    model = _node_model("com.microsoft")
+    before = model.SerializeToString()
+    assert not native_attention.available()
+    assert native_attention.swap_attention(model, 32) is False and model.SerializeToString() == before

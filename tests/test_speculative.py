@@ -275,7 +275,7 @@ def test_int8_verify_logits_follow_plain_decoding(tiny_engine, monkeypatch, oper
     monkeypatch.setenv(native_attention.ENV_SWITCH, "1" if operator == "ours" else "0")
     engine_dir = tiny_engine(get_recipe("default"), "int8", "gqa")
     runner = create_runner("gqa", engine_dir / "model.onnx", 1, 512, verify=True)
-    assert runner.native_attention == (operator == "ours" and native_attention.unavailable_reason() is None)
+    assert runner.native_attention == (operator == "ours" and native_attention.available())
     prompt = [2, *range(40, 60)]
     _, past = runner.prefill(prompt, None, 0)
     plain, spec = runner.new_batch(), runner.new_batch()
@@ -371,7 +371,7 @@ def test_speculation_is_on_by_default_where_verify_runs_reproduce_decoding(tiny_
     default = get_recipe("default")
     int8_dir = tiny_engine(default, "int8", "gqa")
     monkeypatch.delenv(native_attention.ENV_SWITCH, raising=False)
-    ours = native_attention.unavailable_reason() is None
+    ours = native_attention.available()
     int8 = load_engines([int8_dir])[default.name].speculative
     assert (int8.prompt_lookup, int8.predicted_outputs) == (ours, ours)
     monkeypatch.setenv(native_attention.ENV_SWITCH, "0")
@@ -418,8 +418,8 @@ def test_int8_prediction_changes_nothing_unless_the_operator_opts_in(tiny_engine
     assert drafted_opted > 0 and by_opt_in[3].accepted_prediction_tokens > 0
 
 
-@pytest.mark.skipif(native_attention.unavailable_reason() is not None,
-                    reason="no AVX-512: int8 engines keep onnxruntime's attention and speculation is opt-in there "
+@pytest.mark.skipif(not native_attention.available(),
+                    reason="no AVX-512 or no C compiler: int8 engines keep onnxruntime's attention and speculation is opt-in there "
                            "(test_int8_prediction_changes_nothing_unless_the_operator_opts_in)")
 def test_int8_gqa_greedy_tokens_identical_with_prompt_lookup_and_prediction(tiny_engine, monkeypatch):
     """On our attention operator an int8 engine speculates by default and its greedy tokens are plain
