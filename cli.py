@@ -325,11 +325,12 @@ def bench(url, offline, engine_dir, model, schema, concurrency, rate, requests_p
 @click.option("--kv-cache-gib", type=click.FloatRange(min=0, min_open=True), default=None, help="ONNX engines: KV cache budget in GiB, shared by the decode batch, prompts in prefill and the prefix cache. Default: a tenth of the machine's memory, at least one full-context sequence (README: Memory); with --ray, per replica, and the default is shared by the replicas on a machine (README: Scaling out).")
 @click.option("--prefix-cache-share", type=click.FloatRange(0, 1, max_open=True), default=0.25, show_default=True, help="ONNX engines: the part of the KV budget cached prompt prefixes may hold, committed at start and set aside from what requests can reserve (README: Memory).")
 @click.option("--ort-arena-mib", type=click.IntRange(min=0), default=None, help="onnxruntime CPU arena: one arena shared by the sessions, at most N MiB, grown by what is asked; 0: no arena (malloc). Default: onnxruntime's own per session.")
+@click.option("--kv-cache-dtype", type=click.Choice(["float16", "float32"]), default=None, help="ONNX gqa engines on our attention operator: the KV cache's element type. Default: float16 for quantized engines, float32 for fp32 ones ($TOOLKIT_KV_CACHE_DTYPE; README: Attention on our own operator).")
 @click.option("--malloc-trim-s", type=click.FloatRange(min=0), default=10.0, show_default=True, help="ONNX engines: hand glibc's freed heap back to the kernel every N seconds (0: never).")
 def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, request_timeout_s, public_metrics, cors_origins, log_level, loras, max_loras,
           use_ray, ray_address, replicas, min_replicas, max_replicas, target_ongoing_requests, threads, no_prefix_cache,
           step_budget_ms, max_batch_size, waiting_served_ratio, queued_step_budget_ms, prompt_lookup, predicted_outputs, max_draft_tokens, kv_cache_gib, prefix_cache_share, ort_arena_mib,
-          malloc_trim_s) -> None:
+          kv_cache_dtype, malloc_trim_s) -> None:
     """Serve ENGINE_DIRs over the OpenAI and Workers AI APIs.
 
     With no ENGINE_DIR and no --models-dir, serves the embedded default model (exported first if needed).
@@ -342,7 +343,7 @@ def serve(engine_dirs, host, port, api_keys, models_dir, grace_s, max_body_mib, 
         os.environ[ARENA_ENV] = str(ort_arena_mib)
     engines = engine_options(no_prefix_cache, step_budget_ms, prompt_lookup, max_draft_tokens, kv_cache_gib,
                              prefix_cache_share, malloc_trim_s, predicted_outputs, max_batch_size,
-                             waiting_served_ratio, queued_step_budget_ms)
+                             waiting_served_ratio, queued_step_budget_ms, kv_cache_dtype)
 
     try:
         dirs = engine_dirs_to_serve(engine_dirs, models_dir)

@@ -105,7 +105,8 @@ def engine_options(no_prefix_cache: bool = False, step_budget_ms: float | None =
                    max_draft_tokens: int | None = None, kv_cache_gib: float | None = None,
                    prefix_cache_share: float = 0.25, malloc_trim_s: float = 10.0,
                    predicted_outputs: bool | None = None, max_batch_size: int | None = None,
-                   waiting_served_ratio: float | None = None, queued_step_budget_ms: float | None = None) -> dict[str, Any]:
+                   waiting_served_ratio: float | None = None, queued_step_budget_ms: float | None = None,
+                   kv_cache_dtype: str | None = None) -> dict[str, Any]:
     """``toolkit serve``'s engine options as :func:`load_engines` keyword arguments.
 
     One translation for both ways of serving: plain ``toolkit serve`` and every ``--ray`` replica
@@ -119,7 +120,8 @@ def engine_options(no_prefix_cache: bool = False, step_budget_ms: float | None =
                             **({"max_draft": max_draft_tokens} if max_draft_tokens else {})},
             "memory": {"prefix_cache_share": prefix_cache_share, "malloc_trim_s": malloc_trim_s,
                        "reserve_prefix_cache": True,  # the prefix cache's pool committed at start (README: Memory)
-                       **({"kv_budget_bytes": int(kv_cache_gib * 2**30)} if kv_cache_gib else {})}}
+                       **({"kv_budget_bytes": int(kv_cache_gib * 2**30)} if kv_cache_gib else {}),
+                       **({"kv_cache_dtype": kv_cache_dtype} if kv_cache_dtype else {})}}
 
 
 def load_engines(dirs: Sequence[Path], loras: Sequence[str] = (), max_loras: int | None = None,
@@ -157,7 +159,7 @@ def load_engines(dirs: Sequence[Path], loras: Sequence[str] = (), max_loras: int
             from toolkit.runtime.speculative import SpeculativeConfig
 
             options["speculative"] = SpeculativeConfig(**speculative)
-        options.update(memory or {})  # ONNX engines: kv_budget_bytes, prefix_cache_share, malloc_trim_s (README: Memory)
+        options.update(memory or {})  # ONNX engines: kv_budget_bytes, kv_cache_dtype, prefix_cache_share, malloc_trim_s (README: Memory)
         if kv_budgets and engine_dir in kv_budgets:
             options["kv_budget_bytes"] = kv_budgets[engine_dir]
         engine = load_engine(engine_dir, **options)

@@ -304,3 +304,25 @@ def test_without_a_compiler_the_graph_keeps_onnxruntime_s_attention(tmp_path, mo
     before = model.SerializeToString()
     assert not native_attention.available()
     assert native_attention.swap_attention(model, 32) is False and model.SerializeToString() == before
+
+
+def test_serve_s_kv_cache_dtype_reaches_the_engine(tiny_engine, monkeypatch):
+    """``toolkit serve --kv-cache-dtype`` (``engine_options``, the same dict Ray replicas get) over the default."""
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+    from toolkit.recipes import get_recipe
+    from toolkit.server.serve import engine_options, load_engines
+
+    monkeypatch.delenv(native_attention.ENV_SWITCH, raising=False)
+    monkeypatch.delenv(native_attention.CACHE_ENV, raising=False)
+    default = get_recipe("default")
+    engine_dir = tiny_engine(default, "int8", "gqa")
+    options = engine_options(kv_cache_dtype="float32")
+    assert options["memory"]["kv_cache_dtype"] == "float32" and "kv_cache_dtype" not in engine_options()["memory"]
+    chosen = load_engines([engine_dir], memory=options["memory"])[default.name]
+    by_default = load_engines([engine_dir])[default.name]
+    here = native_attention.available()
+    assert (chosen.kv_cache_dtype, by_default.kv_cache_dtype) == (("float32", "float16") if here else (None, None))
+    result = CliRunner().invoke(main, ["serve", str(engine_dir), "--kv-cache-dtype", "bfloat16"])
+    assert result.exit_code == 2 and "--kv-cache-dtype" in result.output

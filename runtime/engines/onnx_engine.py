@@ -49,6 +49,7 @@ class OnnxEngine:
         malloc_trim_s: float = 10.0,
         reserve_prefix_cache: bool = False,
         speculative: SpeculativeConfig | None = None,
+        kv_cache_dtype: str | None = None,
     ):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
@@ -59,7 +60,7 @@ class OnnxEngine:
         self.graph = manifest.export_options.get("graph", "optimum")
         # GQA graphs run on our attention operator where it can (toolkit.artifact.native_attention), over a
         # float16 cache on quantized engines: the cache's size and the speculation defaults follow
-        self.kv_cache_dtype = self._native_cache(manifest.precision)
+        self.kv_cache_dtype = self._native_cache(manifest.precision, kv_cache_dtype)
         geometry = KvGeometry.of_layout(manifest.kv_layout)
         if self.kv_cache_dtype is not None:
             geometry = dataclasses.replace(geometry, dtype=self.kv_cache_dtype)
@@ -94,13 +95,16 @@ class OnnxEngine:
         self.speculator: Speculator | None = None  # drafts for verify steps (runtime/speculative.py); None with LoRA
         self._drafts: list[list[int]] | None = None  # this step's drafts, one per running row
 
-    def _native_cache(self, precision: str) -> str | None:
-        """The cache's element type where this engine's attention will run on our operator, else None."""
+    def _native_cache(self, precision: str, requested: str | None) -> str | None:
+        """The cache's element type where this engine's attention will run on our operator, else None;
+        ``requested`` (``toolkit serve --kv-cache-dtype``) over ``native_attention.cache_dtype``'s choice."""
+        if requested not in (None, "float16", "float32"):
+            raise ValueError(f"kv_cache_dtype {requested!r}: use float16 or float32")
         if self.graph != "gqa":
             return None
         from toolkit.artifact import native_attention
 
-        cache = native_attention.cache_dtype(precision)
+        cache = requested or native_attention.cache_dtype(precision)
         return cache if native_attention.serves(self.engine_dir / "model.onnx", cache) else None
 
     @property
