@@ -251,7 +251,7 @@ typedef struct Job {
     void *present_k, *present_v;  /* float, or uint16_t (float16) where kn->half_cache */
     float *output;
     const int32_t *past;       /* per row: cached positions before the new tokens */
-    int rows, seq, head, present_len, max_positions;
+    int seq, head, present_len;
     int failed;                /* a work unit could not get its scratch memory */
 } Job;
 
@@ -422,7 +422,7 @@ static OrtStatus *compute(void *kernel, void *ctx) {
             }
         }
     Job job = {kn, (const float *)q->data, (const float *)cs->data, (const float *)sn->data, (size_t)width * head,
-               present_k, present_v, (float *)out, past, rows, seq, head, present_len, (int)cs->dims[0], 0};
+               present_k, present_v, (float *)out, past, seq, head, present_len, 0};
     size_t units = (size_t)rows * kv * seq;
     if (parallel_for != NULL && units > 1) {
         st = parallel_for(ctx, run_unit, units, 0, &job);
