@@ -37,8 +37,8 @@ def is_x86_64() -> bool:
 
 
 def build_library(source: Path, cflags: tuple[str, ...], out_dir: Path | None = None) -> Path:
-    """Compile ``source`` with ``cflags`` (once per source text, compiler and flags) and return the shared
-    library's path.
+    """Compile ``source`` with ``cflags`` (once per source text, the headers beside it, compiler and flags)
+    and return the shared library's path.
 
     Raises ``RuntimeError`` with the compiler's message when it fails or no compiler exists.
     """
@@ -48,7 +48,8 @@ def build_library(source: Path, cflags: tuple[str, ...], out_dir: Path | None = 
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler ({compiler!r} not on PATH)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), version, *cflags]).encode()).hexdigest()[:16]
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # what its #include "..." can reach
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, version, *cflags]).encode()).hexdigest()[:16]
     out_dir = out_dir or cache_dir() / "native"
     target = out_dir / f"{source.stem}-{key}.so"
     if target.exists():

@@ -1,4 +1,4 @@
-"""The int8 engines' LM head on our own VNNI kernel (``runtime/native/lm_head_int8.c``), not onnxruntime's.
+"""The int8 engines' LM head on our own VNNI kernel (``artifact/native/lm_head_int8.c``), not onnxruntime's.
 
 The per-row int8 LM head (``toolkit.export.rowwise_int8``: ``MatMulIntegerToFloat`` then ``Mul`` by
 the row scales) is the largest single product of a decode step on the default model: 262,144 x 640,
@@ -37,7 +37,7 @@ from toolkit.artifact.native_build import cpu_flags, is_x86_64
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "native" / "lm_head_int8.c"
+SOURCE = Path(__file__).parents[1] / "artifact" / "native" / "lm_head_int8.c"
 ENV_SWITCH = "TOOLKIT_NATIVE_HEAD"
 REQUIRED_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512_vnni"})
 # -fno-tree-pre / -fno-gcse: with them GCC 12 keeps the 24 accumulators in registers; without them it

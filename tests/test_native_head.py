@@ -89,9 +89,16 @@ def test_the_library_is_built_once_per_source(tmp_path):
     first = build_library(out_dir=tmp_path)
     stamp = first.stat().st_mtime_ns
     assert build_library(out_dir=tmp_path) == first and first.stat().st_mtime_ns == stamp
-    edited = tmp_path / "lm_head_int8.c"
+    copy = tmp_path / "src"
+    copy.mkdir()
+    for header in native_head.SOURCE.parent.glob("*.h"):  # what its #include "..." needs
+        (copy / header.name).write_text(header.read_text())
+    edited = copy / "lm_head_int8.c"
     edited.write_text(native_head.SOURCE.read_text() + "\n/* another source, another library */\n")
-    assert build_library(edited, out_dir=tmp_path) != first
+    before = build_library(edited, out_dir=tmp_path)
+    assert before != first
+    (copy / "int8_tiles.h").write_text((copy / "int8_tiles.h").read_text() + "\n/* an edited header */\n")
+    assert build_library(edited, out_dir=tmp_path) != before
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 17, 33])
