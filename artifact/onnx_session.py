@@ -76,13 +76,13 @@ def session_threads(threads: int | None = None) -> int:
 
 
 def create_session(model_path: Path, threads: int | None = None, prefer_gpu: bool = True, model: Any = None,
-                   custom_ops: Path | None = None) -> Any:
+                   custom_ops: Path | list[Path] | tuple[Path, ...] | None = None) -> Any:
     """An ``onnxruntime.InferenceSession`` with all graph optimisations and ``session_threads(threads)``
     intra-op threads; the CPU arena follows ``$TOOLKIT_ORT_ARENA_MIB`` (module docstring).
 
     ``model``: an ``onnx.ModelProto`` of ``model_path`` edited in memory (loaded without its external
     data, which onnxruntime then reads from ``model_path``'s directory), run instead of the file's graph.
-    ``custom_ops``: a shared library of custom operators the graph uses (``register_custom_ops_library``).
+    ``custom_ops``: the shared libraries of custom operators the graph uses (``register_custom_ops_library``).
     """
     import onnxruntime as ort
 
@@ -103,8 +103,8 @@ def create_session(model_path: Path, threads: int | None = None, prefer_gpu: boo
     elif mib is not None:
         _use_shared_arena(ort, mib)
         options.add_session_config_entry("session.use_env_allocators", "1")
-    if custom_ops is not None:
-        options.register_custom_ops_library(str(custom_ops))
+    for library in [custom_ops] if isinstance(custom_ops, Path) else custom_ops or ():
+        options.register_custom_ops_library(str(library))
     if model is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
         return ort.InferenceSession(model.SerializeToString(), options, providers=available_providers(prefer_gpu))

@@ -61,10 +61,10 @@ def make_session(model: Path, threads: int, profile_prefix: str | None, spinning
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
-    if attention == "ours":
+    if attention in ("ours", "all"):
         import onnx
 
-        from toolkit.artifact import native_attention
+        from toolkit.artifact import native_attention, native_linear
         from toolkit.artifact.layout import head_size
         from toolkit.artifact.manifest import load_manifest
 
@@ -73,6 +73,10 @@ def make_session(model: Path, threads: int, profile_prefix: str | None, spinning
         if not native_attention.swap_attention(graph, head_size(graph, model), cache):
             raise SystemExit(f"{model}: our attention operator cannot run here (toolkit.artifact.native_attention)")
         options.register_custom_ops_library(str(native_attention.library()))
+        if attention == "all":
+            if not native_linear.swap_linears(graph):
+                raise SystemExit(f"{model}: our int8 operators cannot run here (toolkit.artifact.native_linear)")
+            options.register_custom_ops_library(str(native_linear.library()))
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model.parent))
         return ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
@@ -218,14 +222,15 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--no-profile", action="store_true", help="only the alternated step timing")
     parser.add_argument("--attention", default="onnxruntime",
-                        help="comma-separated: onnxruntime (the graph as exported), ours (toolkit.artifact.native_attention)")
+                        help="comma-separated: onnxruntime (the graph as exported), ours (toolkit.artifact.native_attention), "
+                             "all (our attention and int8 products, toolkit.artifact.native_linear)")
     parser.add_argument("--json", type=Path, help="save everything here")
     args = parser.parse_args()
     spinning = {"default": None, "on": True, "off": False}[args.spinning]
     batches = [int(b) for b in args.batches.split(",")]
     attentions = tuple(a.strip() for a in args.attention.split(","))
-    if not set(attentions) <= {"onnxruntime", "ours"}:
-        parser.error(f"--attention: onnxruntime and / or ours, not {args.attention!r}")
+    if not set(attentions) <= {"onnxruntime", "ours", "all"}:
+        parser.error(f"--attention: onnxruntime, ours and / or all, not {args.attention!r}")
     print(f"CPU: {cpu_line()}; threads {args.threads}; context {args.context}; spinning {args.spinning}")
     out: dict = {"cpu": cpu_line(), "threads": args.threads, "context": args.context, "profiles": {}, "timing": {}}
     for rows in batches:

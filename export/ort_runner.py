@@ -16,15 +16,22 @@ from toolkit.artifact.onnx_session import create_session
 
 
 def _session(model_path: Path, threads: int | None, native_attention: bool, kv_cache: str):
-    """The model's session, its attention on our operator (over a ``kv_cache`` cache) where asked and possible."""
+    """The model's session, its attention (over a ``kv_cache`` cache) and int8 products on our operators
+    where asked and possible (``toolkit.artifact.native_attention``, ``native_linear``)."""
     if native_attention:
         import onnx
 
         from toolkit.artifact import native_attention as attention
+        from toolkit.artifact import native_linear
 
         model = onnx.load(str(model_path), load_external_data=False)
+        libraries = []
         if any(n.op_type == "GroupQueryAttention" for n in model.graph.node) and attention.swap_attention(model, head_size(model, model_path), kv_cache):
-            return create_session(model_path, threads, model=model, custom_ops=attention.library())
+            libraries.append(attention.library())
+        if native_linear.swap_linears(model):
+            libraries.append(native_linear.library())
+        if libraries:
+            return create_session(model_path, threads, model=model, custom_ops=libraries)
     return create_session(model_path, threads)
 
 
@@ -34,9 +41,9 @@ class OrtCausalLM:
     def __init__(self, model_path: Path, threads: int | None = None, native_attention: bool = True,
                  kv_cache: str = "float32"):
         """``native_attention``: run GroupQueryAttention graphs on our operator where the serving engine
-        does (``toolkit.artifact.native_attention``), over a ``kv_cache`` cache (``cache_dtype``), so
-        ``toolkit validate`` measures what is served; False keeps onnxruntime's operator (the reference
-        the operator's own tests compare against)."""
+        does (``toolkit.artifact.native_attention``), over a ``kv_cache`` cache (``cache_dtype``), and the
+        int8 products on ours (``toolkit.artifact.native_linear``), so ``toolkit validate`` measures what
+        is served; False keeps onnxruntime's operators (the reference our operators' tests compare against)."""
         self.session = _session(model_path, threads, native_attention, kv_cache)
         self.spec = kv_spec(self.session, model_path)
         self.input_names = {i.name for i in self.session.get_inputs()}

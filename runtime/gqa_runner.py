@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from toolkit.artifact import native_attention
+from toolkit.artifact import native_attention, native_linear
 from toolkit.artifact.layout import head_size, kv_spec
 from toolkit.artifact.onnx_session import create_session, session_threads
 from toolkit.runtime.native_head import MAX_ARGMAX_ROWS, split_lm_head
@@ -41,8 +41,11 @@ class GqaModelRunner:
         self.head = split_lm_head(model, model_path.parent, session_threads(threads))
         # our GroupQueryAttention operator where it can run (toolkit.artifact.native_attention)
         self.native_attention = native_attention.swap_attention(model, head_size(model, model_path), kv_cache)
-        self.session = create_session(model_path, threads, model=model if edited or self.head or self.native_attention else None,
-                                      custom_ops=native_attention.library() if self.native_attention else None)
+        # the layers' int8 products on our operators (toolkit.artifact.native_linear), the head split first
+        self.native_linear = native_linear.swap_linears(model) > 0
+        libraries = [lib.library() for lib, used in ((native_attention, self.native_attention), (native_linear, self.native_linear)) if used]
+        self.session = create_session(model_path, threads, model=model if edited or self.head or libraries else None,
+                                      custom_ops=libraries)
         self.can_verify = LOGITS_KEEP_INPUT in {i.name for i in self.session.get_inputs()}
         self.spec = kv_spec(self.session, model_path)
         self.max_length = max_length
