@@ -62,6 +62,17 @@ def library() -> Path:
     return build_library(SOURCE, CFLAGS)
 
 
+def available() -> bool:
+    """Whether the operators can run here: nothing in ``unavailable_reason`` and the library builds."""
+    if unavailable_reason() is not None:
+        return False
+    try:
+        library()
+    except (RuntimeError, OSError):
+        return False
+    return True
+
+
 class _Graph:
     """The lookups the pattern matching needs: producers, consumers, small constant initializers."""
 
