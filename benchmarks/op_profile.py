@@ -58,6 +58,10 @@ def make_session(model: Path, threads: int, profile_prefix: str | None, spinning
     options.log_severity_level = 3
     if spinning is not None:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    # as serving sessions do (toolkit.artifact.onnx_session.create_session): each profiled engine has a
+    # session of its own, and without this one session's idle workers spun on the cores while the other
+    # ran (steps ~1.9x slower than served, our operators' parallel loops hit hardest)
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
