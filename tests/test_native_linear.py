@@ -207,3 +207,25 @@ def test_without_the_operators_nothing_changes(monkeypatch):
     assert native_linear.unavailable_reason() == f"${native_linear.ENV_SWITCH}=0"
     monkeypatch.delenv(native_linear.ENV_SWITCH)
     assert native_linear.unavailable_reason(frozenset({"avx512f", "avx512bw"})) == "the CPU lacks avx512_vnni"
+
+
+@needs_operators
+def test_weights_fed_as_inputs_are_packed_at_every_run():
+    """Initializers are packed when the session is made; a weight that is a graph input instead is packed at
+    every run: other values in a later run (here in the same array, so at the same address) are used."""
+    rng = np.random.default_rng(11)
+    k, n = 64, 50
+    node = helper.make_node("Int8BlockMatMul", ["x", "B", "S"], ["y"], domain=native_linear.DOMAIN, K=k, N=n, bits=8,
+                            block_size=32, accuracy_level=4)
+    graph = helper.make_graph([node], "fed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k]),
+                                              helper.make_tensor_value_info("B", TensorProto.UINT8, [n, k // 32, 32]),
+                                              helper.make_tensor_value_info("S", TensorProto.FLOAT, [n * (k // 32)])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(native_linear.DOMAIN, 1)])
+    session = _session(model)
+    x = _inputs(rng, 5, k)
+    b, scales = _block_weights(rng, k, n)
+    for _ in range(2):
+        b[...], scales[...] = _block_weights(rng, k, n)
+        y = session.run(None, {"x": x, "B": b, "S": scales})[0]
+        assert np.abs(y - _block_definition(x, b, scales)).max() <= 2e-6 * np.abs(y).max()

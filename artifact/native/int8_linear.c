@@ -23,8 +23,8 @@
  * falls in or the split over threads: a token's output is bitwise the same decoded alone, in a batch, in
  * a prompt chunk or in a speculative draft.
  *
- * The weights are packed into the tiles' layout on the first run (an initializer's memory does not
- * move; a weight at another address is packed again), held by the kernel until the session ends.
+ * Initializer weights are packed into the tiles' layout when the session is made and held by the kernel
+ * until it ends; a weight fed as a graph input is packed at every run.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -45,7 +45,8 @@ typedef struct Linear {
     int block;  /* Int8BlockMatMul (else RowwiseInt8MatMul) */
     int K, N, padded, blocks;
     pthread_mutex_t lock;
-    const void *packed_from; /* the weight packed (its address), NULL before the first run */
+    const void *packed_from; /* the weight packed (its address), NULL before any */
+    int constant;            /* it is an initializer, packed when the session was made: its memory never changes */
     int8_t *packed;          /* [padded / 16][K / 4][16][4] */
     int32_t *corr;           /* [blocks][padded]: 128 * the column's (block's) sum */
     float *scale;            /* [blocks][padded]: the column's (block's) scale */
@@ -285,6 +286,30 @@ static OrtStatus *read_tensor(const void *value, Tensor *t) {
     return st;
 }
 
+/* Checks a weight and its scales against the kernel (a per-row kernel takes its shape from the first
+ * weight it sees) and packs them, unless they are the initializers packed when the session was made (a
+ * weight fed as an input may hold other values at the same address, so it is packed at every run). */
+static OrtStatus *ready_weights(Linear *L, const Tensor *w, const Tensor *s) {
+    OrtStatus *st = NULL;
+    pthread_mutex_lock(&L->lock);
+    if (L->block ? w->count != (int64_t)L->N * L->K || s->count != (int64_t)L->N * L->blocks
+                 : w->rank != 2 || s->count != w->dims[1]) {
+        st = error(ERR_INVALID_ARGUMENT, "toolkit int8 linear: weight of %ld values, %ld scales", (long)w->count, (long)s->count);
+    } else {
+        if (!L->block && L->packed_from == NULL) {
+            L->K = (int)w->dims[0];
+            L->N = (int)w->dims[1];
+            L->padded = (L->N + TILE_N - 1) / TILE_N * TILE_N;
+        }
+        if (L->K % 4 || (!L->block && (L->K != w->dims[0] || L->N != w->dims[1])))
+            st = error(ERR_INVALID_ARGUMENT, "toolkit int8 linear: a [%ld, %ld] weight", (long)w->dims[0], (long)w->dims[1]);
+        else if (!(L->constant && L->packed_from == w->data) && !pack(L, w->data, s->data))
+            st = error(ERR_FAIL, "toolkit int8 linear: out of memory packing a %ldx%ld weight", (long)L->K, (long)L->N);
+    }
+    pthread_mutex_unlock(&L->lock);
+    return st;
+}
+
 static OrtStatus *compute(void *kernel, void *ctx) {
     Linear *L = kernel;
     const void *values[3];
@@ -293,23 +318,10 @@ static OrtStatus *compute(void *kernel, void *ctx) {
     for (size_t i = 0; i < 3; i++)
         if ((st = API(API_KERNEL_CONTEXT_GET_INPUT, get_input_fn)(ctx, i, &values[i]))) return st;
     if ((st = read_tensor(values[0], &x)) || (st = read_tensor(values[1], &w)) || (st = read_tensor(values[2], &s))) return st;
-    if (L->block ? w.count != (int64_t)L->N * L->K || s.count != (int64_t)L->N * L->blocks
-                 : w.rank != 2 || s.count != w.dims[1])
-        return error(ERR_INVALID_ARGUMENT, "toolkit int8 linear: weight of %ld values, %ld scales", (long)w.count, (long)s.count);
-    if (!L->block && L->packed_from == NULL) {  /* the shape comes from the weight itself */
-        L->K = (int)w.dims[0];
-        L->N = (int)w.dims[1];
-        L->padded = (L->N + TILE_N - 1) / TILE_N * TILE_N;
-    }
-    if (L->K % 4 || (!L->block && (L->K != w.dims[0] || L->N != w.dims[1])))
-        return error(ERR_INVALID_ARGUMENT, "toolkit int8 linear: a [%ld, %ld] weight", (long)w.dims[0], (long)w.dims[1]);
+    if ((st = ready_weights(L, &w, &s))) return st;
     if (x.rank < 1 || x.dims[x.rank - 1] != L->K)
         return error(ERR_INVALID_ARGUMENT, "toolkit int8 linear: input's last dimension %ld, the weight's K %ld",
                      x.rank ? (long)x.dims[x.rank - 1] : 0L, (long)L->K);
-    pthread_mutex_lock(&L->lock);
-    int packed = L->packed_from == w.data || pack(L, w.data, s.data);
-    pthread_mutex_unlock(&L->lock);
-    if (!packed) return error(ERR_FAIL, "toolkit int8 linear: out of memory packing a %ldx%ld weight", (long)L->K, (long)L->N);
 
     int64_t out_dims[8];
     memcpy(out_dims, x.dims, sizeof(int64_t) * x.rank);
@@ -369,6 +381,21 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *api_table, const
     }
     pthread_mutex_init(&L->lock, NULL);
     *out = L;
+    /* Weights that are initializers are packed now, when the session is made, not in the first run. */
+    if (api_version >= API_VERSION_PARALLEL) {
+        typedef OrtStatus *(*constant_fn)(const void *info, size_t index, int *is_constant, const void **out);
+        constant_fn constant = API(API_KERNEL_INFO_GET_CONSTANT_INPUT_TENSOR, constant_fn);
+        const void *values[2] = {NULL, NULL};
+        int is_constant[2] = {0, 0};
+        Tensor w, s;
+        OrtStatus *st = NULL;
+        for (size_t i = 0; i < 2 && !st; i++) st = constant(info, i + 1, &is_constant[i], &values[i]);
+        if (!st && is_constant[0] && is_constant[1] && values[0] && values[1] && !(st = read_tensor(values[0], &w))
+            && !(st = read_tensor(values[1], &s)))
+            st = ready_weights(L, &w, &s);
+        if (st) API(API_RELEASE_STATUS, release_fn)(st); /* the first run packs them, or reports what is wrong */
+        else L->constant = L->packed_from != NULL;
+    }
     return NULL;
 }
 

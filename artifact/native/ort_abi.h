@@ -35,6 +35,7 @@ enum {  /* positions in struct OrtApi (onnxruntime_c_api.h) */
     API_KERNEL_CONTEXT_GET_OUTPUT = 91,
     API_RELEASE_STATUS = 93,
     API_RELEASE_TENSOR_TYPE_AND_SHAPE_INFO = 99,
+    API_KERNEL_INFO_GET_CONSTANT_INPUT_TENSOR = 249, /* since API version 15 */
     API_KERNEL_CONTEXT_PARALLEL_FOR = 274, /* since API version 18 */
 };
 #define API_VERSION 13           /* the table this file needs without ParallelFor */
@@ -93,13 +94,16 @@ static OrtStatus *error(int code, const char *fmt, long a, long b) {
     return API(API_CREATE_STATUS, create_status_fn)(code, msg);
 }
 
-/* Fills `api` and `parallel_for` from onnxruntime's base; 0 when even API version 13 is missing. */
+static uint32_t api_version; /* the table's version: API_VERSION_PARALLEL or API_VERSION */
+
+/* Fills `api`, `api_version` and `parallel_for` from onnxruntime's base; 0 when even API version 13 is missing. */
 static int load_api(const OrtApiBase *base) {
     api = (const void *const *)base->GetApi(API_VERSION);
     if (api == NULL) return 0;
     const void *const *newer = (const void *const *)base->GetApi(API_VERSION_PARALLEL);
     parallel_for = newer ? (parallel_for_fn)newer[API_KERNEL_CONTEXT_PARALLEL_FOR] : NULL;
     if (newer) api = newer;
+    api_version = newer ? API_VERSION_PARALLEL : API_VERSION;
     return 1;
 }
 
