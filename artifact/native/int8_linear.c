@@ -196,10 +196,11 @@ static void block_tile_rows(const BlockWork *w, int row_begin, int row_end, int 
     float f[CHUNK_ROWS * TILE_N] __attribute__((aligned(64)));
     memset(f, 0, sizeof(float) * (size_t)rows * TILE_N);
     for (int blk = 0; blk < blocks; blk++) {
-        /* the next tile's weights for this block, while this one computes: they come from memory */
+        /* the next tile's weights for this block into L2, while this one computes: they come from memory
+         * (a tile of K = 2048 is 96 KB, more than L1 holds) */
         const int8_t *next = b + 3 * block + (size_t)blk * (BLOCK_K / 4) * 64;
         for (int j = 0; j < BLOCKS_PER_TILE; j++)
-            for (int line = 0; line < BLOCK_K / 4; line++) _mm_prefetch((const char *)(next + j * block + line * 64), _MM_HINT_T0);
+            for (int line = 0; line < BLOCK_K / 4; line++) _mm_prefetch((const char *)(next + j * block + line * 64), _MM_HINT_T1);
         const int32_t *corr = L->corr + (size_t)blk * P + n0;
         const float *scale = L->scale + (size_t)blk * P + n0;
         int m = 0;
