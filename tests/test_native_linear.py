@@ -229,3 +229,39 @@ def test_weights_fed_as_inputs_are_packed_at_every_run():
         b[...], scales[...] = _block_weights(rng, k, n)
         y = session.run(None, {"x": x, "B": b, "S": scales})[0]
         assert np.abs(y - _block_definition(x, b, scales)).max() <= 2e-6 * np.abs(y).max()
+
+
+def _mapped_kib(path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (``/proc/self/smaps``)."""
+    resident, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = len(fields) >= 6 and fields[5] == str(path)
+        elif inside and fields[0] == "Rss:":
+            resident += int(fields[1])
+    return resident
+
+
+@needs_operators
+def test_packed_weights_do_not_stay_resident_twice(tmp_path):
+    """onnxruntime maps an engine's external data file; once a weight is packed its file pages are handed
+    back (MADV_PAGEOUT), so the process holds the packed copy and not also the original."""
+    rng = np.random.default_rng(13)
+    k, n = 2048, 2048  # 4 MiB of int8 weights
+    b, scales = _block_weights(rng, k, n)
+    model = _block_model(b, scales, k, n)
+    onnx.save_model(model, tmp_path / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=1024)
+    loaded = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    assert native_linear.swap_linears(loaded) == 1
+    from toolkit.artifact.onnx_session import create_session
+
+    session = create_session(tmp_path / "model.onnx", 2, model=loaded, custom_ops=[native_linear.library()])
+    x = _inputs(rng, 4, k)
+    y = session.run(None, {"x": x})[0]
+    assert np.abs(y - _block_definition(x, b, scales)).max() <= 2e-6 * np.abs(y).max()
+    data = tmp_path / "weights.bin"
+    if not any(str(data) in line for line in open("/proc/self/maps")):
+        pytest.skip("this onnxruntime copied the external data instead of mapping it: nothing to hand back")
+    assert _mapped_kib(data) < 0.25 * data.stat().st_size / 1024
