@@ -14,9 +14,11 @@ The graph is profiled as exported, except for ``--attention``: an int8 engine's 
 ``MatMulIntegerToFloat`` here, while serving runs it on ``toolkit.runtime.native_head``'s kernel where
 the CPU allows (``benchmarks/native_head.py`` times the two against each other). ``--attention
 onnxruntime,ours`` profiles each engine twice, with onnxruntime's ``GroupQueryAttention`` and with
-ours (``toolkit.artifact.native_attention``, over the cache type serving picks, ``cache_dtype``).
+ours (``toolkit.artifact.native_attention``, over the cache type serving picks, ``cache_dtype``);
+``all`` also puts the int8 products on our operators (``toolkit.artifact.native_linear``), as serving does
+(the LM head then on ``RowwiseInt8MatMul``, the same tiles as serving's head kernel).
 
-    python benchmarks/op_profile.py ENGINE_DIR [ENGINE_DIR ...] [--batches 1,16,32,64] [--attention onnxruntime,ours] [--json out.json]
+    python benchmarks/op_profile.py ENGINE_DIR [ENGINE_DIR ...] [--batches 1,16,32,64] [--attention onnxruntime,ours,all] [--json out.json]
 """
 
 from __future__ import annotations

@@ -30,7 +30,9 @@ class GqaModelRunner:
         """``verify``: open the graph so a run can return logits for several last positions (``verify``).
 
         An int8 graph's LM head runs on ``toolkit.runtime.native_head`` where that kernel can run (same
-        logits, bitwise); the graph then returns the head's quantized input instead of ``logits``.
+        logits, bitwise); the graph then returns the head's quantized input instead of ``logits``. Its
+        attention and int8 layer products run on our custom operators where they can
+        (``toolkit.artifact.native_attention``, ``toolkit.artifact.native_linear``).
         ``kv_cache``: the cache's element type where the attention runs on our operator
         (``toolkit.artifact.native_attention.cache_dtype``); the buffers follow the graph (``spec.dtype``).
         """
