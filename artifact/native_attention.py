@@ -38,7 +38,8 @@ import logging
 import os
 from pathlib import Path
 
-from toolkit.artifact.native_build import build_library, cpu_flags, is_x86_64
+from toolkit.artifact import native_build
+from toolkit.artifact.native_build import build_library
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +57,8 @@ MAX_HEAD, MAX_GROUP = 512, 16  # MAX_HEAD and MAX_GROUP in the C source
 
 
 def unavailable_reason(flags: frozenset[str] | None = None) -> str | None:
-    """Why the operator cannot run here (switched off, not x86-64, CPU flags missing), or None."""
-    if os.environ.get(ENV_SWITCH, "").strip() == "0":
-        return f"${ENV_SWITCH}=0"
-    if flags is None and not is_x86_64():
-        return "the machine is not x86-64"
-    missing = REQUIRED_CPU_FLAGS - (cpu_flags() if flags is None else flags)
-    return "the CPU lacks " + ", ".join(sorted(missing)) if missing else None
+    """Why the operator cannot run here (``toolkit.artifact.native_build.unavailable_reason``), or None."""
+    return native_build.unavailable_reason(ENV_SWITCH, REQUIRED_CPU_FLAGS, flags)
 
 
 def library() -> Path:
@@ -72,13 +68,7 @@ def library() -> Path:
 
 def available() -> bool:
     """Whether the operator can run here: nothing in ``unavailable_reason`` and the library builds."""
-    if unavailable_reason() is not None:
-        return False
-    try:
-        library()
-    except (RuntimeError, OSError):
-        return False
-    return True
+    return unavailable_reason() is None and native_build.build_error(library) is None
 
 
 def _unsupported(node, initializers: dict, head_size: int) -> str | None:
@@ -159,11 +149,8 @@ def swap_attention(model, head_size: int, cache: str = "float32") -> bool:
             reason = "the cache is not graph inputs fed to the attention alone (a float16 cache needs that)"
     elif cache != "float32":
         reason = reason or f"cache element type {cache!r}"
-    if reason is None:
-        try:
-            library()
-        except (RuntimeError, OSError) as exc:
-            reason = f"the operator could not be built: {exc}"
+    if reason is None and (failure := native_build.build_error(library)):
+        reason = f"the operator could not be built: {failure}"
     if reason is not None:
         log.info("attention stays on onnxruntime's GroupQueryAttention: %s", reason)
         return False

@@ -15,6 +15,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from toolkit.artifact.layout import cache_dir
@@ -34,6 +35,27 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
 def is_x86_64() -> bool:
     """Whether this machine is x86-64, the only one the sources' intrinsics compile for."""
     return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def unavailable_reason(switch: str, required: frozenset[str], flags: frozenset[str] | None = None) -> str | None:
+    """Why a native part switched by ``$switch`` and needing the CPU flags ``required`` cannot run here
+    (``$switch=0``, not x86-64, flags missing; ``flags`` given: those instead of this CPU's, and the
+    machine is not checked), or None when it can be tried."""
+    if os.environ.get(switch, "").strip() == "0":
+        return f"${switch}=0"
+    if flags is None and not is_x86_64():
+        return f"the machine is {platform.machine()}, not x86-64"
+    missing = required - (cpu_flags() if flags is None else flags)
+    return "the CPU lacks " + ", ".join(sorted(missing)) if missing else None
+
+
+def build_error(library: Callable[[], Path]) -> str | None:
+    """Why ``library()`` (a part's ``build_library`` call) fails here, or None when it builds."""
+    try:
+        library()
+    except (RuntimeError, OSError) as exc:
+        return str(exc)
+    return None
 
 
 def build_library(source: Path, cflags: tuple[str, ...], out_dir: Path | None = None) -> Path:

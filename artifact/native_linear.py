@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.artifact.native_build import build_library, cpu_flags, is_x86_64
+from toolkit.artifact import native_build
+from toolkit.artifact.native_build import build_library
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,8 @@ BLOCK_K = 32  # Int8BlockMatMul's block (BLOCK_K in the C source)
 
 
 def unavailable_reason(flags: frozenset[str] | None = None) -> str | None:
-    """Why the operators cannot run here (switched off, not x86-64, CPU flags missing), or None."""
-    if os.environ.get(ENV_SWITCH, "").strip() == "0":
-        return f"${ENV_SWITCH}=0"
-    if flags is None and not is_x86_64():
-        return "the machine is not x86-64"
-    missing = REQUIRED_CPU_FLAGS - (cpu_flags() if flags is None else flags)
-    return "the CPU lacks " + ", ".join(sorted(missing)) if missing else None
+    """Why the operators cannot run here (``toolkit.artifact.native_build.unavailable_reason``), or None."""
+    return native_build.unavailable_reason(ENV_SWITCH, REQUIRED_CPU_FLAGS, flags)
 
 
 def library() -> Path:
@@ -64,13 +60,7 @@ def library() -> Path:
 
 def available() -> bool:
     """Whether the operators can run here: nothing in ``unavailable_reason`` and the library builds."""
-    if unavailable_reason() is not None:
-        return False
-    try:
-        library()
-    except (RuntimeError, OSError):
-        return False
-    return True
+    return unavailable_reason() is None and native_build.build_error(library) is None
 
 
 class _Graph:
@@ -201,11 +191,8 @@ def swap_linears(model) -> int:
     from onnx import helper
 
     reason = unavailable_reason()
-    if reason is None:
-        try:
-            library()
-        except (RuntimeError, OSError) as exc:
-            reason = f"the operators could not be built: {exc}"
+    if reason is None and (failure := native_build.build_error(library)):
+        reason = f"the operators could not be built: {failure}"
     if reason is not None:
         log.info("the int8 products stay on onnxruntime's operators: %s", reason)
         return 0

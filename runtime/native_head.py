@@ -26,14 +26,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from toolkit.artifact import native_build
-from toolkit.artifact.native_build import cpu_flags, is_x86_64
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +47,8 @@ ZERO_POINT = 128
 
 
 def unavailable_reason(flags: frozenset[str] | None = None) -> str | None:
-    """Why the kernel cannot run here (switched off, not x86-64, CPU flags missing), or None when it can be tried."""
-    if os.environ.get(ENV_SWITCH, "").strip() == "0":
-        return f"${ENV_SWITCH}=0"
-    if flags is None and not is_x86_64():
-        return f"the machine is {platform.machine()}, not x86-64"
-    missing = REQUIRED_CPU_FLAGS - (cpu_flags() if flags is None else flags)
-    if missing:
-        return "the CPU lacks " + ", ".join(sorted(missing))
-    return None
+    """Why the kernel cannot run here (``toolkit.artifact.native_build.unavailable_reason``), or None when it can be tried."""
+    return native_build.unavailable_reason(ENV_SWITCH, REQUIRED_CPU_FLAGS, flags)
 
 
 def build_library(source: Path = SOURCE, out_dir: Path | None = None) -> Path:

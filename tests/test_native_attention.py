@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from toolkit.artifact import native_attention
+from toolkit.artifact import native_attention, native_build
 
 
 OPERATOR_HERE = native_attention.available()
@@ -261,7 +261,7 @@ def test_the_cache_type_follows_the_precision_unless_set(monkeypatch):
 def test_swap_without_the_operator_changes_nothing(monkeypatch):
     monkeypatch.delenv(native_attention.ENV_SWITCH, raising=False)
     assert native_attention.unavailable_reason(frozenset({"avx2", "fma"})) == "the CPU lacks avx512f"
-    monkeypatch.setattr(native_attention, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(native_build, "cpu_flags", lambda: frozenset({"avx2"}))
     model = _node_model("com.microsoft")
     before = model.SerializeToString()
     assert native_attention.swap_attention(model, 32) is False and model.SerializeToString() == before

@@ -13,13 +13,15 @@ import pytest
 
 from toolkit.recipes import get_recipe
 from toolkit.runtime import native_head
-from toolkit.runtime.native_head import (Int8Head, build_library, cpu_flags, reference_model, reference_session,
-                                         split_lm_head, unavailable_reason)
+from toolkit.artifact import native_build
+from toolkit.artifact.native_build import cpu_flags
+from toolkit.runtime.native_head import (Int8Head, build_library, reference_model, reference_session, split_lm_head,
+                                         unavailable_reason)
 
 
 def _kernel_here() -> bool:
     """Whether the runner will use the kernel on this machine: the CPU can run it and a compiler builds it."""
-    if unavailable_reason(cpu_flags()) is not None or not native_head.is_x86_64():
+    if unavailable_reason(cpu_flags()) is not None or not native_build.is_x86_64():
         return False
     try:
         native_head.load_library()
@@ -60,7 +62,7 @@ def test_cpu_flags_and_the_switch_decide_availability(tmp_path, monkeypatch):
 
 
 def test_other_machines_than_x86_64_are_refused_before_compiling(tmp_path, monkeypatch):
-    monkeypatch.setattr(native_head.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(native_build.platform, "machine", lambda: "aarch64")
     monkeypatch.delenv(native_head.ENV_SWITCH, raising=False)
     assert unavailable_reason() == "the machine is aarch64, not x86-64"
     with pytest.raises(RuntimeError, match="x86-64 code"):
@@ -69,7 +71,7 @@ def test_other_machines_than_x86_64_are_refused_before_compiling(tmp_path, monke
 
 
 def test_a_failing_compiler_is_a_clear_error(tmp_path, monkeypatch):
-    if not native_head.is_x86_64():  # refused before any compiler runs (the test above)
+    if not native_build.is_x86_64():  # refused before any compiler runs (the test above)
         assert unavailable_reason() is not None
         return
     monkeypatch.setenv("CC", "false")  # exists, exits 1
@@ -82,7 +84,7 @@ def test_a_failing_compiler_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_the_library_is_built_once_per_source(tmp_path):
-    if not native_head.is_x86_64():
+    if not native_build.is_x86_64():
         with pytest.raises(RuntimeError, match="x86-64 code"):
             build_library(out_dir=tmp_path)
         return
@@ -288,5 +290,5 @@ def test_switched_off_or_on_a_cpu_without_vnni_the_head_stays_in_the_graph(tmp_p
     before = model.SerializeToString()
     assert split_lm_head(model, tmp_path, 1) is None and model.SerializeToString() == before
     monkeypatch.delenv(native_head.ENV_SWITCH)
-    monkeypatch.setattr(native_head, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512bw"}))
+    monkeypatch.setattr(native_build, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512bw"}))
     assert split_lm_head(model, tmp_path, 1) is None and model.SerializeToString() == before

@@ -396,7 +396,6 @@ static void destroy(void *kernel) { free(kernel); }
 static CustomOp gqa_op, gqa_f16_op;
 static int half_cache(const CustomOp *op) { return op == &gqa_f16_op; }
 static const char *op_name(const CustomOp *op) { return half_cache(op) ? "GroupQueryAttentionF16Cache" : "GroupQueryAttention"; }
-static const char *op_provider(const CustomOp *op) { (void)op; return NULL; }  /* the CPU provider */
 static int input_type(const CustomOp *op, size_t i) {
     return (i == 5 || i == 6) ? TYPE_INT32 : (i == 3 || i == 4) && half_cache(op) ? TYPE_FLOAT16 : TYPE_FLOAT;
 }
@@ -405,20 +404,13 @@ static int output_type(const CustomOp *op, size_t i) { return i > 0 && half_cach
 static size_t output_count(const CustomOp *op) { (void)op; return 3; }
 /* key and value are optional (absent: packed into the query); the rest INPUT_OUTPUT_REQUIRED */
 static int input_characteristic(const CustomOp *op, size_t i) { (void)op; return i == 1 || i == 2; }
-static int required(const CustomOp *op, size_t i) { (void)op; (void)i; return 0; }
-static int default_memory(const CustomOp *op, size_t i) { (void)op; (void)i; return 0; }  /* OrtMemTypeDefault */
-static int one(const CustomOp *op) { (void)op; return 1; }
 
 /* GroupQueryAttention over a float32 cache, and GroupQueryAttentionF16Cache: the same over a float16 one
  * (past_key/value and present_key/value float16; everything else, the arithmetic included, float32) */
-static CustomOp gqa_op = {
-    CUSTOM_OP_VERSION, NULL, op_name, op_provider, input_type, input_count, output_type, output_count, NULL, destroy,
-    input_characteristic, required, default_memory, one, one, one, one, create_kernel, compute,
-};
-static CustomOp gqa_f16_op = {
-    CUSTOM_OP_VERSION, NULL, op_name, op_provider, input_type, input_count, output_type, output_count, NULL, destroy,
-    input_characteristic, required, default_memory, one, one, one, one, create_kernel, compute,
-};
+static CustomOp gqa_op = CUSTOM_OP(op_name, input_type, input_count, output_type, output_count, destroy,
+                                   input_characteristic, create_kernel, compute);
+static CustomOp gqa_f16_op = CUSTOM_OP(op_name, input_type, input_count, output_type, output_count, destroy,
+                                       input_characteristic, create_kernel, compute);
 
 /* onnxruntime's entry point for SessionOptions.register_custom_ops_library. */
 OrtStatus *RegisterCustomOps(void *options, const OrtApiBase *base) {

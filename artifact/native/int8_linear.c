@@ -431,23 +431,15 @@ static void destroy(void *kernel) {
 }
 
 static const char *op_name(const CustomOp *op) { return op == &block_op ? "Int8BlockMatMul" : "RowwiseInt8MatMul"; }
-static const char *op_provider(const CustomOp *op) { (void)op; return NULL; }  /* the CPU provider */
 static int input_type(const CustomOp *op, size_t i) { return i == 1 ? (op == &block_op ? TYPE_UINT8 : TYPE_INT8) : TYPE_FLOAT; }
 static size_t input_count(const CustomOp *op) { (void)op; return 3; }
 static int output_type(const CustomOp *op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
 static size_t output_count(const CustomOp *op) { (void)op; return 1; }
-static int required(const CustomOp *op, size_t i) { (void)op; (void)i; return 0; }  /* INPUT_OUTPUT_REQUIRED */
-static int default_memory(const CustomOp *op, size_t i) { (void)op; (void)i; return 0; }
-static int one(const CustomOp *op) { (void)op; return 1; }
 
-static CustomOp rowwise_op = {
-    CUSTOM_OP_VERSION, NULL, op_name, op_provider, input_type, input_count, output_type, output_count, NULL, destroy,
-    required, required, default_memory, one, one, one, one, create_kernel, compute,
-};
-static CustomOp block_op = {
-    CUSTOM_OP_VERSION, NULL, op_name, op_provider, input_type, input_count, output_type, output_count, NULL, destroy,
-    required, required, default_memory, one, one, one, one, create_kernel, compute,
-};
+static CustomOp rowwise_op = CUSTOM_OP(op_name, input_type, input_count, output_type, output_count, destroy,
+                                       required_io, create_kernel, compute);
+static CustomOp block_op = CUSTOM_OP(op_name, input_type, input_count, output_type, output_count, destroy,
+                                     required_io, create_kernel, compute);
 
 /* onnxruntime's entry point for SessionOptions.register_custom_ops_library. */
 OrtStatus *RegisterCustomOps(void *options, const OrtApiBase *base) {
